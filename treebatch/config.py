@@ -1,0 +1,128 @@
+"""Configuration: frozen, validated dataclasses. Derived values are properties.
+
+The CLI builds its flags from these fields, so there is one list of options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or a dict in the Hugging Face `rope_scaling` shape:
+    # {"rope_type": "linear", "factor": f} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"}.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "llama"
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
+        assert self.head_dim % 2 == 0, "rotary embeddings need an even head_dim"
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_parameters(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        embeddings = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache: fixed-size blocks drawn from a pool sized by a memory budget."""
+
+    block_size: int = 16
+    # Bytes of memory for K and V of all layers. None: `kv_cache_fraction` of available memory.
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.25
+    max_kv_cache_memory: int = 4 << 30
+    # Exact pool size, for tests; overrides the memory budget.
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0
+        assert 0.0 < self.kv_cache_fraction <= 0.9
+        assert self.num_blocks is None or self.num_blocks > 0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Token batching: how much work one step may hold."""
+
+    max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
+    max_num_seqs: int = 256  # running requests at once
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.max_num_batched_tokens > 0
+        assert self.max_num_seqs > 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything `LLM(...)` accepts besides the model path."""
+
+    model: str | None = None  # HF folder or .gguf file; None: the embedded default model
+    tokenizer: str | None = None  # HF folder; None: the model's own
+    dtype: str = "float32"
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None: one per core
+    max_model_len: int | None = None  # None: the model's context length
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    check_integrity: bool = False  # verify the block pool after every step (tests)
+
+    def __post_init__(self) -> None:
+        assert self.dtype in ("float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat keyword arguments, routing cache/scheduler fields to their parts."""
+        parts: dict[str, dict[str, Any]] = {"cache": {}, "scheduler": {}}
+        own: dict[str, Any] = {}
+        cache_fields = {f.name for f in dataclasses.fields(CacheConfig)}
+        scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        own_fields = {f.name for f in dataclasses.fields(cls)}
+        for key, value in kwargs.items():
+            if key in cache_fields:
+                parts["cache"][key] = value
+            elif key in scheduler_fields:
+                parts["scheduler"][key] = value
+            elif key in own_fields:
+                own[key] = value
+            else:
+                raise TypeError(f"unknown engine option {key!r}")
+        if not isinstance(own.get("cache"), CacheConfig):
+            own["cache"] = CacheConfig(**parts["cache"])
+        if not isinstance(own.get("scheduler"), SchedulerConfig):
+            own["scheduler"] = SchedulerConfig(**parts["scheduler"])
+        return cls(**own)
