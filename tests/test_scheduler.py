@@ -1,0 +1,176 @@
+"""Block pool, KV manager and scheduler with tiny fake configs and exact block ids."""
+
+import subprocess
+import sys
+
+import pytest
+
+from treebatch.config import SchedulerConfig
+from treebatch.core.block_pool import BlockPool
+from treebatch.core.kv_manager import KVCacheManager
+from treebatch.core.outputs import StepResult
+from treebatch.core.request import Request, RequestStatus
+from treebatch.core.scheduler import Scheduler
+from treebatch.sampling_params import SamplingParams
+
+
+def make_request(rid: str, num_prompt: int, max_tokens: int = 4, **params) -> Request:
+    sp = SamplingParams(max_tokens=max_tokens, **params)
+    return Request(rid, list(range(100, 100 + num_prompt)), sp, eos_token_ids=(0,))
+
+
+def make_scheduler(num_blocks=8, block_size=4, budget=16, max_seqs=8, max_model_len=64):
+    kv = KVCacheManager(num_blocks, block_size)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    return Scheduler(config, kv, max_model_len)
+
+
+def run_step(scheduler: Scheduler, token: int = 7):
+    plan = scheduler.schedule()
+    sampled = {c.request_id: token for c in plan.chunks if c.needs_sample}
+    finished = scheduler.update(plan, StepResult(sampled))
+    scheduler.check_integrity()
+    return plan, finished
+
+
+def test_core_does_not_import_torch():
+    code = "import sys, treebatch.core.scheduler, treebatch.core; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_block_pool_allocates_head_and_frees_to_tail():
+    pool = BlockPool(4)
+    assert pool.allocate(2) == [0, 1]
+    assert pool.allocate(1) == [2]
+    pool.release([1, 0])
+    assert pool.allocate(2) == [3, 1]
+    pool.add_reference([2])
+    pool.release([2])
+    assert pool.ref_count(2) == 1 and pool.num_free_blocks == 1
+    pool.check_integrity({0: 0, 1: 1, 2: 1, 3: 1})
+    with pytest.raises(RuntimeError):
+        pool.allocate(2)
+
+
+def test_block_pool_integrity_catches_double_release():
+    pool = BlockPool(2)
+    pool.allocate(1)
+    pool.release([0])
+    with pytest.raises(AssertionError):
+        pool.release([0])
+
+
+def test_kv_manager_grows_tables_and_refuses_without_change():
+    kv = KVCacheManager(num_blocks=3, block_size=4)
+    a, b = make_request("a", 5), make_request("b", 4)
+    assert kv.allocate_slots(a, 5) and kv.block_tables["a"] == [0, 1]
+    a.num_computed_tokens = 5
+    assert kv.allocate_slots(a, 3) and kv.block_tables["a"] == [0, 1]  # slots 5..7 in block 1
+    assert not kv.allocate_slots(b, 8)  # needs 2, 1 free
+    assert "b" not in kv.block_tables and kv.num_free_blocks == 1
+    kv.free(a)
+    assert kv.num_free_blocks == 3
+    assert kv.allocate_slots(b, 8) and kv.block_tables["b"] == [2, 1]
+    kv.check_integrity()
+
+
+def test_prefill_then_decode_exact_blocks():
+    s = make_scheduler(num_blocks=8, block_size=4, budget=16)
+    s.add_request(make_request("a", 6, max_tokens=3))
+    s.add_request(make_request("b", 5, max_tokens=3))
+    plan, _ = run_step(s)
+    assert [(c.request_id, c.start_position, c.num_tokens) for c in plan.chunks] == [("a", 0, 6), ("b", 0, 5)]
+    assert plan.chunks[0].block_table == [0, 1] and plan.chunks[1].block_table == [2, 3]
+    assert [n.request_id for n in plan.new_requests] == ["a", "b"]
+    plan, _ = run_step(s)
+    assert [(c.request_id, c.start_position, c.num_tokens) for c in plan.chunks] == [("a", 6, 1), ("b", 5, 1)]
+    assert all(c.is_decode for c in plan.chunks) and plan.new_requests == []
+    plan, finished = run_step(s)
+    assert [r.request_id for r in finished] == ["a", "b"]
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in finished)
+    assert s.kv.num_free_blocks == 8 and not s.has_unfinished_requests
+    plan = s.schedule()
+    assert plan.is_empty and plan.finished_request_ids == ["a", "b"]
+
+
+def test_chunked_prefill_under_budget():
+    s = make_scheduler(num_blocks=16, block_size=4, budget=8)
+    s.add_request(make_request("a", 20, max_tokens=2))
+    s.add_request(make_request("b", 3, max_tokens=2))
+    plans = [run_step(s)[0] for _ in range(4)]
+    layout = [[(c.request_id, c.start_position, c.num_tokens, c.needs_sample) for c in p.chunks] for p in plans]
+    assert layout[0] == [("a", 0, 8, False)]
+    assert layout[1] == [("a", 8, 8, False)]
+    assert layout[2] == [("a", 16, 4, True), ("b", 0, 3, True)]  # b fills the rest of the budget
+    assert layout[3] == [("a", 20, 1, True), ("b", 3, 1, True)]
+    assert all(p.num_tokens <= 8 for p in plans)
+
+
+def test_max_num_seqs_limits_running():
+    s = make_scheduler(num_blocks=16, budget=64, max_seqs=2)
+    for rid in "abc":
+        s.add_request(make_request(rid, 2, max_tokens=2))
+    plan, _ = run_step(s)
+    assert [c.request_id for c in plan.chunks] == ["a", "b"]
+    plan, _ = run_step(s)
+    assert [c.request_id for c in plan.chunks] == ["a", "b"]
+    plan, _ = run_step(s)
+    assert [c.request_id for c in plan.chunks] == ["c"]
+
+
+def test_preemption_recomputes_and_keeps_outputs():
+    # 4 blocks of 2 slots; two requests of 3 prompt tokens each need 2 blocks, then a 3rd on decode.
+    s = make_scheduler(num_blocks=4, block_size=2, budget=16)
+    a, b = make_request("a", 3, max_tokens=4), make_request("b", 3, max_tokens=4)
+    s.add_request(a)
+    s.add_request(b)
+    plan, _ = run_step(s, token=11)  # prefill both: a [0,1], b [2,3]
+    assert s.kv.block_tables == {"a": [0, 1], "b": [2, 3]}
+    plan, _ = run_step(s, token=12)  # decode at position 3 fits in the 2nd blocks
+    plan, _ = run_step(s, token=13)  # position 4 needs a new block for a: b is preempted
+    assert plan.preempted_request_ids == ["b"]
+    assert [c.request_id for c in plan.chunks] == ["a"] and s.kv.block_tables["a"] == [0, 1, 3]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.output_token_ids == [11, 12]
+    while s.has_unfinished_requests:
+        plan, _ = run_step(s, token=14)
+        for c in plan.chunks:
+            if c.request_id == "b" and c.start_position == 0:
+                # recompute covers prompt and kept outputs in one chunk
+                assert c.token_ids == [100, 101, 102, 11, 12]
+    assert a.output_token_ids == [11, 12, 13, 14] and b.output_token_ids == [11, 12, 14, 14]
+    assert s.num_preemptions >= 1 and s.kv.num_free_blocks == 4
+
+
+def test_request_too_large_for_cache_is_refused_clearly():
+    s = make_scheduler(num_blocks=2, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match="more than the whole cache"):
+        s.add_request(make_request("big", 6, max_tokens=8))
+    with pytest.raises(ValueError, match="context"):
+        s.add_request(make_request("long", 64))
+
+
+def test_eos_stop_token_and_min_tokens():
+    s = make_scheduler()
+    a = make_request("a", 2, max_tokens=8, min_tokens=2)
+    b = make_request("b", 2, max_tokens=8, stop_token_ids=[9])
+    s.add_request(a)
+    s.add_request(b)
+    plan = s.schedule()
+    s.update(plan, StepResult({"a": 0, "b": 9}))  # a: EOS before min_tokens is kept going
+    assert a.status == RequestStatus.RUNNING
+    assert b.status == RequestStatus.FINISHED_STOPPED and b.stop_reason == 9
+    plan = s.schedule()
+    s.update(plan, StepResult({"a": 0}))
+    assert a.status == RequestStatus.FINISHED_STOPPED and a.output_token_ids == [0, 0]
+    s.check_integrity()
+
+
+def test_ignore_eos_runs_to_max_tokens():
+    s = make_scheduler()
+    a = make_request("a", 2, max_tokens=3, ignore_eos=True)
+    s.add_request(a)
+    while s.has_unfinished_requests:
+        run_step(s, token=0)
+    assert a.output_token_ids == [0, 0, 0] and a.status == RequestStatus.FINISHED_LENGTH

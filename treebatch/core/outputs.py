@@ -1,0 +1,70 @@
+"""StepPlan and StepResult: the only types that cross between the scheduler and the runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from treebatch.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """Sent once, the first step a request is scheduled: what the sampler must remember."""
+
+    request_id: str
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    seed: int
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One request's work in a step: compute `token_ids` at positions start, start+1, ...
+
+    `block_table` maps each position to a KV block (position // block_size). When `needs_sample`,
+    the chunk reaches the request's last token and the runner samples the next one.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_table: list[int]
+    needs_sample: bool
+    num_output_tokens: int  # outputs so far: min_tokens and penalties need it
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.needs_sample and len(self.token_ids) == 1 and self.num_output_tokens > 0
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[ScheduledChunk]
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # runner may drop their state
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for c in self.chunks if c.is_decode)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Sampled token per request that needed one; optional per-token logprobs (opaque here)."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, Any] = field(default_factory=dict)
