@@ -1,0 +1,123 @@
+"""LLMEngine: model, tokenizer, KV cache, scheduler and runner wired into one step loop."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from treebatch.config import EngineConfig
+from treebatch.core.kv_manager import KVCacheManager
+from treebatch.core.request import Request, RequestStatus
+from treebatch.core.scheduler import Scheduler
+from treebatch.models.llama import LlamaForCausalLM
+from treebatch.models.loader import load_model
+from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
+from treebatch.runtime.model_runner import ModelRunner
+from treebatch.tokenizer import Detokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters of one run; `summary()` is what users read after `generate`."""
+
+    num_requests: int = 0
+    num_prompt_tokens: int = 0  # logical: every prompt token of every sequence
+    num_computed_prompt_tokens: int = 0  # prompt tokens actually run through the model
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    peak_kv_usage: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def summary(self) -> dict[str, float | int]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        logical = max(self.num_prompt_tokens, 1)
+        return {
+            "requests": self.num_requests,
+            "prompt_tokens": self.num_prompt_tokens,
+            "computed_prompt_tokens": self.num_computed_prompt_tokens,
+            "saving_ratio": round(1.0 - self.num_computed_prompt_tokens / logical, 4),
+            "generated_tokens": self.num_generated_tokens,
+            "steps": self.num_steps,
+            "preemptions": self.num_preemptions,
+            "peak_kv_usage": round(self.peak_kv_usage, 4),
+            "elapsed_s": round(elapsed, 3),
+            "generated_tokens_per_s": round(self.num_generated_tokens / elapsed, 2),
+            "total_tokens_per_s": round(
+                (self.num_prompt_tokens + self.num_generated_tokens) / elapsed, 2
+            ),
+        }
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        loaded = load_model(config.model)
+        self.model_name = loaded.name
+        self.model_config = loaded.config
+        self.tokenizer = load_tokenizer(config.tokenizer or loaded.tokenizer_path, loaded.chat_template)
+        self.max_model_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
+        self.eos_token_ids = loaded.config.eos_token_ids
+        dtype = _DTYPES[config.dtype]
+        model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, max_positions=self.max_model_len)
+        del loaded
+
+        block_size = config.cache.block_size
+        self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
+        kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, block_size, dtype)
+        self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.num_blocks, block_size), self.max_model_len)
+        self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self._live: dict[str, Request] = {}
+        self.stats = EngineStats()
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        self._live[request.request_id] = request
+        self.stats.num_requests += 1
+        self.stats.num_prompt_tokens += request.num_prompt_tokens
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    def step(self) -> list[Request]:
+        """Run one step; return the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            if self.scheduler.has_unfinished_requests:
+                raise RuntimeError("the scheduler planned nothing while requests wait: KV too small")
+            self.runner.execute(plan)  # lets the runner drop finished requests' state
+            return []
+        result = self.runner.execute(plan)
+        finished = self.scheduler.update(plan, result)
+
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_generated_tokens += len(result.sampled_token_ids)
+        stats.num_preemptions += len(plan.preempted_request_ids)
+        stats.peak_kv_usage = max(stats.peak_kv_usage, self.scheduler.kv.usage)
+        for chunk in plan.chunks:
+            request = self._live[chunk.request_id]
+            # Tokens below the prompt's end are prompt work; recomputed outputs count too.
+            stats.num_computed_prompt_tokens += max(
+                0, min(chunk.start_position + chunk.num_tokens, request.num_prompt_tokens) - chunk.start_position
+            )
+            if chunk.needs_sample and not request.is_finished and request.sampling_params.stop_strings:
+                if self.detokenizer.find_stop_string(request):
+                    self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+                    finished.append(request)
+        for request in finished:
+            del self._live[request.request_id]
+        if self.config.check_integrity:
+            self.scheduler.check_integrity()
+        return finished

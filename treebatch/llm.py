@@ -1,0 +1,186 @@
+"""LLM: the offline facade in the shape vLLM users know. The engine does the work."""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any, Iterable, Sequence
+
+from tqdm import tqdm
+
+from treebatch.config import EngineConfig
+from treebatch.core.request import Request, RequestStatus
+from treebatch.engine import LLMEngine
+from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
+from treebatch.sampling_params import SamplingParams
+from treebatch.tokenizer import chat_token_ids
+
+PromptType = str | dict[str, Any]
+_SAMPLE_SEPARATOR = "#"
+
+
+class LLM:
+    """`LLM(model=None, **config)`: model is a Hugging Face folder, a .gguf file, or None for the
+    embedded default model; config holds any EngineConfig, CacheConfig or SchedulerConfig field."""
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model=model, **config)
+        self.engine = LLMEngine(self.config)
+        self._seed_source = random.Random(self.config.seed)
+        self._next_id = 0
+        self.last_run_summary: dict[str, Any] | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": self.apply_chat_template(list(c), add_generation_prompt)} for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate completions for every prompt; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        texts, token_ids = zip(*(self._tokenize(p) for p in prompts)) if prompts else ((), ())
+
+        self.engine.reset_stats()
+        prompt_ids: list[str] = []
+        sequences: dict[str, list[Request]] = {}
+        for text, ids, params in zip(texts, token_ids, params_list):
+            prompt_id = str(self._next_id)
+            self._next_id += 1
+            prompt_ids.append(prompt_id)
+            sequences[prompt_id] = [
+                self._make_request(prompt_id, index, ids, params) for index in range(params.n)
+            ]
+        for group in sequences.values():
+            for request in group:
+                self.engine.add_request(request)
+
+        self._run(sum(len(g) for g in sequences.values()), use_tqdm)
+        self.last_run_summary = self.engine.stats.summary()
+        return [
+            self._request_output(pid, text, ids, sequences[pid])
+            for pid, text, ids in zip(prompt_ids, texts, token_ids)
+        ]
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _params_per_prompt(
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise ValueError(f"{len(params)} sampling params for {count} prompts")
+        return params
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            vocab = self.engine.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+            return prompt.get("prompt"), ids
+        if "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
+        raise ValueError("a prompt is a str, {'prompt': str} or {'prompt_token_ids': [...]}")
+
+    def _make_request(self, prompt_id: str, index: int, ids: list[int], params: SamplingParams) -> Request:
+        if not ids:
+            raise ValueError(f"prompt {prompt_id} is empty")
+        if params.seed is not None:
+            # Sample i of a seeded prompt gets its own stream, the same in any batch.
+            seed = params.seed if index == 0 else hash((params.seed, index)) & 0x7FFFFFFF
+        else:
+            seed = self._seed_source.getrandbits(63)
+        max_tokens = params.max_tokens
+        room = self.max_model_len - len(ids)
+        max_tokens = room if max_tokens is None else min(max_tokens, max(room, 1))
+        request_id = prompt_id if params.n == 1 else f"{prompt_id}{_SAMPLE_SEPARATOR}{index}"
+        return Request(request_id, ids, params, self.engine.eos_token_ids, max_tokens=max_tokens, seed=seed)
+
+    def _run(self, total: int, use_tqdm: bool) -> None:
+        engine = self.engine
+        bar = tqdm(total=total, desc="generating", unit="seq", file=sys.stderr, disable=not use_tqdm)
+        try:
+            while engine.has_unfinished_requests:
+                finished = engine.step()
+                if finished:
+                    bar.update(len(finished))
+                    summary = engine.stats.summary()
+                    bar.set_postfix(gen_tok_s=summary["generated_tokens_per_s"], refresh=False)
+        finally:
+            bar.close()
+
+    def _request_output(
+        self, prompt_id: str, text: str | None, ids: list[int], group: Iterable[Request]
+    ) -> RequestOutput:
+        completions = []
+        for index, request in enumerate(group):
+            output_text = self.engine.detokenizer.final_text(request)
+            finish = "length" if request.status == RequestStatus.FINISHED_LENGTH else "stop"
+            if isinstance(request.stop_reason, str):
+                finish = "stop"
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=output_text,
+                    token_ids=list(request.output_token_ids),
+                    finish_reason=finish,
+                    logprobs=self._logprobs(request),
+                    stop_reason=request.stop_reason,
+                    cumulative_logprob=self._cumulative(request),
+                )
+            )
+        return RequestOutput(prompt_id, text, list(ids), completions, num_cached_tokens=0)
+
+    def _logprobs(self, request: Request) -> list[dict[int, Logprob]] | None:
+        if request.sampling_params.logprobs is None:
+            return None
+        decode = self.tokenizer.decode
+        return [
+            {token: Logprob(value, rank, decode([token])) for token, (value, rank) in entry.items()}
+            for entry in request.output_logprobs
+        ]
+
+    @staticmethod
+    def _cumulative(request: Request) -> float | None:
+        if request.sampling_params.logprobs is None:
+            return None
+        return float(sum(entry[token][0] for entry, token in zip(request.output_logprobs, request.output_token_ids)))

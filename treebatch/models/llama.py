@@ -1,0 +1,145 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral) written for a paged KV cache.
+
+The forward pass takes one flat batch of tokens from many sequences (decodes and prefill chunks
+alike), writes each token's K and V into its cache slot, and attends through the block tables in
+`AttentionMetadata`. Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from treebatch.config import ModelConfig
+from treebatch.runtime.attention import AttentionMetadata, paged_attention
+
+
+def rope_inverse_frequencies(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with linear or Llama-3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        original = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = original / low, original / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    if rope_freqs is not None:  # GGUF stores Llama-3 scaling as per-frequency divisors
+        inv_freq = inv_freq / rope_freqs.float()
+    return inv_freq
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, 1, D]. The half-split (rotate_half) layout of HF weights."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Layer:
+    __slots__ = ("input_norm", "qkv", "qkv_bias", "o_proj", "post_norm", "gate_up", "down")
+
+
+class LlamaForCausalLM:
+    """Weights in Hugging Face naming -> fused, ready-to-run tensors."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        max_positions: int | None = None,
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+
+        def take(name: str) -> torch.Tensor:
+            return weights[name].to(dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.final_norm = take("model.norm.weight")
+        self.layers: list[_Layer] = []
+        for i in range(config.num_layers):
+            prefix = f"model.layers.{i}."
+            layer = _Layer()
+            layer.input_norm = take(prefix + "input_layernorm.weight")
+            layer.post_norm = take(prefix + "post_attention_layernorm.weight")
+            attn = prefix + "self_attn."
+            # One matmul for q, k and v; one for gate and up.
+            layer.qkv = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]).contiguous()
+            if config.attention_bias:
+                layer.qkv_bias = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
+            else:
+                layer.qkv_bias = None
+            layer.o_proj = take(attn + "o_proj.weight")
+            mlp = prefix + "mlp."
+            layer.gate_up = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+            layer.down = take(mlp + "down_proj.weight")
+            self.layers.append(layer)
+
+        num_positions = max_positions or config.max_position_embeddings
+        inv_freq = rope_inverse_frequencies(config, weights.get("rope_freqs"))
+        freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos = emb.cos().to(dtype)
+        self.rope_sin = emb.sin().to(dtype)
+        self.scale = config.head_dim**-0.5
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, D] -> logits [S, V]."""
+        cfg = self.config
+        num_tokens = input_ids.shape[0]
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+
+        hidden = F.embedding(input_ids, self.embed)
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
+            k_cache.index_copy_(0, metadata.slot_mapping, k)
+            v_cache.index_copy_(0, metadata.slot_mapping, v)
+            attn = paged_attention(q, k_cache, v_cache, metadata, self.scale)
+            hidden = hidden + F.linear(attn.view(num_tokens, q_size), layer.o_proj)
+
+            x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+
+        last = hidden.index_select(0, logits_indices)
+        last = rms_norm(last, self.final_norm, cfg.rms_norm_eps)
+        return F.linear(last, self.lm_head).float()

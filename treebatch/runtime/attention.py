@@ -1,0 +1,82 @@
+"""Paged attention over the KV cache: the torch reference path.
+
+The KV cache of one layer is a flat array of slots, [num_slots, kv_heads, head_dim]; a sequence's
+keys live at the slots its block table names. A step's tokens come decodes first (one query per
+sequence, batched into a single product with a padding mask), then prefill chunks (each a causal
+block of queries against all of its sequence's keys so far).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    query_start: int  # first row of this chunk in the step's flat token batch
+    num_queries: int
+    context_slots: torch.Tensor  # [context_len] slot of every key this chunk attends to
+    mask: torch.Tensor | None  # [num_queries, context_len] bool, None when plainly causal
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each token's K and V are written
+    num_decodes: int = 0  # rows [0, num_decodes) are single-query decodes
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] (padded with slot 0)
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def causal_mask(start_position: int, num_queries: int, context_len: int) -> torch.Tensor | None:
+    """Query i sits at position start+i and sees keys 0..start+i. None when the plain causal
+    (top-left aligned) mask of a square block already says that."""
+    if start_position == 0 and num_queries == context_len:
+        return None
+    query_positions = torch.arange(start_position, start_position + num_queries).unsqueeze(1)
+    return torch.arange(context_len).unsqueeze(0) <= query_positions
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, heads, D] -> [T, heads, D]. Keys and values must already be written to the cache."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+
+    num_decodes = metadata.num_decodes
+    if num_decodes:
+        # Grouped-query heads fold into the query dimension: [S, kv_heads, group, D].
+        queries = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
+        keys = k_cache[metadata.decode_slots].transpose(1, 2)  # [S, kv_heads, L, D]
+        values = v_cache[metadata.decode_slots].transpose(1, 2)
+        decoded = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=metadata.decode_mask, scale=scale
+        )
+        out[:num_decodes] = decoded.reshape(num_decodes, num_heads, head_dim)
+
+    for chunk in metadata.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.num_queries)
+        queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
+        keys = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
+        values = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+        attended = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            scale=scale,
+            enable_gqa=group > 1,
+        )
+        out[rows] = attended.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,46 @@
+"""Size the paged KV cache from a memory budget and allocate it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from treebatch.config import CacheConfig, ModelConfig
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can still give us (MemAvailable), falling back to total physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_cache_budget(cache: CacheConfig) -> int:
+    if cache.kv_cache_memory is not None:
+        return cache.kv_cache_memory
+    return min(int(available_memory_bytes() * cache.kv_cache_fraction), cache.max_kv_cache_memory)
+
+
+def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    bytes_per_block = model.kv_bytes_per_token(dtype_bytes) * cache.block_size
+    num_blocks = kv_cache_budget(cache) // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"a KV budget of {kv_cache_budget(cache)} bytes holds no block of {bytes_per_block} bytes"
+        )
+    return int(num_blocks)
+
+
+def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[layers, 2 (K, V), slots, kv_heads, head_dim]; slot = block_id * block_size + offset."""
+    shape = (model.num_layers, 2, num_blocks * block_size, model.num_kv_heads, model.head_dim)
+    return torch.zeros(shape, dtype=dtype)

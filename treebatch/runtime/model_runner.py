@@ -1,0 +1,118 @@
+"""ModelRunner: StepPlan -> tensors (ids, positions, slots, block tables) -> forward -> sample.
+
+The runner decides nothing about what runs; it lays the plan's chunks out as one flat batch,
+decodes first (so they form one batched attention product), then prefill chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from treebatch.core.outputs import ScheduledChunk, StepPlan, StepResult
+from treebatch.models.llama import LlamaForCausalLM
+from treebatch.runtime.attention import AttentionMetadata, PrefillChunk, causal_mask
+from treebatch.runtime.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.sampler = Sampler(model.config.vocab_size, eos_token_ids)
+        self._offsets = np.arange(block_size, dtype=np.int64)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for request_id in plan.finished_request_ids:
+            self.sampler.remove_request(request_id)
+        for new in plan.new_requests:
+            self.sampler.add_request(new)
+        if plan.is_empty:
+            return StepResult({})
+
+        decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start_position > 0]
+        prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start_position > 0)]
+        ordered = decodes + prefills
+        input_ids, positions, slot_mapping, metadata = self._prepare(decodes, prefills)
+
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        row = 0
+        for chunk in ordered:
+            row += chunk.num_tokens
+            if chunk.needs_sample:
+                sample_rows.append(row - 1)
+                sample_ids.append(chunk.request_id)
+        logits = self.model.forward(
+            input_ids, positions, metadata, self.kv_cache, torch.tensor(sample_rows, dtype=torch.long)
+        )
+        if not sample_ids:
+            return StepResult({})
+        tokens, logprobs = self.sampler.sample(logits, sample_ids)
+        return StepResult(dict(zip(sample_ids, tokens)), logprobs)
+
+    def _slots(self, block_table: list[int], start: int, stop: int) -> np.ndarray:
+        """Cache slots of positions [start, stop) of a sequence."""
+        first, last = start // self.block_size, (stop - 1) // self.block_size + 1
+        blocks = np.asarray(block_table[first:last], dtype=np.int64)
+        slots = (blocks[:, None] * self.block_size + self._offsets).reshape(-1)
+        offset = start - first * self.block_size
+        return slots[offset : offset + stop - start]
+
+    def _prepare(
+        self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
+
+        decode_slots = decode_mask = None
+        if decodes:
+            contexts = [c.start_position + 1 for c in decodes]
+            longest = max(contexts)
+            padded = np.zeros((len(decodes), longest), dtype=np.int64)
+            for i, (chunk, context) in enumerate(zip(decodes, contexts)):
+                slots = self._slots(chunk.block_table, 0, context)
+                padded[i, :context] = slots
+                ids.append(chunk.token_ids[0])
+            positions.append(np.asarray([c.start_position for c in decodes], dtype=np.int64))
+            slot_parts.append(padded[np.arange(len(decodes)), np.asarray(contexts) - 1])
+            decode_slots = torch.from_numpy(padded)
+            mask = np.arange(longest)[None, :] < np.asarray(contexts)[:, None]
+            decode_mask = torch.from_numpy(mask).view(len(decodes), 1, 1, longest)
+
+        prefill_chunks: list[PrefillChunk] = []
+        row = len(decodes)
+        for chunk in prefills:
+            start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
+            context_slots = self._slots(chunk.block_table, 0, stop)
+            ids.extend(chunk.token_ids)
+            positions.append(np.arange(start, stop, dtype=np.int64))
+            slot_parts.append(context_slots[start:])
+            prefill_chunks.append(
+                PrefillChunk(
+                    query_start=row,
+                    num_queries=chunk.num_tokens,
+                    context_slots=torch.from_numpy(context_slots),
+                    mask=causal_mask(start, chunk.num_tokens, stop),
+                )
+            )
+            row += chunk.num_tokens
+
+        slot_mapping = torch.from_numpy(np.concatenate(slot_parts))
+        metadata = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            num_decodes=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=prefill_chunks,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        return input_ids, torch.from_numpy(np.concatenate(positions)), slot_mapping, metadata
