@@ -1,0 +1,333 @@
+"""Batch file reading, body-to-SamplingParams mapping, and output line shapes (no model)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from treebatch.batch import (
+    BatchEntry,
+    BatchWriter,
+    LineError,
+    RequestError,
+    chat_body,
+    completion_body,
+    parse_body,
+    parse_lines,
+    prepare,
+    read_batch,
+)
+from treebatch.batch.requests import CHAT_DEFAULT_MAX_TOKENS_CAP, CHAT_URL, COMPLETIONS_URL
+from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def line(custom_id: object, url: str = COMPLETIONS_URL, body: object = None, method: str = "POST") -> str:
+    record = {"custom_id": custom_id, "method": method, "url": url, "body": body or {"prompt": "Hi"}}
+    return json.dumps(record)
+
+
+# --- reader ---------------------------------------------------------------------------
+
+
+def test_reader_reports_each_kind_of_bad_line_and_goes_on(tmp_path):
+    lines = [
+        line("good-1"),
+        "",  # blank lines are skipped but still counted
+        "{not json",
+        "[1, 2]",
+        json.dumps({"method": "POST", "url": COMPLETIONS_URL, "body": {"prompt": "x"}}),
+        line(7),
+        line("good-1"),
+        line("bad-method", method="GET"),
+        line("bad-url", url="/v1/embeddings"),
+        json.dumps({"custom_id": "bad-body", "method": "POST", "url": CHAT_URL, "body": "hello"}),
+        line("bad-temp", body={"prompt": "x", "temperature": "hot"}),
+        line("bad-range", body={"prompt": "x", "top_p": 1.5}),
+        line("good-2", url=CHAT_URL, body={"messages": [{"role": "user", "content": "Hi"}]}),
+        "   ",
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    entries = list(read_batch(path))
+
+    good = [e for e in entries if isinstance(e, BatchEntry)]
+    errors = [e for e in entries if isinstance(e, LineError)]
+    assert [(e.line, e.custom_id) for e in good] == [(1, "good-1"), (13, "good-2")]
+    by_line = {e.line: e for e in errors}
+    assert sorted(by_line) == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert by_line[3].code == "invalid_json" and by_line[3].custom_id is None
+    assert by_line[4].code == "invalid_json"
+    assert by_line[5].code == "missing_custom_id"
+    assert by_line[6].code == "missing_custom_id"
+    assert by_line[7].code == "duplicate_custom_id" and by_line[7].custom_id == "good-1"
+    assert "method" in by_line[8].message
+    assert by_line[9].code == "unsupported_url"
+    assert "body" in by_line[10].message
+    assert "temperature" in by_line[11].message and by_line[11].custom_id == "bad-temp"
+    assert "top_p" in by_line[12].message
+    for number, error in by_line.items():
+        assert error.message.startswith(f"line {number}: ")
+
+
+def test_reader_handles_bom_and_invalid_utf8():
+    entries = list(parse_lines([("\ufeff" + line("a")).encode(), b"\xff\xfe{", line("b").encode()]))
+    assert isinstance(entries[0], BatchEntry) and entries[0].custom_id == "a"
+    assert isinstance(entries[1], LineError) and "UTF-8" in entries[1].message
+    assert isinstance(entries[2], BatchEntry) and entries[2].line == 3
+
+
+def test_a_failed_line_still_claims_its_custom_id():
+    entries = list(parse_lines([line("x", method="GET"), line("x")]))
+    assert [type(e) for e in entries] == [LineError, LineError]
+    assert entries[1].code == "duplicate_custom_id"
+
+
+# --- body -> prompt and SamplingParams ----------------------------------------------
+
+
+def test_completions_body_maps_every_field():
+    body = {
+        "model": "m", "prompt": "Hello", "max_tokens": 30, "temperature": 0.5, "top_p": 0.9, "n": 2,
+        "stop": ["\n"], "seed": 3, "logprobs": 2, "presence_penalty": 0.1, "frequency_penalty": -0.2,
+        "top_k": 5, "min_p": 0.05, "min_tokens": 2, "ignore_eos": True, "repetition_penalty": 1.1,
+        "stop_token_ids": [7], "user": "ignored",
+    }
+    request = parse_body(COMPLETIONS_URL, body)
+    p = request.params
+    assert request.prompt == "Hello" and request.messages is None and not request.is_chat
+    assert request.logprobs == 2 and request.model == "m" and request.max_tokens_given
+    assert (p.max_tokens, p.temperature, p.top_p, p.n, p.stop_strings, p.seed, p.logprobs) == (30, 0.5, 0.9, 2, ["\n"], 3, 2)
+    assert (p.presence_penalty, p.frequency_penalty, p.top_k, p.min_p, p.min_tokens) == (0.1, -0.2, 5, 0.05, 2)
+    assert (p.ignore_eos, p.repetition_penalty, p.stop_token_ids) == (True, 1.1, [7])
+
+
+def test_completions_defaults_and_prompt_forms():
+    request = parse_body(COMPLETIONS_URL, {"prompt": "x"})
+    assert request.params.max_tokens == 16 and not request.max_tokens_given and request.logprobs is None
+    assert parse_body(COMPLETIONS_URL, {"prompt": [1, 2, 3]}).prompt == [1, 2, 3]
+    assert parse_body(COMPLETIONS_URL, {"prompt": ["one"]}).prompt == "one"
+    assert parse_body(COMPLETIONS_URL, {"prompt": [[4, 5]]}).prompt == [4, 5]
+
+
+def test_chat_body_maps_messages_and_logprobs():
+    body = {
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+        "max_completion_tokens": 12, "max_tokens": 99, "logprobs": True, "top_logprobs": 3,
+        "response_format": {"type": "text"},
+    }
+    request = parse_body(CHAT_URL, body)
+    assert request.is_chat and request.prompt is None
+    assert request.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+    assert request.params.max_tokens == 12  # max_completion_tokens wins
+    assert request.logprobs == 3 and request.params.logprobs == 3
+    only_flag = parse_body(CHAT_URL, {"messages": body["messages"], "logprobs": True})
+    assert only_flag.logprobs == 0
+    plain = parse_body(CHAT_URL, {"messages": body["messages"]})
+    assert plain.logprobs is None and plain.params.max_tokens is None and not plain.max_tokens_given
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        (COMPLETIONS_URL, {}, "prompt"),
+        (COMPLETIONS_URL, {"prompt": ""}, "prompt"),
+        (COMPLETIONS_URL, {"prompt": ["a", "b"]}, "one prompt"),
+        (COMPLETIONS_URL, {"prompt": [1, -2]}, "prompt"),
+        (COMPLETIONS_URL, {"prompt": [1, True]}, "prompt"),
+        (COMPLETIONS_URL, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        (COMPLETIONS_URL, {"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        (COMPLETIONS_URL, {"prompt": "x", "temperature": -1}, "temperature"),
+        (COMPLETIONS_URL, {"prompt": "x", "temperature": True}, "temperature"),
+        (COMPLETIONS_URL, {"prompt": "x", "top_p": 0}, "top_p"),
+        (COMPLETIONS_URL, {"prompt": "x", "n": 0}, "n"),
+        (COMPLETIONS_URL, {"prompt": "x", "stop": [1]}, "stop"),
+        (COMPLETIONS_URL, {"prompt": "x", "stop": ""}, "stop"),
+        (COMPLETIONS_URL, {"prompt": "x", "seed": "1"}, "seed"),
+        (COMPLETIONS_URL, {"prompt": "x", "logprobs": 50}, "logprobs"),
+        (COMPLETIONS_URL, {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        (COMPLETIONS_URL, {"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        (COMPLETIONS_URL, {"prompt": "x", "top_k": -2}, "top_k"),
+        (COMPLETIONS_URL, {"prompt": "x", "min_p": 2}, "min_p"),
+        (COMPLETIONS_URL, {"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+        (COMPLETIONS_URL, {"prompt": "x", "ignore_eos": 1}, "ignore_eos"),
+        (COMPLETIONS_URL, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        (COMPLETIONS_URL, {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+        (COMPLETIONS_URL, {"prompt": "x", "echo": True}, "echo"),
+        (COMPLETIONS_URL, {"prompt": "x", "stream": True}, "stream"),
+        (COMPLETIONS_URL, {"prompt": "x", "best_of": 3}, "best_of"),
+        (COMPLETIONS_URL, {"prompt": "x", "messages": []}, "messages"),
+        (COMPLETIONS_URL, {"prompt": "x", "model": 3}, "model"),
+        (CHAT_URL, {}, "messages"),
+        (CHAT_URL, {"messages": []}, "messages"),
+        (CHAT_URL, {"messages": ["hi"]}, "messages[0]"),
+        (CHAT_URL, {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -4}, "max_completion_tokens"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
+    ],
+)
+def test_invalid_body_fields_name_the_field(url, body, field):
+    with pytest.raises(RequestError) as info:
+        parse_body(url, body)
+    assert field in info.value.message
+
+
+class _Tokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def __len__(self) -> int:
+        return 1000
+
+
+def _llm(max_model_len: int = 50) -> SimpleNamespace:
+    return SimpleNamespace(
+        tokenizer=_Tokenizer(),
+        max_model_len=max_model_len,
+        apply_chat_template=lambda messages: [1] * sum(len(m["content"]) + 2 for m in messages),
+    )
+
+
+def test_prepare_builds_engine_prompts_and_fits_defaults_to_the_context():
+    prompt, params = prepare(parse_body(COMPLETIONS_URL, {"prompt": "abc"}), _llm())
+    assert prompt == {"prompt": "abc"} and params.max_tokens == 16
+    prompt, params = prepare(parse_body(COMPLETIONS_URL, {"prompt": "a" * 40}), _llm())
+    assert params.max_tokens == 10  # the default shrinks to the room left
+    prompt, params = prepare(parse_body(COMPLETIONS_URL, {"prompt": [3, 4]}), _llm())
+    assert prompt == {"prompt_token_ids": [3, 4]}
+    chat = parse_body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}]})
+    prompt, params = prepare(chat, _llm())
+    assert prompt == {"prompt_token_ids": [1] * 4} and params.max_tokens == 46
+    _, params = prepare(chat, _llm(max_model_len=100_000))
+    assert params.max_tokens == CHAT_DEFAULT_MAX_TOKENS_CAP
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"prompt": "a" * 50}, "context_length_exceeded"),
+        ({"prompt": "a" * 10, "max_tokens": 41}, "context_length_exceeded"),
+        ({"prompt": [5, 1000]}, "invalid_request"),
+        ({"prompt": "a" * 45, "min_tokens": 8}, "invalid_request"),
+    ],
+)
+def test_prepare_rejects_what_does_not_fit(body, code):
+    with pytest.raises(RequestError) as info:
+        prepare(parse_body(COMPLETIONS_URL, body), _llm())
+    assert info.value.code == code
+
+
+def test_prepare_reports_chat_template_failures():
+    def broken(messages: list[dict]) -> list[int]:
+        raise ValueError("roles must alternate")
+
+    llm = _llm()
+    llm.apply_chat_template = broken
+    with pytest.raises(RequestError, match="roles must alternate"):
+        prepare(parse_body(CHAT_URL, {"messages": [{"role": "user", "content": "x"}]}), llm)
+
+
+# --- writer ---------------------------------------------------------------------------
+
+
+def _output(logprobs: bool) -> RequestOutput:
+    def position(chosen: int) -> dict[int, Logprob]:
+        # The chosen token ranked 3rd: outside a top-2 request, as the engine reports it.
+        return {10: Logprob(-0.1, 1, "A"), 11: Logprob(-1.0, 2, None), chosen: Logprob(-2.0, 3, None)}
+
+    choices = [
+        CompletionOutput(
+            index=i,
+            text="ab",
+            token_ids=[12, 13],
+            finish_reason="length",
+            logprobs=[position(12), position(13)] if logprobs else None,
+        )
+        for i in range(2)
+    ]
+    return RequestOutput("r", None, [1, 2, 3], choices, num_cached_tokens=2)
+
+
+def _token_text(token_id: int) -> str:
+    return chr(ord("a") + token_id - 12) if token_id >= 12 else f"<{token_id}>"
+
+
+def _check_usage(body: dict) -> None:
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
+
+
+def test_completion_body_has_the_openai_shape():
+    body = completion_body(_output(logprobs=True), "served", 2, _token_text)
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert isinstance(body["created"], int) and body["model"] == "served"
+    _check_usage(body)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    choice = body["choices"][0]
+    assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
+    assert (choice["text"], choice["finish_reason"]) == ("ab", "length")
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert lp["tokens"] == ["a", "b"] and lp["token_logprobs"] == [-2.0, -2.0] and lp["text_offset"] == [0, 1]
+    assert lp["top_logprobs"][0] == {"A": -0.1, "<11>": -1.0, "a": -2.0}
+    plain = completion_body(_output(logprobs=False), "served", None, _token_text)
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_chat_body_has_the_openai_shape():
+    body = chat_body(_output(logprobs=True), "served", 2, _token_text)
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    _check_usage(body)
+    choice = body["choices"][1]
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+    assert choice["message"] == {"role": "assistant", "content": "ab"}
+    first = choice["logprobs"]["content"][0]
+    assert first == {
+        "token": "a",
+        "logprob": -2.0,
+        "bytes": [97],
+        "top_logprobs": [
+            {"token": "A", "logprob": -0.1, "bytes": [65]},
+            {"token": "<11>", "logprob": -1.0, "bytes": [60, 49, 49, 62]},
+        ],
+    }
+    assert chat_body(_output(logprobs=False), "served", None, _token_text)["choices"][0]["logprobs"] is None
+
+
+def test_writer_lines_have_the_batch_output_shape(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with BatchWriter(path) as writer:
+        writer.write_response("ok-1", {"x": 1})
+        # Each line is on disk as soon as it is written, before close.
+        assert len(path.read_text().splitlines()) == 1
+        writer.write_error("bad-1", "invalid_request", "line 2: nope")
+        writer.write_error(None, "invalid_json", "line 3: not valid JSON")
+    ok, bad, anonymous = (json.loads(text) for text in path.read_text().splitlines())
+    assert set(ok) == set(bad) == {"id", "custom_id", "response", "error"}
+    assert ok["id"].startswith("batch_req_") and ok["id"] != bad["id"]
+    assert ok["custom_id"] == "ok-1" and ok["error"] is None
+    assert set(ok["response"]) == {"status_code", "request_id", "body"}
+    assert ok["response"]["status_code"] == 200 and isinstance(ok["response"]["request_id"], str)
+    assert ok["response"]["body"] == {"x": 1}
+    assert bad["response"] is None and bad["error"] == {"code": "invalid_request", "message": "line 2: nope"}
+    assert anonymous["custom_id"] is None
+    assert (writer.num_responses, writer.num_errors) == (1, 2)
+    with BatchWriter(path, append=True) as writer:
+        writer.write_response("ok-2", {})
+    assert len(path.read_text().splitlines()) == 4

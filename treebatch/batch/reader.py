@@ -1,0 +1,96 @@
+"""Stream an OpenAI Batch API input file, validating each line on its own.
+
+A bad line becomes a `LineError` rather than an exception, so one typo in a
+100k-line file costs one output record, not the job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from treebatch.batch.requests import SUPPORTED_URLS, ParsedRequest, RequestError, parse_body
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEntry:
+    """A valid input line."""
+
+    line: int  # 1-based
+    custom_id: str
+    url: str
+    request: ParsedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """An invalid input line; `custom_id` is None when the line did not name one usable."""
+
+    line: int
+    custom_id: str | None
+    code: str
+    message: str  # starts with "line N: "
+
+
+def read_batch(path: str | Path) -> Iterator[BatchEntry | LineError]:
+    """Entries of the file at `path`, in file order, one per non-blank line."""
+    with open(path, "rb") as f:
+        yield from parse_lines(f)
+
+
+def parse_lines(lines: Iterable[bytes | str]) -> Iterator[BatchEntry | LineError]:
+    """Entries of raw JSONL lines (bytes or str), numbering lines from 1."""
+    seen: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield LineError(number, None, "invalid_json", f"line {number}: not valid UTF-8 ({exc.reason})")
+                continue
+        else:
+            text = raw
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # editors on some systems write a byte-order mark
+        if not text.strip():
+            continue
+        yield _parse_line(number, text, seen)
+
+
+def _parse_line(number: int, text: str, seen: set[str]) -> BatchEntry | LineError:
+    def error(message: str, custom_id: str | None = None, code: str = "invalid_request") -> LineError:
+        return LineError(number, custom_id, code, f"line {number}: {message}")
+
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return error(f"not valid JSON ({exc.msg} at column {exc.colno})", code="invalid_json")
+    if not isinstance(record, dict):
+        return error(f"must be a JSON object, got {type(record).__name__}", code="invalid_json")
+
+    custom_id = record.get("custom_id")
+    if custom_id is None:
+        return error("custom_id: required", code="missing_custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return error(f"custom_id: must be a non-empty string, got {custom_id!r}", code="missing_custom_id")
+    if custom_id in seen:
+        return error(f"custom_id: duplicate {custom_id!r}", custom_id, code="duplicate_custom_id")
+    # Claimed before the rest is checked: a later line reusing it is a duplicate even if this one fails.
+    seen.add(custom_id)
+
+    method = record.get("method")
+    if method != "POST":
+        return error(f"method: must be 'POST', got {method!r}", custom_id)
+    url = record.get("url")
+    if url not in SUPPORTED_URLS:
+        return error(f"url: must be one of {', '.join(SUPPORTED_URLS)}, got {url!r}", custom_id, code="unsupported_url")
+    body = record.get("body")
+    if not isinstance(body, dict):
+        return error("body: must be a JSON object", custom_id)
+    try:
+        request = parse_body(url, body)
+    except RequestError as exc:
+        return error(f"body.{exc.message}", custom_id, code=exc.code)
+    return BatchEntry(number, custom_id, url, request)

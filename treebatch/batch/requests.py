@@ -1,0 +1,365 @@
+"""Map an OpenAI request body to a prompt and SamplingParams, validating every field.
+
+Parsing needs no model, so a whole input file is checked before anything loads;
+`prepare` then turns a parsed request into what `LLM.generate` takes, which needs
+the tokenizer (chat templates, context-length checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from treebatch.sampling_params import SamplingParams
+
+COMPLETIONS_URL = "/v1/completions"
+CHAT_URL = "/v1/chat/completions"
+SUPPORTED_URLS = (COMPLETIONS_URL, CHAT_URL)
+
+# OpenAI's default for /v1/completions.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Chat defaults to "up to the context"; a small model that never emits EOS would
+# otherwise fill a long context for every such request, so the default stops here.
+CHAT_DEFAULT_MAX_TOKENS_CAP = 4096
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+
+# Fields that change nothing for an offline batch: accepted and ignored.
+_IGNORED_FIELDS = frozenset(
+    {"model", "user", "metadata", "store", "service_tier", "stream_options", "reasoning_effort"}
+)
+# Fields we cannot honour: accepted only when they ask for the default behaviour.
+_DEFAULT_ONLY_FIELDS: dict[str, tuple[Any, ...]] = {
+    "stream": (None, False),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+}
+_SAMPLING_FIELDS = frozenset(
+    {
+        "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+        "presence_penalty", "frequency_penalty", "top_k", "min_p", "min_tokens",
+        "ignore_eos", "repetition_penalty", "stop_token_ids", "skip_special_tokens",
+        "include_stop_str_in_output",
+    }
+)
+_COMPLETIONS_FIELDS = _SAMPLING_FIELDS | {"prompt", "logprobs", "best_of"}
+_CHAT_FIELDS = _SAMPLING_FIELDS | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+}
+_CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(ValueError):
+    """An invalid request; `code` is the OpenAI-style error code for the output line."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A validated body. Exactly one of `prompt` (completions) or `messages` (chat) is set."""
+
+    url: str
+    params: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    # Completions: the requested number of alternatives. Chat: top_logprobs (0 when
+    # only `logprobs: true`). None: no logprobs in the response.
+    logprobs: int | None = None
+    model: str | None = None
+    max_tokens_given: bool = False  # False: the default may be shortened to fit the context
+
+    @property
+    def is_chat(self) -> bool:
+        return self.url == CHAT_URL
+
+
+class TokenizingLLM(Protocol):
+    """What `prepare` needs from the engine."""
+
+    tokenizer: Any
+    max_model_len: int
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+
+
+def parse_body(url: str, body: dict[str, Any]) -> ParsedRequest:
+    """Validate `body` for `url`; raise RequestError naming the offending field."""
+    if url == COMPLETIONS_URL:
+        return _parse_completions(body)
+    if url == CHAT_URL:
+        return _parse_chat(body)
+    raise RequestError(f"unsupported url {url!r}; use one of {', '.join(SUPPORTED_URLS)}")
+
+
+def prepare(request: ParsedRequest, llm: TokenizingLLM) -> tuple[dict[str, Any], SamplingParams]:
+    """The engine prompt and final params; checks the request fits the context."""
+    if request.messages is not None:
+        try:
+            ids = list(llm.apply_chat_template(request.messages))
+        except Exception as exc:  # template errors (e.g. role order) belong to this line only
+            raise RequestError(f"messages: chat template failed: {exc}") from exc
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        num_prompt_tokens = len(ids)
+    elif isinstance(request.prompt, str):
+        prompt = {"prompt": request.prompt}
+        num_prompt_tokens = len(llm.tokenizer.encode(request.prompt))
+    else:
+        ids = list(request.prompt or [])
+        vocab = _vocab_size(llm.tokenizer)
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise RequestError(f"prompt: token ids must be < the vocabulary size {vocab}")
+        prompt = {"prompt_token_ids": ids}
+        num_prompt_tokens = len(ids)
+    return prompt, _fit_context(request, num_prompt_tokens, llm.max_model_len)
+
+
+def _fit_context(request: ParsedRequest, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise RequestError(
+            f"prompt has {num_prompt_tokens} tokens; the model's context is {max_model_len}",
+            code="context_length_exceeded",
+        )
+    params = request.params
+    wanted = params.max_tokens
+    if request.max_tokens_given:
+        if wanted is not None and wanted > room:
+            raise RequestError(
+                f"max_tokens ({wanted}) plus the prompt ({num_prompt_tokens} tokens) exceeds "
+                f"the model's context of {max_model_len}",
+                code="context_length_exceeded",
+            )
+        return params
+    limit = min(room, CHAT_DEFAULT_MAX_TOKENS_CAP if wanted is None else wanted)
+    if limit == wanted:
+        return params
+    try:
+        return dataclasses.replace(params, max_tokens=limit)
+    except ValueError as exc:  # e.g. min_tokens no longer fits
+        raise RequestError(str(exc)) from exc
+
+
+def _vocab_size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
+
+
+def _parse_completions(body: dict[str, Any]) -> ParsedRequest:
+    _check_fields(body, _COMPLETIONS_FIELDS)
+    prompt = _completion_prompt(body.get("prompt"))
+    logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    n = _int(body, "n", 1, MAX_N)
+    best_of = _int(body, "best_of", 1, MAX_N)
+    if best_of is not None and best_of > (n or 1):
+        raise RequestError("best_of: only best_of <= n is supported")
+    max_tokens = _int(body, "max_tokens", 1, None)
+    params = _sampling_params(
+        body, COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, logprobs
+    )
+    return ParsedRequest(
+        url=COMPLETIONS_URL,
+        params=params,
+        prompt=prompt,
+        logprobs=logprobs,
+        model=_model(body),
+        max_tokens_given=max_tokens is not None,
+    )
+
+
+def _parse_chat(body: dict[str, Any]) -> ParsedRequest:
+    _check_fields(body, _CHAT_FIELDS)
+    messages = _messages(body.get("messages"))
+    max_tokens = _int(body, "max_completion_tokens", 1, None)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1, None)
+    want_logprobs = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise RequestError("top_logprobs: requires logprobs to be true")
+    logprobs = (top or 0) if want_logprobs else None
+    _response_format(body.get("response_format"))
+    return ParsedRequest(
+        url=CHAT_URL,
+        params=_sampling_params(body, max_tokens, logprobs),
+        messages=messages,
+        logprobs=logprobs,
+        model=_model(body),
+        max_tokens_given=max_tokens is not None,
+    )
+
+
+def _sampling_params(body: dict[str, Any], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
+    optional = {
+        "n": _int(body, "n", 1, MAX_N),
+        "temperature": _float(body, "temperature", 0.0, 2.0),
+        "top_p": _float(body, "top_p", 0.0, 1.0),
+        "seed": _int(body, "seed", None, None),
+        "presence_penalty": _float(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _float(body, "frequency_penalty", -2.0, 2.0),
+        "top_k": _int(body, "top_k", -1, None),
+        "min_p": _float(body, "min_p", 0.0, 1.0),
+        "min_tokens": _int(body, "min_tokens", 0, None),
+        "ignore_eos": _bool(body, "ignore_eos"),
+        "repetition_penalty": _float(body, "repetition_penalty", 0.0, None),
+        "stop": _stop(body.get("stop")),
+        "stop_token_ids": _token_ids(body, "stop_token_ids", allow_empty=True),
+        "skip_special_tokens": _bool(body, "skip_special_tokens"),
+        "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if kwargs.get("top_p") == 0.0:
+        raise RequestError("top_p: must be in (0, 1]")
+    if kwargs.get("repetition_penalty") == 0.0:
+        raise RequestError("repetition_penalty: must be > 0")
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
+
+
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in _IGNORED_FIELDS:
+            continue
+        if name in _DEFAULT_ONLY_FIELDS:
+            if any(value == ok and type(value) is type(ok) for ok in _DEFAULT_ONLY_FIELDS[name]):
+                continue
+            raise RequestError(f"{name}: not supported (got {value!r})")
+        raise RequestError(f"{name}: unrecognized request argument")
+
+
+def _completion_prompt(value: Any) -> str | list[int]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one prompt
+    if isinstance(value, str):
+        if not value:
+            raise RequestError("prompt: must not be empty")
+        return value
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        if any(t < 0 for t in value):
+            raise RequestError("prompt: token ids must be >= 0")
+        return list(value)
+    if value is None:
+        raise RequestError("prompt: required")
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+        raise RequestError("prompt: only one prompt per request line is supported")
+    raise RequestError("prompt: must be a non-empty string or a non-empty list of token ids")
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages: must be a non-empty list")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where}: must be an object")
+        role = message.get("role")
+        if role not in _CHAT_ROLES:
+            raise RequestError(f"{where}.role: must be one of {', '.join(_CHAT_ROLES)}, got {role!r}")
+        # Small models' templates know no "developer" role; it means "system".
+        role = "system" if role == "developer" else role
+        out.append({"role": role, "content": _content(message.get("content"), where)})
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"{where}.content[{j}]: only {{'type': 'text', 'text': str}} parts are supported")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise RequestError(f"{where}.content: must be a string or a list of text parts")
+
+
+def _response_format(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or value.get("type") != "text":
+        raise RequestError("response_format: only {'type': 'text'} is supported")
+
+
+def _stop(value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        return value
+    raise RequestError("stop: must be a string or a list of strings")
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    value = body.get("model")
+    if value is not None and not isinstance(value, str):
+        raise RequestError("model: must be a string")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(body: dict[str, Any], name: str, lo: int | None, hi: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise RequestError(f"{name}: must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise RequestError(f"{name}: must be {_range(lo, hi)}, got {value}")
+    return value
+
+
+def _float(body: dict[str, Any], name: str, lo: float | None, hi: float | None) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise RequestError(f"{name}: must be a number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise RequestError(f"{name}: must be {_range(lo, hi)}, got {value}")
+    return float(value)
+
+
+def _bool(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise RequestError(f"{name}: must be a boolean, got {value!r}")
+
+
+def _token_ids(body: dict[str, Any], name: str, allow_empty: bool) -> list[int] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(_is_int(t) and t >= 0 for t in value):
+        raise RequestError(f"{name}: must be a list of non-negative integers")
+    if not value and not allow_empty:
+        raise RequestError(f"{name}: must not be empty")
+    return list(value)
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
