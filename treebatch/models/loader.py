@@ -267,4 +267,7 @@ def load_gguf(path: Path, cache_dir: Path) -> LoadedModel:
     folder = cache_dir / "models" / _cached_file_hash(path, cache_dir)
     if not (folder / "model.json").is_file():
         convert_gguf(path, folder)
-    return _read_cache(folder)
+    loaded = _read_cache(folder)
+    # Users name a model by its file ("SmolLM2-135M-Instruct.Q4_1"), not by general.name.
+    loaded.name = path.stem
+    return loaded
