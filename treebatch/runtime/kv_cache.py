@@ -41,6 +41,13 @@ def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) ->
 
 
 def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """[layers, 2 (K, V), slots, kv_heads, head_dim]; slot = block_id * block_size + offset."""
+    """[layers, 2 (K, V), slots, kv_heads, head_dim]; slot = block_id * block_size + offset.
+
+    Left uninitialized: zeroing gigabytes costs seconds of page faults up front, and attention
+    reads only slots that were written, except padding, which points at slot 0. Slot 0 is
+    zeroed so that padding, whose weight is exactly 0, never multiplies a NaN.
+    """
     shape = (model.num_layers, 2, num_blocks * block_size, model.num_kv_heads, model.head_dim)
-    return torch.zeros(shape, dtype=dtype)
+    cache = torch.empty(shape, dtype=dtype)
+    cache[:, :, 0].zero_()
+    return cache
