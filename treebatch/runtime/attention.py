@@ -1,7 +1,7 @@
 """Paged attention over the KV cache: the torch reference path.
 
 The KV cache of one layer is a flat array of slots, [num_slots, kv_heads, head_dim]; a sequence's
-keys live at the slots its block table names. A step's tokens come decodes first (one query per
+keys live in the blocks its block table names. A step's tokens come decodes first (one query per
 sequence, batched into a single product with a padding mask), then prefill chunks (each a causal
 block of queries against all of its sequence's keys so far).
 """
@@ -18,16 +18,18 @@ import torch.nn.functional as F
 class PrefillChunk:
     query_start: int  # first row of this chunk in the step's flat token batch
     num_queries: int
-    context_slots: torch.Tensor  # [context_len] slot of every key this chunk attends to
+    context_len: int  # keys this chunk attends to: positions [0, context_len)
+    context_blocks: torch.Tensor  # [ceil(context_len / block_size)] the sequence's blocks
     mask: torch.Tensor | None  # [num_queries, context_len] bool, None when plainly causal
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each token's K and V are written
+    block_size: int
     num_decodes: int = 0  # rows [0, num_decodes) are single-query decodes
-    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] (padded with slot 0)
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
+    decode_blocks: torch.Tensor | None = None  # [num_decodes, max_blocks] (padded with block 0)
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -52,13 +54,17 @@ def paged_attention(
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
+    # Gathering whole blocks copies contiguous runs of block_size slots: far cheaper than a
+    # gather per slot.
+    k_blocks = k_cache.view(-1, metadata.block_size, num_kv_heads, head_dim)
+    v_blocks = v_cache.view(-1, metadata.block_size, num_kv_heads, head_dim)
 
     num_decodes = metadata.num_decodes
     if num_decodes:
         # Grouped-query heads fold into the query dimension: [S, kv_heads, group, D].
         queries = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
-        keys = k_cache[metadata.decode_slots].transpose(1, 2)  # [S, kv_heads, L, D]
-        values = v_cache[metadata.decode_slots].transpose(1, 2)
+        keys = k_blocks[metadata.decode_blocks].flatten(1, 2).transpose(1, 2)  # [S, kv_heads, L, D]
+        values = v_blocks[metadata.decode_blocks].flatten(1, 2).transpose(1, 2)
         decoded = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=metadata.decode_mask, scale=scale
         )
@@ -67,8 +73,9 @@ def paged_attention(
     for chunk in metadata.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.num_queries)
         queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
-        keys = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, D]
-        values = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+        length = chunk.context_len
+        keys = k_blocks[chunk.context_blocks].flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+        values = v_blocks[chunk.context_blocks].flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
         attended = F.scaled_dot_product_attention(
             queries,
             keys,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from treebatch.config import CacheConfig, ModelConfig
@@ -43,11 +44,12 @@ def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) ->
 def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """[layers, 2 (K, V), slots, kv_heads, head_dim]; slot = block_id * block_size + offset.
 
-    Left uninitialized: zeroing gigabytes costs seconds of page faults up front, and attention
-    reads only slots that were written, except padding, which points at slot 0. Slot 0 is
-    zeroed so that padding, whose weight is exactly 0, never multiplies a NaN.
+    Zeroed, because attention reads padding and the unwritten tail of a sequence's last block
+    (with weight exactly 0, but 0 * NaN is NaN). numpy's zeros comes from calloc, whose pages the
+    OS zero-fills on first touch, so a cache of gigabytes costs nothing until it is used; torch's
+    zeros would fault every page in up front (seconds).
     """
     shape = (model.num_layers, 2, num_blocks * block_size, model.num_kv_heads, model.head_dim)
-    cache = torch.empty(shape, dtype=dtype)
-    cache[:, :, 0].zero_()
-    return cache
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(shape, dtype={2: np.uint16, 4: np.float32}[itemsize])
+    return torch.from_numpy(raw).view(dtype)

@@ -73,34 +73,36 @@ class ModelRunner:
         positions: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
 
-        decode_slots = decode_mask = None
+        decode_blocks = decode_mask = None
         if decodes:
-            contexts = [c.start_position + 1 for c in decodes]
-            longest = max(contexts)
-            padded = np.zeros((len(decodes), longest), dtype=np.int64)
-            for i, (chunk, context) in enumerate(zip(decodes, contexts)):
-                slots = self._slots(chunk.block_table, 0, context)
-                padded[i, :context] = slots
+            contexts = np.asarray([c.start_position + 1 for c in decodes], dtype=np.int64)
+            num_blocks = -(-contexts // self.block_size)
+            padded = np.zeros((len(decodes), int(num_blocks.max())), dtype=np.int64)
+            for i, chunk in enumerate(decodes):
+                padded[i, : num_blocks[i]] = chunk.block_table[: num_blocks[i]]
                 ids.append(chunk.token_ids[0])
-            positions.append(np.asarray([c.start_position for c in decodes], dtype=np.int64))
-            slot_parts.append(padded[np.arange(len(decodes)), np.asarray(contexts) - 1])
-            decode_slots = torch.from_numpy(padded)
-            mask = np.arange(longest)[None, :] < np.asarray(contexts)[:, None]
-            decode_mask = torch.from_numpy(mask).view(len(decodes), 1, 1, longest)
+            last = contexts - 1
+            positions.append(last)
+            slot_parts.append(padded[np.arange(len(decodes)), last // self.block_size] * self.block_size + last % self.block_size)
+            decode_blocks = torch.from_numpy(padded)
+            width = padded.shape[1] * self.block_size
+            mask = np.arange(width)[None, :] < contexts[:, None]
+            decode_mask = torch.from_numpy(mask).view(len(decodes), 1, 1, width)
 
         prefill_chunks: list[PrefillChunk] = []
         row = len(decodes)
         for chunk in prefills:
             start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
-            context_slots = self._slots(chunk.block_table, 0, stop)
             ids.extend(chunk.token_ids)
             positions.append(np.arange(start, stop, dtype=np.int64))
-            slot_parts.append(context_slots[start:])
+            slot_parts.append(self._slots(chunk.block_table, start, stop))
+            num_blocks_used = -(-stop // self.block_size)
             prefill_chunks.append(
                 PrefillChunk(
                     query_start=row,
                     num_queries=chunk.num_tokens,
-                    context_slots=torch.from_numpy(context_slots),
+                    context_len=stop,
+                    context_blocks=torch.tensor(chunk.block_table[:num_blocks_used], dtype=torch.long),
                     mask=causal_mask(start, chunk.num_tokens, stop),
                 )
             )
@@ -109,8 +111,9 @@ class ModelRunner:
         slot_mapping = torch.from_numpy(np.concatenate(slot_parts))
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping,
+            block_size=self.block_size,
             num_decodes=len(decodes),
-            decode_slots=decode_slots,
+            decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             prefills=prefill_chunks,
         )
