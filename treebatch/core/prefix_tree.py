@@ -476,9 +476,11 @@ def group_prompts(
     for a g without deeper groups (in general: g's cost inside c minus g's best cost as a group of
     its own, computed bottom-up first). g is hoisted when that gain is positive; if every child of
     c is hoisted and no prompt ends at c, c is dropped ("forked" into its children), which
-    refunds depth(c). Nodes with fewer than `min_share` prompts or a prefix shorter than
-    `min_prefix_tokens` cannot be groups. This is an exact dynamic program over the choice "each
-    child stays inside or becomes its own group", linear in the nodes.
+    refunds depth(c); prompts ending at a forked node run plain. Nodes with fewer than
+    `min_share` prompts or a prefix shorter than `min_prefix_tokens` cannot be groups, but a short
+    one can still be forked, so a 1-token node (a shared BOS) does not hide the groups below it.
+    This is an exact dynamic program over the choice "each child stays inside its parent's group
+    or is split off (kept as a group, or forked)", linear in the nodes.
 
     Worked example: a 100-token system prompt S, two documents D1, D2 and three 20-token
     questions per document (prompt-final tokens ignored for the arithmetic; no sharing would
@@ -553,16 +555,15 @@ def _choose_flat(
     eligible[0] = False
     ends = radix.num_ends().tolist()
     inf = float("inf")
-    keep_cost = [0] * n_nodes  # c stays a group: its prefix once, each child inside or hoisted
-    fork_cost = [0] * n_nodes  # c dropped: every child hoisted
-    best = [inf] * n_nodes  # cost of the subtree with the node as a group of its own
+    keep_cost = [0] * n_nodes  # v stays a group: its prefix once, each child inside or hoisted
+    fork_cost = [0] * n_nodes  # v is no group: every child hoisted, prompts ending at v plain
+    best = [0] * n_nodes  # cost of v's subtree when v is split off from the group above
     forked = [False] * n_nodes
     for v in reversed(radix.preorder.tolist()):
-        if eligible[v]:
-            keep = keep_cost[v] + depth[v]
-            fork = fork_cost[v] if ends[v] == 0 else inf
-            forked[v] = fork <= keep  # on a tie, fewer groups
-            best[v] = min(keep, fork)
+        keep = keep_cost[v] + depth[v] if eligible[v] else inf
+        fork = fork_cost[v] + ends[v] * depth[v]
+        forked[v] = fork <= keep  # on a tie, fewer groups
+        best[v] = min(keep, fork)
         if v:
             keep_cost[parent[v]] += min(private[v], best[v])
             fork_cost[parent[v]] += best[v]
@@ -584,7 +585,7 @@ def _extract_flat(
         if split[p] and (forked[p] or best[v] < private[v]):
             split[v] = True
             is_group[v] = not forked[v]
-            anchor[v] = v if is_group[v] else -1
+            anchor[v] = v if is_group[v] else -1  # a forked node's own prompts run plain
         else:
             anchor[v] = p if is_group[p] else anchor[p]
     return np.asarray(is_group, dtype=bool), np.asarray(anchor, dtype=np.int64)
