@@ -174,3 +174,63 @@ def test_ignore_eos_runs_to_max_tokens():
     while s.has_unfinished_requests:
         run_step(s, token=0)
     assert a.output_token_ids == [0, 0, 0] and a.status == RequestStatus.FINISHED_LENGTH
+
+
+# -- prefix groups -------------------------------------------------------------------------------
+
+
+def test_group_prefix_computed_once_shared_and_freed_exact_blocks():
+    from treebatch.core.batch_plan import plan_requests
+
+    s = make_scheduler(num_blocks=8, block_size=4, budget=16)
+    prefix = [5, 6, 7, 8, 9, 10]
+    a = Request("a", prefix + [1, 2], SamplingParams(max_tokens=2), eos_token_ids=(0,))
+    b = Request("b", prefix + [3, 4], SamplingParams(max_tokens=2), eos_token_ids=(0,))
+    queue, summary = plan_requests([a, b], s.groups, block_size=4, min_prefix_tokens=4)
+    assert [r.request_id for r in queue] == ["prefix-0", "a", "b"]
+    assert summary.num_groups == 1 and summary.num_planned_tokens == summary.num_unique_tokens == 10
+    for request in queue:
+        s.add_request(request)
+
+    plan, _ = run_step(s)  # the prefix alone: members wait for it
+    assert [(c.request_id, c.start_position, c.num_tokens, c.needs_sample) for c in plan.chunks] == [
+        ("prefix-0", 0, 6, False)
+    ]
+    assert s.groups.groups[0].blocks == [0, 1] and s.groups.groups[0].is_ready
+    assert plan.new_requests == []  # prefix requests never reach the sampler
+
+    plan, _ = run_step(s)  # both members share block 0 and copy the partial block 1
+    assert [(c.request_id, c.start_position, c.num_tokens) for c in plan.chunks] == [("a", 6, 2), ("b", 6, 2)]
+    assert plan.block_copies == [(1, 2, 2), (1, 3, 2)]
+    assert s.kv.block_tables == {"a": [0, 2], "b": [0, 3]}
+    assert [s.kv.pool.ref_count(i) for i in range(4)] == [3, 1, 1, 1]
+    assert a.num_cached_tokens == 6 and all(c.num_shared_tokens == 4 and c.group_id == 0 for c in plan.chunks)
+
+    run_step(s)  # second output token: both finish, the group's blocks go back to the pool
+    assert a.is_finished and b.is_finished
+    assert s.groups.groups[0].is_released and s.kv.num_free_blocks == 8
+
+
+def test_nested_groups_extend_parent_kv_and_release_bottom_up():
+    from treebatch.core.batch_plan import plan_requests
+
+    s = make_scheduler(num_blocks=32, block_size=4, budget=64)
+    system = list(range(10, 18))  # 8 tokens: two full blocks
+    docs = [list(range(20, 28)), list(range(30, 38))]
+    requests = [
+        Request(f"d{d}q{q}", system + docs[d] + [40 + q, 50 + q], SamplingParams(max_tokens=1), eos_token_ids=(0,))
+        for d in range(2)
+        for q in range(2)
+    ]
+    queue, summary = plan_requests(requests, s.groups, block_size=4, min_prefix_tokens=4)
+    assert summary.num_planned_tokens == summary.num_unique_tokens == 8 + 2 * 8 + 4 * 2
+    for request in queue:
+        s.add_request(request)
+    prompt_lengths = {r.request_id: r.num_prompt_tokens for r in queue}
+    computed = 0
+    while s.has_unfinished_requests:
+        plan, _ = run_step(s)
+        for c in plan.chunks:  # prompt tokens run through the model this step
+            computed += max(0, min(c.start_position + c.num_tokens, prompt_lengths[c.request_id]) - c.start_position)
+    assert computed == summary.num_planned_tokens
+    assert all(g.is_released for g in s.groups.groups.values()) and s.kv.num_free_blocks == 32

@@ -56,9 +56,21 @@ class KVCacheManager:
     def fits_at_all(self, num_tokens: int) -> bool:
         return num_blocks_for(num_tokens, self.block_size) <= self.pool.num_blocks
 
-    def check_integrity(self) -> None:
-        """Every block's reference count equals the number of tables that hold it."""
+    def share_blocks(self, request: Request, blocks: list[int]) -> None:
+        """Start the request's table with blocks someone else computed (one more reference each)."""
+        assert request.request_id not in self.block_tables, f"{request} already holds blocks"
+        self.pool.add_reference(blocks)
+        self.block_tables[request.request_id] = list(blocks)
+
+    def take_table(self, request: Request) -> list[int]:
+        """Remove the request's table, keeping its references: the caller now owns them."""
+        return self.block_tables.pop(request.request_id)
+
+    def check_integrity(self, other_owners: list[list[int]] | None = None) -> None:
+        """Every block's reference count equals the number of tables (and other owners) holding it."""
         owners: Counter[int] = Counter()
         for table in self.block_tables.values():
+            owners.update(table)
+        for table in other_owners or ():
             owners.update(table)
         self.pool.check_integrity(dict(owners))

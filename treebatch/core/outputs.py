@@ -32,6 +32,10 @@ class ScheduledChunk:
     block_table: list[int]
     needs_sample: bool
     num_output_tokens: int  # outputs so far: min_tokens and penalties need it
+    # Shared-prefix attention: the group whose prefix this request continues, and how many
+    # leading positions lie in the group's shared full blocks (identical for all its members).
+    group_id: int | None = None
+    num_shared_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +52,9 @@ class StepPlan:
     new_requests: list[NewRequestData] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # runner may drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Copy-on-write of a group prefix's partial last block: (source block, target block, tokens),
+    # done before the step's forward pass.
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -46,6 +46,8 @@ class Request:
         "stop_reason",
         "output_logprobs",
         "seed",
+        "group_id",
+        "prefix_of",
     )
 
     def __init__(
@@ -56,6 +58,8 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         max_tokens: int | None = None,
         seed: int = 0,
+        group_id: int | None = None,
+        prefix_of: int | None = None,
     ) -> None:
         assert len(prompt_token_ids) > 0, "a request needs at least one prompt token"
         self.request_id = request_id
@@ -73,6 +77,11 @@ class Request:
         self.stop_reason: int | str | None = None
         self.output_logprobs: list[Any] = []  # filled only when sampling_params.logprobs is set
         self.seed = seed  # the sampler's generator seed for this sequence
+        # The prefix group whose KV this request starts from (None: from scratch).
+        self.group_id = group_id
+        # Set on the request that computes a group's prefix: it never samples, and hands its
+        # blocks to the group when done.
+        self.prefix_of = prefix_of
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,6 +107,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.prefix_of is not None
 
     def token_ids_slice(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + outputs, without building the whole list."""

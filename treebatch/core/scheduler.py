@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 from treebatch.config import SchedulerConfig
+from treebatch.core.groups import GroupManager
 from treebatch.core.kv_manager import KVCacheManager
 from treebatch.core.outputs import NewRequestData, ScheduledChunk, StepPlan, StepResult
 from treebatch.core.request import Request, RequestStatus
@@ -22,6 +23,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int) -> None:
         self.config = config
         self.kv = kv_manager
+        self.groups = GroupManager(kv_manager)
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -85,14 +87,27 @@ class Scheduler:
                 continue
             break  # the request itself was preempted: nothing behind it remains
 
-        # Then admit waiting requests, unless this step already had to preempt.
+        # Then admit waiting requests, unless this step already had to preempt. The queue is in
+        # plan order (a group's prefix, then its members and child groups); a request whose group
+        # is still computing its prefix is stepped over, a bounded number of times per step.
+        block_copies: list[tuple[int, int, int]] = []
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                request = self.waiting[0]
-                num_new = self._num_new_tokens(request, budget)
-                if num_new == 0 or not self.kv.allocate_slots(request, num_new):
+            index = skipped = 0
+            while (
+                index < len(self.waiting)
+                and budget > 0
+                and len(self.running) < self.config.max_num_seqs
+                and skipped <= self.config.max_num_seqs
+            ):
+                request = self.waiting[index]
+                if not self.groups.is_ready(request.group_id):
+                    index += 1
+                    skipped += 1
+                    continue
+                num_new = self._admit(request, budget, block_copies)
+                if num_new == 0:
                     break
-                self.waiting.popleft()
+                del self.waiting[index]
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 chunks.append(self._chunk(request, num_new))
@@ -100,7 +115,7 @@ class Scheduler:
 
         new_requests = []
         for chunk in chunks:
-            if chunk.request_id not in self._announced:
+            if chunk.request_id not in self._announced and not self.requests[chunk.request_id].is_prefix:
                 self._announced.add(chunk.request_id)
                 request = self.requests[chunk.request_id]
                 new_requests.append(
@@ -112,7 +127,28 @@ class Scheduler:
                     )
                 )
         finished, self._finished_ids = self._finished_ids, []
-        return StepPlan(chunks, new_requests, finished, preempted)
+        return StepPlan(chunks, new_requests, finished, preempted, block_copies)
+
+    def _admit(self, request: Request, budget: int, block_copies: list[tuple[int, int, int]]) -> int:
+        """Give a waiting request KV for its first chunk and return the chunk's size: ask, then
+        commit; 0 (refused) changes nothing."""
+        if request.is_prefix and request.num_computed_tokens == 0 and not self.groups.can_admit_prefix(request):
+            return 0
+        attaches = request.group_id is not None and request.num_computed_tokens == 0
+        copy = None
+        if attaches:
+            if not self.groups.can_attach(request):
+                return 0
+            copy = self.groups.attach(request)
+        num_new = self._num_new_tokens(request, budget)
+        if num_new == 0 or not self.kv.allocate_slots(request, num_new):
+            if attaches:  # undo the attach
+                self.kv.free(request)
+                request.num_computed_tokens = request.num_cached_tokens = 0
+            return 0
+        if copy is not None:
+            block_copies.append(copy)
+        return num_new
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens_to_compute
@@ -128,13 +164,15 @@ class Scheduler:
             token_ids=request.token_ids_slice(start, start + num_new),
             start_position=start,
             block_table=self.kv.block_tables[request.request_id],
-            needs_sample=start + num_new == request.num_tokens,
+            needs_sample=start + num_new == request.num_tokens and not request.is_prefix,
             num_output_tokens=request.num_output_tokens,
+            group_id=request.group_id,
+            num_shared_tokens=self.groups.num_shared_tokens(request.group_id),
         )
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
-        request.num_computed_tokens = 0
+        self.kv.free(request)  # shared blocks lose one reference; the group keeps them alive
+        request.num_computed_tokens = request.num_cached_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
@@ -146,9 +184,11 @@ class Scheduler:
         """Append sampled tokens, apply token-level stops; return the requests that finished."""
         finished: list[Request] = []
         for chunk in plan.chunks:
+            request = self.requests[chunk.request_id]
+            if request.is_prefix and request.num_computed_tokens == request.num_tokens:
+                self._complete_prefix(request)
             if not chunk.needs_sample:
                 continue
-            request = self.requests[chunk.request_id]
             request.append_output_token(result.sampled_token_ids[chunk.request_id])
             if chunk.request_id in result.logprobs:
                 request.output_logprobs.append(result.logprobs[chunk.request_id])
@@ -157,6 +197,13 @@ class Scheduler:
                 self.finish_request(request, status)
                 finished.append(request)
         return finished
+
+    def _complete_prefix(self, request: Request) -> None:
+        """The group's prefix KV is whole: the group takes the blocks, members may start."""
+        self.running.remove(request)
+        del self.requests[request.request_id]
+        request.status = RequestStatus.FINISHED_STOPPED
+        self.groups.on_prefix_computed(request)
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request (token stop, stop string found by the caller, or abort); free its KV."""
@@ -170,12 +217,14 @@ class Scheduler:
         request.status = status
         self.kv.free(request)
         del self.requests[request.request_id]
+        if request.group_id is not None:
+            self.groups.on_finished(request.group_id)
         if request.request_id in self._announced:
             self._announced.discard(request.request_id)
             self._finished_ids.append(request.request_id)
 
     def check_integrity(self) -> None:
-        self.kv.check_integrity()
+        self.kv.check_integrity(self.groups.held_blocks())
         for request in self.running:
             assert request.status == RequestStatus.RUNNING
             table = self.kv.block_tables.get(request.request_id, [])

@@ -1,0 +1,112 @@
+"""Prefix groups at run time: shared KV with an explicit lifetime.
+
+A group's prefix is computed once, by a prefix request that starts from its parent group's KV.
+When it is done, the group takes over the request's blocks and pins them (one reference held by
+the group) while any member or child group still needs them; when the last one finishes, the
+group drops its references and the blocks return to the pool. No LRU guessing: the plan says
+exactly who needs what.
+
+A member joins a ready group by sharing the group's full blocks (a reference each) and, when the
+prefix ends inside a block, by copying that partial block's KV into a block of its own
+(copy-on-write), since the member writes its own tokens into the rest of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from treebatch.core.kv_manager import KVCacheManager, num_blocks_for
+from treebatch.core.request import Request
+
+
+@dataclass(slots=True)
+class GroupState:
+    group_id: int
+    parent: int | None
+    prefix_end: int  # the group's prefix covers positions [0, prefix_end) of every member
+    num_pending: int  # members and child groups not yet finished
+    estimated_blocks: int  # KV blocks the prefix and its direct members need at most
+    blocks: list[int] = field(default_factory=list)  # held once ready
+    is_ready: bool = False
+    is_released: bool = False
+
+
+class GroupManager:
+    def __init__(self, kv: KVCacheManager) -> None:
+        self.kv = kv
+        self.groups: dict[int, GroupState] = {}
+
+    def add_group(
+        self, group_id: int, parent: int | None, prefix_end: int, num_pending: int, estimated_blocks: int
+    ) -> None:
+        assert group_id not in self.groups
+        self.groups[group_id] = GroupState(group_id, parent, prefix_end, num_pending, estimated_blocks)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    def is_ready(self, group_id: int | None) -> bool:
+        return group_id is None or self.groups[group_id].is_ready
+
+    def num_shared_tokens(self, group_id: int | None) -> int:
+        """Positions served by the group's full blocks: the part read once per group."""
+        if group_id is None:
+            return 0
+        prefix_end = self.groups[group_id].prefix_end
+        return prefix_end - prefix_end % self.kv.block_size
+
+    def attach(self, request: Request) -> tuple[int, int, int] | None:
+        """Start `request` from its group's KV. Returns the block copy to do, if any, or raises
+        if no block is free for the copy (ask `can_attach` first)."""
+        group = self.groups[request.group_id]
+        assert group.is_ready and not group.is_released
+        block_size = self.kv.block_size
+        num_full = group.prefix_end // block_size
+        self.kv.share_blocks(request, group.blocks[:num_full])
+        copy = None
+        tail = group.prefix_end % block_size
+        if tail:
+            (target,) = self.kv.pool.allocate(1)
+            self.kv.block_tables[request.request_id].append(target)
+            copy = (group.blocks[num_full], target, tail)
+        request.num_computed_tokens = group.prefix_end
+        request.num_cached_tokens = group.prefix_end
+        return copy
+
+    def can_attach(self, request: Request) -> bool:
+        group = self.groups[request.group_id]
+        return self.kv.pool.can_allocate(1 if group.prefix_end % self.kv.block_size else 0)
+
+    def can_admit_prefix(self, request: Request) -> bool:
+        """Whole groups are admitted together: a prefix starts only when the group's estimated
+        KV (prefix plus direct members) fits, or half the pool if the group is larger than that."""
+        group = self.groups[request.prefix_of]
+        need = min(group.estimated_blocks, self.kv.pool.num_blocks // 2)
+        return self.kv.num_free_blocks >= need
+
+    def on_prefix_computed(self, request: Request) -> None:
+        group = self.groups[request.prefix_of]
+        group.blocks = self.kv.take_table(request)
+        assert len(group.blocks) == num_blocks_for(group.prefix_end, self.kv.block_size)
+        group.is_ready = True
+
+    def on_finished(self, group_id: int | None) -> None:
+        """A member or child group of `group_id` is done; release groups nobody needs any more."""
+        while group_id is not None:
+            group = self.groups[group_id]
+            group.num_pending -= 1
+            assert group.num_pending >= 0, f"group {group_id} finished more often than it has members"
+            if group.num_pending:
+                return
+            self.kv.pool.release(group.blocks[::-1])
+            group.blocks = []
+            group.is_released = True
+            group_id = group.parent
+
+    def held_blocks(self) -> list[list[int]]:
+        return [g.blocks for g in self.groups.values() if g.blocks]
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(g.blocks) for g in self.groups.values())
