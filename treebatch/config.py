@@ -81,6 +81,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
     max_num_seqs: int = 256  # running requests at once
     enable_chunked_prefill: bool = True
+    # Global prefix sharing: cut the batch's prefix tree into groups whose prefix KV is computed once.
+    enable_prefix_sharing: bool = True
+    min_shared_prefix_tokens: int = 16  # shorter shared prefixes are not worth a group
 
     def __post_init__(self) -> None:
         assert self.max_num_batched_tokens > 0
@@ -100,6 +103,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     check_integrity: bool = False  # verify the block pool after every step (tests)
+    # Attention over a group's shared prefix as one product for all its queries (read once),
+    # merged by log-sum-exp; groups with fewer queries in a step take the plain paged path.
+    enable_shared_prefix_attention: bool = True
+    shared_prefix_attention_min_queries: int = 4
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from treebatch.config import EngineConfig
+from treebatch.core.batch_plan import plan_requests
 from treebatch.core.kv_manager import KVCacheManager
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
@@ -32,6 +33,9 @@ class EngineStats:
     num_steps: int = 0
     num_preemptions: int = 0
     peak_kv_usage: float = 0.0
+    num_unique_prompt_tokens: int = 0  # the prefix tree's optimum (0: not planned)
+    num_groups: int = 0
+    share_histogram: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def summary(self) -> dict[str, float | int]:
@@ -41,7 +45,10 @@ class EngineStats:
             "requests": self.num_requests,
             "prompt_tokens": self.num_prompt_tokens,
             "computed_prompt_tokens": self.num_computed_prompt_tokens,
+            "unique_prompt_tokens": self.num_unique_prompt_tokens,
             "saving_ratio": round(1.0 - self.num_computed_prompt_tokens / logical, 4),
+            "groups": self.num_groups,
+            "share_histogram": dict(sorted(self.share_histogram.items())),
             "generated_tokens": self.num_generated_tokens,
             "steps": self.num_steps,
             "preemptions": self.num_preemptions,
@@ -83,8 +90,29 @@ class LLMEngine:
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
         self._live[request.request_id] = request
-        self.stats.num_requests += 1
-        self.stats.num_prompt_tokens += request.num_prompt_tokens
+        if not request.is_prefix:
+            self.stats.num_requests += 1
+            self.stats.num_prompt_tokens += request.num_prompt_tokens
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Add a whole batch: planned over the prefix tree when prefix sharing is on."""
+        scheduler_config = self.config.scheduler
+        if not scheduler_config.enable_prefix_sharing or len(requests) < 2:
+            for request in requests:
+                self.add_request(request)
+            return
+        queue, summary = plan_requests(
+            requests,
+            self.scheduler.groups,
+            self.config.cache.block_size,
+            min_prefix_tokens=scheduler_config.min_shared_prefix_tokens,
+        )
+        for request in queue:
+            self.add_request(request)
+        self.stats.num_unique_prompt_tokens += summary.num_unique_tokens
+        self.stats.num_groups += summary.num_groups
+        for share, count in summary.share_histogram.items():
+            self.stats.share_histogram[share] = self.stats.share_histogram.get(share, 0) + count
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -112,6 +140,10 @@ class LLMEngine:
             stats.num_computed_prompt_tokens += max(
                 0, min(chunk.start_position + chunk.num_tokens, request.num_prompt_tokens) - chunk.start_position
             )
+            if request.is_prefix:
+                if request.is_finished:  # its KV now belongs to its group
+                    del self._live[request.request_id]
+                continue
             if chunk.needs_sample and not request.is_finished and request.sampling_params.stop_strings:
                 if self.detokenizer.find_stop_string(request):
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from tqdm import tqdm
 
@@ -83,9 +83,7 @@ class LLM:
             sequences[prompt_id] = [
                 self._make_request(prompt_id, index, ids, params) for index in range(params.n)
             ]
-        for group in sequences.values():
-            for request in group:
-                self.engine.add_request(request)
+        self.engine.add_requests([request for group in sequences.values() for request in group])
 
         self._run(sum(len(g) for g in sequences.values()), use_tqdm)
         self.last_run_summary = self.engine.stats.summary()
@@ -149,7 +147,7 @@ class LLM:
             bar.close()
 
     def _request_output(
-        self, prompt_id: str, text: str | None, ids: list[int], group: Iterable[Request]
+        self, prompt_id: str, text: str | None, ids: list[int], group: list[Request]
     ) -> RequestOutput:
         completions = []
         for index, request in enumerate(group):
@@ -168,7 +166,8 @@ class LLM:
                     cumulative_logprob=self._cumulative(request),
                 )
             )
-        return RequestOutput(prompt_id, text, list(ids), completions, num_cached_tokens=0)
+        cached = max((request.num_cached_tokens for request in group), default=0)
+        return RequestOutput(prompt_id, text, list(ids), completions, num_cached_tokens=cached)
 
     def _logprobs(self, request: Request) -> list[dict[int, Logprob]] | None:
         if request.sampling_params.logprobs is None:

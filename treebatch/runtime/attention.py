@@ -87,3 +87,59 @@ def paged_attention(
         )
         out[rows] = attended.squeeze(0).transpose(0, 1)
     return out
+
+
+# -- shared-prefix (cascade) attention -----------------------------------------------------------
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each query's scores.
+
+    q: [..., M, D], k and v: [..., L, D], mask broadcastable to [..., M, L] (True = attend).
+    Returns out [..., M, D] and lse [..., M]; a query that sees no key gets out 0 and lse -inf,
+    so that merging it with another part leaves that part unchanged.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(scores.dtype).min))
+    weights = torch.nan_to_num(weights, nan=0.0)
+    return torch.matmul(weights, v), lse
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Exact softmax attention over the union of two disjoint key sets, from each part's result.
+
+    softmax over A u B = (e^lse_a * out_a + e^lse_b * out_b) / (e^lse_a + e^lse_b), computed
+    relative to the larger lse so nothing overflows.
+    """
+    top = torch.maximum(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - top).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - top).unsqueeze(-1)
+    return (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
+
+
+def shared_prefix_attention(
+    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of a group's queries against the group's shared prefix, reading the prefix once.
+
+    q: [N, heads, D] (decode tokens and prefill chunk rows of every member alike: each sits after
+    the prefix, so no mask is needed); prefix_k, prefix_v: [P, kv_heads, D]. Grouped-query heads
+    fold into the query dimension, so the whole group is one [kv_heads, N * group, P] product.
+    Returns out [N, heads, D] and lse [N, heads].
+    """
+    num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = prefix_k.shape[1]
+    group = num_heads // num_kv_heads
+    folded = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
+    folded = folded.reshape(num_kv_heads, num_queries * group, head_dim)
+    out, lse = attention_with_lse(folded, prefix_k.transpose(0, 1), prefix_v.transpose(0, 1), scale)
+    out = out.view(num_kv_heads, num_queries, group, head_dim).permute(1, 0, 2, 3)
+    lse = lse.view(num_kv_heads, num_queries, group).permute(1, 0, 2)
+    return out.reshape(num_queries, num_heads, head_dim), lse.reshape(num_queries, num_heads)

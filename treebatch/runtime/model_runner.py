@@ -36,6 +36,7 @@ class ModelRunner:
             self.sampler.add_request(new)
         if plan.is_empty:
             return StepResult({})
+        self._copy_blocks(plan.block_copies)
 
         decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start_position > 0]
         prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start_position > 0)]
@@ -57,6 +58,14 @@ class ModelRunner:
             return StepResult({})
         tokens, logprobs = self.sampler.sample(logits, sample_ids)
         return StepResult(dict(zip(sample_ids, tokens)), logprobs)
+
+    def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy-on-write of partial prefix blocks: a member's own copy of the prefix's tail KV."""
+        size = self.block_size
+        for source, target, num_tokens in copies:
+            self.kv_cache[:, :, target * size : target * size + num_tokens] = self.kv_cache[
+                :, :, source * size : source * size + num_tokens
+            ]
 
     def _slots(self, block_table: list[int], start: int, stop: int) -> np.ndarray:
         """Cache slots of positions [start, stop) of a sequence."""
