@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 Runner = Callable[[list[list[int]], int, dict[str, Any]], tuple[float, list[list[int]]]]
@@ -79,4 +80,90 @@ def run_hf_generate(prompts: list[list[int]], max_tokens: int, options: dict[str
     return seconds, results
 
 
-ENGINES: dict[str, Runner] = {"treebatch": run_treebatch, "hf_generate": run_hf_generate}
+# ------------------------------------------------------------------ vLLM (separate venv)
+
+VLLM_KVCACHE_GB = 4
+
+
+def export_hf_model(folder: Path) -> Path:
+    """Write the default model as a plain Hugging Face Llama folder (config.json, float32
+    model.safetensors, tokenizer files) for peers that cannot read treebatch's GGUF cache.
+
+    Runs in the main venv (it needs treebatch); skipped when the folder is already complete
+    for the same weights. The weights are exactly the float32 tensors treebatch computes with."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from treebatch.models.loader import load_model
+
+    model = load_model(None)
+    marker = folder / "treebatch-source.txt"
+    source = f"{model.name} {model.tokenizer_path}"
+    if marker.is_file() and marker.read_text() == source and (folder / "model.safetensors").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+        "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias, "mlp_bias": False, "hidden_act": "silu",
+        "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None,
+        "torch_dtype": "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None, "do_sample": False}) + "\n")
+    tensors = {k: v.contiguous() for k, v in model.weights.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for f in Path(model.tokenizer_path).iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    marker.write_text(source)
+    return folder
+
+
+def _run_vllm(prompts: list[list[int]], max_tokens: int, options: dict[str, Any], prefix_caching: bool) -> tuple[float, list[list[int]]]:
+    cores = os.cpu_count() or 1
+    # KV cache size in GiB for the CPU backend, and OpenMP threads pinned to every core.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VLLM_KVCACHE_GB))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    model = options["hf_model_folder"]
+    llm = LLM(model=model, tokenizer=model, dtype="float32", enable_prefix_caching=prefix_caching, seed=0,
+              max_model_len=2048)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    # Warm-up on a prompt outside the batch, then drop it from the prefix cache.
+    llm.generate([{"prompt_token_ids": list(range(1000, 1016))}], SamplingParams(temperature=0.0, max_tokens=2),
+                 use_tqdm=False)
+    if prefix_caching and hasattr(llm, "reset_prefix_cache"):
+        llm.reset_prefix_cache()
+    batch = [{"prompt_token_ids": ids} for ids in prompts]
+    start = time.perf_counter()
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    options["vllm"] = {"version": vllm.__version__, "enable_prefix_caching": prefix_caching,
+                       "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                       "VLLM_CPU_OMP_THREADS_BIND": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}
+    return seconds, [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_vllm(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> tuple[float, list[list[int]]]:
+    return _run_vllm(prompts, max_tokens, options, prefix_caching=True)
+
+
+def run_vllm_noprefix(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> tuple[float, list[list[int]]]:
+    return _run_vllm(prompts, max_tokens, options, prefix_caching=False)
+
+
+ENGINES: dict[str, Runner] = {"treebatch": run_treebatch, "hf_generate": run_hf_generate,
+                              "vllm": run_vllm, "vllm_noprefix": run_vllm_noprefix}
+# Engines whose worker runs in another venv (interpreter path relative to the repo root).
+ENGINE_PYTHON: dict[str, str] = {"vllm": ".venv-vllm/bin/python", "vllm_noprefix": ".venv-vllm/bin/python"}

@@ -30,11 +30,13 @@ from workloads import WORKLOADS  # noqa: E402
 def worker(args: argparse.Namespace) -> None:
     """Child process: build the workload, run one engine, write its JSON result."""
     from engines import ENGINES
-    from workloads import load_tokenizer
 
     workload = WORKLOADS[args.workload]
-    prompts = workload.prompts(load_tokenizer())
-    options: dict[str, Any] = {"hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort}
+    # Prompts come from the parent (built once, in the main venv), so engines in other venvs
+    # get exactly the same token ids without importing treebatch.
+    prompts = json.loads(Path(args.prompts_file).read_text())
+    options: dict[str, Any] = {"hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
+                               "hf_model_folder": str(args.hf_model_folder)}
     load_before = os.getloadavg()[0]
     seconds, outputs = ENGINES[args.worker](prompts, workload.max_tokens, options)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -57,17 +59,35 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result_file).write_text(json.dumps(result))
 
 
-def run_engine(engine: str, workload: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+def engine_python(engine: str) -> str:
+    """The interpreter for an engine's worker: the main venv's, or the engine's own venv."""
+    from engines import ENGINE_PYTHON
+
+    if engine not in ENGINE_PYTHON:
+        return sys.executable
+    python = HERE.parent / ENGINE_PYTHON[engine]
+    if not python.exists():
+        raise SystemExit(f"{engine}: {python} not found; create it with `bash benchmarks/setup_vllm.sh`")
+    return str(python)
+
+
+def run_engine(engine: str, workload: str, args: argparse.Namespace, folder: Path,
+               prompts_file: Path) -> dict[str, Any]:
     result_file = folder / f"{workload}-{engine}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--workload", workload,
-           "--result-file", str(result_file), "--hf-batch-size", str(args.hf_batch_size)]
+    cmd = [engine_python(engine), str(Path(__file__).resolve()), "--worker", engine, "--workload", workload,
+           "--result-file", str(result_file), "--prompts-file", str(prompts_file),
+           "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder)]
     cmd.append("--hf-sort" if args.hf_sort else "--no-hf-sort")
     print(f"[{workload}] {engine} ...", file=sys.stderr, flush=True)
+    began = time.perf_counter()
     subprocess.run(cmd, check=True)
     result = json.loads(result_file.read_text())
+    # Whole worker process minus the timed part: imports, model load, warm-up, teardown.
+    result["untimed_seconds"] = round(time.perf_counter() - began - result["seconds"], 1)
     if not result["all_lengths_exact"]:
         raise SystemExit(f"{engine} on {workload}: not every request generated {WORKLOADS[workload].max_tokens} tokens")
-    print(f"[{workload}] {engine}: {result['seconds']} s, {result['generated_tokens_per_s']} gen tok/s",
+    print(f"[{workload}] {engine}: {result['seconds']} s, {result['generated_tokens_per_s']} gen tok/s "
+          f"(+{result['untimed_seconds']} s untimed)",
           file=sys.stderr, flush=True)
     return result
 
@@ -94,8 +114,11 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--hf-sort", action=argparse.BooleanOptionalAction, default=True,
                         help="batch HF prompts sorted by length (default; less padding for the peer)")
+    parser.add_argument("--hf-model-folder", type=Path, default=HERE / ".model-hf",
+                        help="where the default model is exported as a HF folder for vLLM (gitignored)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -104,10 +127,24 @@ def main() -> None:
     workloads = [w for w in WORKLOADS if w != "smoke"] if args.workload == "all" else args.workload.split(",")
     engines = args.engines.split(",")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    from engines import ENGINE_PYTHON, export_hf_model
+    from workloads import load_tokenizer, trie_size
+
+    if any(e in ENGINE_PYTHON for e in engines):
+        export_hf_model(args.hf_model_folder)
+    tokenizer = load_tokenizer()
     runs: dict[str, dict[str, dict[str, Any]]] = {}
+    described: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
-            runs[workload] = {e: run_engine(e, workload, args, Path(tmp)) for e in engines}
+            prompts = WORKLOADS[workload].prompts(tokenizer)
+            prompts_file = Path(tmp) / f"{workload}-prompts.json"
+            prompts_file.write_text(json.dumps(prompts))
+            logical, unique = sum(len(p) for p in prompts), trie_size(prompts)
+            described[workload] = (f"{WORKLOADS[workload].description}. {len(prompts)} prompts, "
+                                   f"{logical:,} logical prompt tokens, {unique:,} unique (prefix-trie) tokens "
+                                   f"({logical / unique:.1f}x)")
+            runs[workload] = {e: run_engine(e, workload, args, Path(tmp), prompts_file) for e in engines}
             if "treebatch" in runs[workload]:
                 reference = runs[workload]["treebatch"]["outputs"]
                 for engine, result in runs[workload].items():
@@ -119,7 +156,7 @@ def main() -> None:
 
     command = " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]])
     record = {"command": command, "started": started, "machine": machine_facts(),
-              "workloads": {w: WORKLOADS[w].description for w in workloads}, "runs": runs}
+              "workloads": described, "runs": runs}
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
