@@ -55,3 +55,65 @@ def test_decodes_and_chunks_match_reference():
     # The step's own tokens are written at the slots of their positions.
     expected_slots = [table[p // BLOCK] * BLOCK + p % BLOCK for start, n, table in layout for p in range(start, start + n)]
     assert slot_mapping.tolist() == expected_slots
+
+
+def _rows_by_request(chunks_in_order):
+    rows, row = {}, 0
+    for chunk in chunks_in_order:
+        rows[chunk.request_id] = slice(row, row + chunk.num_tokens)
+        row += chunk.num_tokens
+    return rows
+
+
+def test_shared_prefix_attention_equals_plain_paged_attention():
+    """Ragged group: decodes with different suffix lengths and prefill chunks of several sizes,
+    all continuing one 8-token (2-block) shared prefix; plus a plain request beside them."""
+    torch.manual_seed(1)
+    num_blocks = 40
+    k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
+    v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.block_size = BLOCK
+    runner._offsets = np.arange(BLOCK)
+    runner.cascade_min_queries = 2
+    prefix = [7, 3]
+    layout = [  # (request, start, new tokens, own blocks)
+        ("d1", 9, 1, [10]),
+        ("d2", 14, 1, [11, 12]),
+        ("c1", 8, 5, [13, 14]),
+        ("c2", 10, 3, [15, 16]),
+        ("c3", 11, 1, [17]),  # a one-token prefill tail: attends like a decode
+    ]
+    chunks = [
+        ScheduledChunk(r, [0] * n, start, prefix + own, True, 1, group_id=0, num_shared_tokens=8)
+        for r, start, n, own in layout
+    ]
+    chunks.append(ScheduledChunk("plain", [0] * 3, 4, [20, 21], True, 1))
+    scale = DIM**-0.5
+
+    plain_chunks = [
+        ScheduledChunk(c.request_id, c.token_ids, c.start_position, c.block_table, True, 1) for c in chunks
+    ]
+    plain_decodes = [c for c in plain_chunks if c.num_tokens == 1]
+    plain_prefills = [c for c in plain_chunks if c.num_tokens > 1]
+    _, _, plain_slots, plain_meta = runner._prepare(plain_decodes, plain_prefills)
+    q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)
+    expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, scale)
+    plain_rows = _rows_by_request(plain_decodes + plain_prefills)
+
+    rest, cascades = runner._split_cascades(chunks)
+    assert len(cascades) == 1 and [c.request_id for c in rest] == ["plain"]
+    decodes = [c for c in rest if c.num_tokens == 1]
+    prefills = [c for c in rest if c.num_tokens > 1]
+    _, _, slots, meta = runner._prepare(decodes, prefills, cascades)
+    order = decodes + prefills + cascades[0]
+    rows = _rows_by_request(order)
+    q = torch.empty_like(q_plain)
+    for chunk in order:  # the same queries, in the cascade layout
+        q[rows[chunk.request_id]] = q_plain[plain_rows[chunk.request_id]]
+    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    assert sorted(slots.tolist()) == sorted(plain_slots.tolist())
+    for chunk in order:
+        torch.testing.assert_close(
+            out[rows[chunk.request_id]], expected[plain_rows[chunk.request_id]], atol=1e-4, rtol=1e-4
+        )

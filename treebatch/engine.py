@@ -79,7 +79,13 @@ class LLMEngine:
         self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
         kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, block_size, dtype)
         self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.num_blocks, block_size), self.max_model_len)
-        self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids)
+        self.runner = ModelRunner(
+            model,
+            kv_cache,
+            block_size,
+            self.eos_token_ids,
+            config.shared_prefix_attention_min_queries if config.enable_shared_prefix_attention else None,
+        )
         self.detokenizer = Detokenizer(self.tokenizer)
         self._live: dict[str, Request] = {}
         self.stats = EngineStats()

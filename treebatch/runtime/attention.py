@@ -24,6 +24,29 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class SuffixChunk:
+    """A group member's prefill chunk: its queries against its own keys after the shared prefix."""
+
+    query_start: int
+    num_queries: int
+    suffix_blocks: torch.Tensor  # the member's blocks from the end of the shared prefix on
+    suffix_len: int  # keys at positions [prefix_len, prefix_len + suffix_len)
+    mask: torch.Tensor  # [num_queries, suffix_len] bool
+
+
+@dataclass(slots=True)
+class CascadeGroup:
+    """The queries of one prefix group in a step, attended as prefix (once) + own suffixes."""
+
+    prefix_blocks: torch.Tensor  # the group's shared full blocks
+    rows: torch.Tensor  # flat-batch rows of every query of the group: decode rows, then chunks
+    num_decodes: int  # rows[:num_decodes] are single-query decodes
+    decode_suffix_blocks: torch.Tensor | None  # [num_decodes, max_blocks], padded with block 0
+    decode_suffix_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]
+    chunks: list[SuffixChunk] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each token's K and V are written
     block_size: int
@@ -31,6 +54,7 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None = None  # [num_decodes, max_blocks] (padded with block 0)
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
+    cascades: list[CascadeGroup] = field(default_factory=list)
 
 
 def causal_mask(start_position: int, num_queries: int, context_len: int) -> torch.Tensor | None:
@@ -86,7 +110,49 @@ def paged_attention(
             enable_gqa=group > 1,
         )
         out[rows] = attended.squeeze(0).transpose(0, 1)
+
+    for cascade in metadata.cascades:
+        out[cascade.rows] = _cascade_attention(q, k_blocks, v_blocks, cascade, scale)
     return out
+
+
+def _cascade_attention(
+    q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, cascade: CascadeGroup, scale: float
+) -> torch.Tensor:
+    num_kv_heads, head_dim = k_blocks.shape[2], k_blocks.shape[3]
+    queries = q[cascade.rows]  # [N, heads, D]
+    num_heads = queries.shape[1]
+    group = num_heads // num_kv_heads
+    prefix_k = k_blocks[cascade.prefix_blocks].flatten(0, 1)
+    prefix_v = v_blocks[cascade.prefix_blocks].flatten(0, 1)
+    prefix_out, prefix_lse = shared_prefix_attention(queries, prefix_k, prefix_v, scale)
+
+    suffix_out = torch.empty_like(queries)
+    suffix_lse = torch.empty(queries.shape[:2], dtype=queries.dtype)
+    num_decodes = cascade.num_decodes
+    if num_decodes:
+        folded = queries[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
+        keys = k_blocks[cascade.decode_suffix_blocks].flatten(1, 2).transpose(1, 2)
+        values = v_blocks[cascade.decode_suffix_blocks].flatten(1, 2).transpose(1, 2)
+        out, lse = attention_with_lse(folded, keys, values, scale, cascade.decode_suffix_mask)
+        suffix_out[:num_decodes] = out.reshape(num_decodes, num_heads, head_dim)
+        suffix_lse[:num_decodes] = lse.reshape(num_decodes, num_heads)
+    row = num_decodes
+    for chunk in cascade.chunks:
+        rows = slice(row, row + chunk.num_queries)
+        folded = queries[rows].view(chunk.num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
+        folded = folded.reshape(num_kv_heads, chunk.num_queries * group, head_dim)
+        keys = k_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len].transpose(0, 1)
+        values = v_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len].transpose(0, 1)
+        # Row (query i, head g) of the folded layout needs mask row i.
+        mask = chunk.mask.repeat_interleave(group, dim=0).unsqueeze(0)
+        out, lse = attention_with_lse(folded, keys, values, scale, mask)
+        out = out.view(num_kv_heads, chunk.num_queries, group, head_dim).permute(1, 0, 2, 3)
+        lse = lse.view(num_kv_heads, chunk.num_queries, group).permute(1, 0, 2)
+        suffix_out[rows] = out.reshape(chunk.num_queries, num_heads, head_dim)
+        suffix_lse[rows] = lse.reshape(chunk.num_queries, num_heads)
+        row += chunk.num_queries
+    return merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
 
 
 # -- shared-prefix (cascade) attention -----------------------------------------------------------

@@ -1,7 +1,8 @@
 """ModelRunner: StepPlan -> tensors (ids, positions, slots, block tables) -> forward -> sample.
 
-The runner decides nothing about what runs; it lays the plan's chunks out as one flat batch,
-decodes first (so they form one batched attention product), then prefill chunks.
+The runner decides nothing about what runs; it lays the plan's chunks out as one flat batch:
+plain decodes first (one batched attention product), then plain prefill chunks, then the chunks
+of each prefix group that has enough queries in this step to gain from shared-prefix attention.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ import torch
 
 from treebatch.core.outputs import ScheduledChunk, StepPlan, StepResult
 from treebatch.models.llama import LlamaForCausalLM
-from treebatch.runtime.attention import AttentionMetadata, PrefillChunk, causal_mask
+from collections import defaultdict
+
+from treebatch.runtime.attention import (
+    AttentionMetadata,
+    CascadeGroup,
+    PrefillChunk,
+    SuffixChunk,
+    causal_mask,
+)
 from treebatch.runtime.sampler import Sampler
 
 
@@ -22,8 +31,12 @@ class ModelRunner:
         kv_cache: torch.Tensor,
         block_size: int,
         eos_token_ids: tuple[int, ...],
+        cascade_min_queries: int | None = 4,
     ) -> None:
+        """`cascade_min_queries`: a group needs this many queries in a step for shared-prefix
+        attention; None turns it off."""
         self.model = model
+        self.cascade_min_queries = cascade_min_queries
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sampler = Sampler(model.config.vocab_size, eos_token_ids)
@@ -38,10 +51,11 @@ class ModelRunner:
             return StepResult({})
         self._copy_blocks(plan.block_copies)
 
-        decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start_position > 0]
-        prefills = [c for c in plan.chunks if not (c.num_tokens == 1 and c.start_position > 0)]
-        ordered = decodes + prefills
-        input_ids, positions, slot_mapping, metadata = self._prepare(decodes, prefills)
+        plain, cascades = self._split_cascades(plan.chunks)
+        decodes = [c for c in plain if _is_single_query(c)]
+        prefills = [c for c in plain if not _is_single_query(c)]
+        input_ids, positions, slot_mapping, metadata = self._prepare(decodes, prefills, cascades)
+        ordered = decodes + prefills + [c for group in cascades for c in group]
 
         sample_rows: list[int] = []
         sample_ids: list[str] = []
@@ -58,6 +72,26 @@ class ModelRunner:
             return StepResult({})
         tokens, logprobs = self.sampler.sample(logits, sample_ids)
         return StepResult(dict(zip(sample_ids, tokens)), logprobs)
+
+    def _split_cascades(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[list[ScheduledChunk]]]:
+        """Chunks of groups with enough queries to gain from reading the prefix once, each group's
+        single-query chunks first; the rest take the plain paged path."""
+        if self.cascade_min_queries is None:
+            return list(chunks), []
+        by_group: dict[int, list[ScheduledChunk]] = defaultdict(list)
+        plain: list[ScheduledChunk] = []
+        for chunk in chunks:
+            if chunk.group_id is not None and chunk.num_shared_tokens > 0:
+                by_group[chunk.group_id].append(chunk)
+            else:
+                plain.append(chunk)
+        cascades = []
+        for members in by_group.values():
+            if sum(c.num_tokens for c in members) >= self.cascade_min_queries:
+                cascades.append(sorted(members, key=lambda c: not _is_single_query(c)))
+            else:
+                plain.extend(members)
+        return plain, cascades
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy-on-write of partial prefix blocks: a member's own copy of the prefix's tail KV."""
@@ -76,7 +110,10 @@ class ModelRunner:
         return slots[offset : offset + stop - start]
 
     def _prepare(
-        self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]
+        self,
+        decodes: list[ScheduledChunk],
+        prefills: list[ScheduledChunk],
+        cascades: list[list[ScheduledChunk]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -117,6 +154,16 @@ class ModelRunner:
             )
             row += chunk.num_tokens
 
+        cascade_groups = []
+        for members in cascades:
+            for chunk in members:
+                start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
+                ids.extend(chunk.token_ids)
+                positions.append(np.arange(start, stop, dtype=np.int64))
+                slot_parts.append(self._slots(chunk.block_table, start, stop))
+            cascade_groups.append(self._cascade_group(members, row))
+            row += sum(c.num_tokens for c in members)
+
         slot_mapping = torch.from_numpy(np.concatenate(slot_parts))
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping,
@@ -125,6 +172,57 @@ class ModelRunner:
             decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             prefills=prefill_chunks,
+            cascades=cascade_groups,
         )
         input_ids = torch.tensor(ids, dtype=torch.long)
         return input_ids, torch.from_numpy(np.concatenate(positions)), slot_mapping, metadata
+
+    def _cascade_group(self, members: list[ScheduledChunk], first_row: int) -> CascadeGroup:
+        """Members laid out from `first_row`, single-query chunks first (see _split_cascades)."""
+        size = self.block_size
+        shared = members[0].num_shared_tokens
+        assert shared % size == 0 and all(c.num_shared_tokens == shared for c in members)
+        first_own = shared // size
+        decodes = [c for c in members if _is_single_query(c)]
+        suffix_blocks = suffix_mask = None
+        if decodes:
+            lengths = np.asarray([c.start_position + 1 - shared for c in decodes], dtype=np.int64)
+            num_blocks = -(-lengths // size)
+            padded = np.zeros((len(decodes), int(num_blocks.max())), dtype=np.int64)
+            for i, chunk in enumerate(decodes):
+                padded[i, : num_blocks[i]] = chunk.block_table[first_own : first_own + num_blocks[i]]
+            width = padded.shape[1] * size
+            suffix_blocks = torch.from_numpy(padded)
+            mask = np.arange(width)[None, :] < lengths[:, None]
+            suffix_mask = torch.from_numpy(mask).view(len(decodes), 1, 1, width)
+        chunks = []
+        row = first_row + len(decodes)
+        for chunk in members[len(decodes) :]:
+            start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
+            last_block = -(-stop // size)
+            key_positions = torch.arange(shared, stop).unsqueeze(0)
+            query_positions = torch.arange(start, stop).unsqueeze(1)
+            chunks.append(
+                SuffixChunk(
+                    query_start=row,
+                    num_queries=chunk.num_tokens,
+                    suffix_blocks=torch.tensor(chunk.block_table[first_own:last_block], dtype=torch.long),
+                    suffix_len=stop - shared,
+                    mask=key_positions <= query_positions,
+                )
+            )
+            row += chunk.num_tokens
+        total = sum(c.num_tokens for c in members)
+        return CascadeGroup(
+            prefix_blocks=torch.tensor(members[0].block_table[:first_own], dtype=torch.long),
+            rows=torch.arange(first_row, first_row + total),
+            num_decodes=len(decodes),
+            decode_suffix_blocks=suffix_blocks,
+            decode_suffix_mask=suffix_mask,
+            chunks=chunks,
+        )
+
+
+def _is_single_query(chunk: ScheduledChunk) -> bool:
+    """One query at a position past 0 attends like a decode, whatever it is part of."""
+    return chunk.num_tokens == 1 and chunk.start_position > 0
