@@ -1,8 +1,10 @@
-"""Engine runners: each takes token-id prompts and an output length, loads its model outside
-the timer, warms up, then times the whole batch. Each returns (seconds, generated token ids).
+"""Engine runners: each loads its model and warms up outside the timer, then times whole
+batches of token-id prompts with a fixed output length, returning (seconds, generated ids).
 
-They run inside a worker subprocess (see run.py), one engine per process, so thread pools
-and memory from one engine never touch another's measurement.
+They run inside a worker subprocess (see run.py), one process per engine for all workloads
+(so slow starts, like vLLM's compile, are paid once), so thread pools and memory from one
+engine never touch another's measurement. Engines with caches across calls clear them
+before each timed batch.
 """
 
 from __future__ import annotations
@@ -12,22 +14,32 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-Runner = Callable[[list[list[int]], int, dict[str, Any]], tuple[float, list[list[int]]]]
+# An engine is loaded once per worker process (`load(options)`, untimed), then its `generate`
+# runs each workload's batch: (prompts, max_tokens, info) -> (seconds, generated ids per prompt).
+Generate = Callable[[list[list[int]], int, dict[str, Any]], tuple[float, list[list[int]]]]
+Loader = Callable[[dict[str, Any]], Generate]
 
 
-def run_treebatch(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> tuple[float, list[list[int]]]:
+WARMUP_IDS = list(range(1000, 1016))  # a prompt in no workload, so no engine caches a real prefix
+
+
+def load_treebatch(options: dict[str, Any]) -> Generate:
     from treebatch import LLM, SamplingParams
 
     llm = LLM()  # default config: what a user gets; threads = one per core
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     # Warm-up: first calls pay one-off allocator and kernel-selection costs.
-    llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-    batch = [{"prompt_token_ids": ids} for ids in prompts]
-    start = time.perf_counter()
-    outputs = llm.generate(batch, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    options["treebatch_summary"] = llm.last_run_summary
-    return seconds, [list(o.outputs[0].token_ids) for o in outputs]
+    llm.generate([{"prompt_token_ids": WARMUP_IDS}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+
+    def generate(prompts: list[list[int]], max_tokens: int, info: dict[str, Any]) -> tuple[float, list[list[int]]]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        batch = [{"prompt_token_ids": ids} for ids in prompts]
+        start = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        info["treebatch_summary"] = llm.last_run_summary
+        return seconds, [list(o.outputs[0].token_ids) for o in outputs]
+
+    return generate
 
 
 def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int) -> list[list[int]]:
@@ -45,7 +57,7 @@ def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int
     return out[:, width:].tolist()
 
 
-def run_hf_generate(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> tuple[float, list[list[int]]]:
+def load_hf_generate(options: dict[str, Any]) -> Generate:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -57,27 +69,30 @@ def run_hf_generate(prompts: list[list[int]], max_tokens: int, options: dict[str
     model.eval()
     config = model.generation_config
     config.do_sample = False
-    config.max_new_tokens = max_tokens
-    config.min_new_tokens = max_tokens
     # An empty list disables the EOS stop (None falls back to the model's EOS): exactly N tokens.
     config.eos_token_id = []
     config.pad_token_id = 0
     batch_size = int(options.get("hf_batch_size", 16))
+    config.max_new_tokens = config.min_new_tokens = 2
+    _hf_batch(model, [WARMUP_IDS], 2, 0)  # warm-up, as for treebatch
 
-    order = list(range(len(prompts)))
-    if options.get("hf_sort", True):
-        # Similar lengths share a batch, so less padding: the kinder choice for the peer.
-        order.sort(key=lambda i: len(prompts[i]))
+    def generate(prompts: list[list[int]], max_tokens: int, info: dict[str, Any]) -> tuple[float, list[list[int]]]:
+        config.max_new_tokens = max_tokens
+        config.min_new_tokens = max_tokens
+        order = list(range(len(prompts)))
+        if options.get("hf_sort", True):
+            # Similar lengths share a batch, so less padding: the kinder choice for the peer.
+            order.sort(key=lambda i: len(prompts[i]))
+        results: list[list[int]] = [[] for _ in prompts]
+        start = time.perf_counter()
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            for index, tokens in zip(chunk, _hf_batch(model, [prompts[i] for i in chunk], max_tokens, 0)):
+                results[index] = tokens
+        seconds = time.perf_counter() - start
+        return seconds, results
 
-    _hf_batch(model, [prompts[0][:16]], 2, 0)  # warm-up, as for treebatch (max_new_tokens stays N)
-    results: list[list[int]] = [[] for _ in prompts]
-    start = time.perf_counter()
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        for index, tokens in zip(chunk, _hf_batch(model, [prompts[i] for i in chunk], max_tokens, 0)):
-            results[index] = tokens
-    seconds = time.perf_counter() - start
-    return seconds, results
+    return generate
 
 
 # ------------------------------------------------------------------ vLLM (separate venv)
@@ -128,7 +143,7 @@ def export_hf_model(folder: Path) -> Path:
     return folder
 
 
-def _run_vllm(prompts: list[list[int]], max_tokens: int, options: dict[str, Any], prefix_caching: bool) -> tuple[float, list[list[int]]]:
+def _load_vllm(options: dict[str, Any], prefix_caching: bool) -> Generate:
     cores = os.cpu_count() or 1
     # KV cache size in GiB for the CPU backend, and OpenMP threads pinned to every core.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VLLM_KVCACHE_GB))
@@ -139,31 +154,36 @@ def _run_vllm(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]
     model = options["hf_model_folder"]
     llm = LLM(model=model, tokenizer=model, dtype="float32", enable_prefix_caching=prefix_caching, seed=0,
               max_model_len=2048)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-    # Warm-up on a prompt outside the batch, then drop it from the prefix cache.
-    llm.generate([{"prompt_token_ids": list(range(1000, 1016))}], SamplingParams(temperature=0.0, max_tokens=2),
-                 use_tqdm=False)
-    if prefix_caching and hasattr(llm, "reset_prefix_cache"):
-        llm.reset_prefix_cache()
-    batch = [{"prompt_token_ids": ids} for ids in prompts]
-    start = time.perf_counter()
-    outputs = llm.generate(batch, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    options["vllm"] = {"version": vllm.__version__, "enable_prefix_caching": prefix_caching,
-                       "VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                       "VLLM_CPU_OMP_THREADS_BIND": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}
-    return seconds, [list(o.outputs[0].token_ids) for o in outputs]
+    llm.generate([{"prompt_token_ids": WARMUP_IDS}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    setup = {"version": vllm.__version__, "enable_prefix_caching": prefix_caching,
+             **{k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD")}}
+
+    def generate(prompts: list[list[int]], max_tokens: int, info: dict[str, Any]) -> tuple[float, list[list[int]]]:
+        if prefix_caching:
+            llm.reset_prefix_cache()  # nothing carried over from the warm-up or an earlier workload
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        batch = [{"prompt_token_ids": ids} for ids in prompts]
+        start = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        info["vllm"] = setup
+        return seconds, [list(o.outputs[0].token_ids) for o in outputs]
+
+    return generate
 
 
-def run_vllm(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> tuple[float, list[list[int]]]:
-    return _run_vllm(prompts, max_tokens, options, prefix_caching=True)
+def load_vllm(options: dict[str, Any]) -> Generate:
+    return _load_vllm(options, prefix_caching=True)
 
 
-def run_vllm_noprefix(prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> tuple[float, list[list[int]]]:
-    return _run_vllm(prompts, max_tokens, options, prefix_caching=False)
+def load_vllm_noprefix(options: dict[str, Any]) -> Generate:
+    return _load_vllm(options, prefix_caching=False)
 
 
-ENGINES: dict[str, Runner] = {"treebatch": run_treebatch, "hf_generate": run_hf_generate,
-                              "vllm": run_vllm, "vllm_noprefix": run_vllm_noprefix}
+ENGINES: dict[str, Loader] = {"treebatch": load_treebatch, "hf_generate": load_hf_generate,
+                              "vllm": load_vllm, "vllm_noprefix": load_vllm_noprefix}
 # Engines whose worker runs in another venv (interpreter path relative to the repo root).
 ENGINE_PYTHON: dict[str, str] = {"vllm": ".venv-vllm/bin/python", "vllm_noprefix": ".venv-vllm/bin/python"}
+# Preloaded as vLLM's CPU guide advises (Intel OpenMP, shipped in the venv by vllm-cpu's
+# intel-openmp requirement); skipped when absent.
+ENGINE_PRELOAD: dict[str, list[str]] = {e: [".venv-vllm/lib/libiomp5.so"] for e in ENGINE_PYTHON}

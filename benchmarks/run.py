@@ -28,68 +28,88 @@ from workloads import WORKLOADS  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Child process: build the workload, run one engine, write its JSON result."""
+    """Child process: load one engine once (untimed), run every workload, write JSON results."""
     from engines import ENGINES
 
-    workload = WORKLOADS[args.workload]
-    # Prompts come from the parent (built once, in the main venv), so engines in other venvs
-    # get exactly the same token ids without importing treebatch.
-    prompts = json.loads(Path(args.prompts_file).read_text())
+    began = time.perf_counter()
     options: dict[str, Any] = {"hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
                                "hf_model_folder": str(args.hf_model_folder)}
-    load_before = os.getloadavg()[0]
-    seconds, outputs = ENGINES[args.worker](prompts, workload.max_tokens, options)
-    prompt_tokens = sum(len(p) for p in prompts)
-    generated = sum(len(o) for o in outputs)
-    result = {
-        "engine": args.worker,
-        "workload": workload.name,
-        "requests": len(prompts),
-        "seconds": round(seconds, 3),
-        "prompt_tokens": prompt_tokens,
-        "generated_tokens": generated,
-        "generated_tokens_per_s": round(generated / seconds, 2),
-        "total_tokens_per_s": round((prompt_tokens + generated) / seconds, 2),
-        "loadavg_1m_before": round(load_before, 2),
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        "all_lengths_exact": all(len(o) == workload.max_tokens for o in outputs),
-        "options": options,
-        "outputs": outputs,
-    }
-    Path(args.result_file).write_text(json.dumps(result))
+    generate = ENGINES[args.worker](options)
+    load_seconds = time.perf_counter() - began
+    results = {}
+    for name in args.workload.split(","):
+        workload = WORKLOADS[name]
+        # Prompts come from the parent (built once, in the main venv), so engines in other venvs
+        # get exactly the same token ids without importing treebatch.
+        prompts = json.loads((Path(args.prompts_dir) / f"{name}.json").read_text())
+        info: dict[str, Any] = dict(options)
+        load_before = os.getloadavg()[0]
+        seconds, outputs = generate(prompts, workload.max_tokens, info)
+        prompt_tokens = sum(len(p) for p in prompts)
+        generated = sum(len(o) for o in outputs)
+        results[name] = {
+            "engine": args.worker,
+            "workload": name,
+            "requests": len(prompts),
+            "seconds": round(seconds, 3),
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": generated,
+            "generated_tokens_per_s": round(generated / seconds, 2),
+            "total_tokens_per_s": round((prompt_tokens + generated) / seconds, 2),
+            "loadavg_1m_before": round(load_before, 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "all_lengths_exact": all(len(o) == workload.max_tokens for o in outputs),
+            "engine_start_seconds": round(load_seconds, 1),
+            "options": info,
+            "outputs": outputs,
+        }
+        print(f"[{name}] {args.worker}: {seconds:.1f} s, {generated / seconds:.1f} gen tok/s "
+              f"(engine start {load_seconds:.0f} s, untimed)", file=sys.stderr, flush=True)
+        Path(args.result_file).write_text(json.dumps(results))
 
 
-def engine_python(engine: str) -> str:
-    """The interpreter for an engine's worker: the main venv's, or the engine's own venv."""
-    from engines import ENGINE_PYTHON
+def engine_command(engine: str) -> tuple[str, dict[str, str]]:
+    """The interpreter for an engine's worker (the main venv's, or the engine's own venv) and
+    its environment (libraries the engine wants preloaded)."""
+    from engines import ENGINE_PRELOAD, ENGINE_PYTHON
 
+    env = dict(os.environ)
     if engine not in ENGINE_PYTHON:
-        return sys.executable
+        return sys.executable, env
     python = HERE.parent / ENGINE_PYTHON[engine]
     if not python.exists():
         raise SystemExit(f"{engine}: {python} not found; create it with `bash benchmarks/setup_vllm.sh`")
-    return str(python)
+    preload = [str(HERE.parent / lib) for lib in ENGINE_PRELOAD.get(engine, []) if (HERE.parent / lib).exists()]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload + [p for p in [env.get("LD_PRELOAD")] if p])
+    return str(python), env
 
 
-def run_engine(engine: str, workload: str, args: argparse.Namespace, folder: Path,
-               prompts_file: Path) -> dict[str, Any]:
-    result_file = folder / f"{workload}-{engine}.json"
-    cmd = [engine_python(engine), str(Path(__file__).resolve()), "--worker", engine, "--workload", workload,
-           "--result-file", str(result_file), "--prompts-file", str(prompts_file),
+def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
+    """One worker process for `engine` over all workloads; results per workload."""
+    result_file = folder / f"result-{engine}.json"
+    python, env = engine_command(engine)
+    cmd = [python, str(Path(__file__).resolve()), "--worker", engine, "--workload", ",".join(workloads),
+           "--result-file", str(result_file), "--prompts-dir", str(folder),
            "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder)]
     cmd.append("--hf-sort" if args.hf_sort else "--no-hf-sort")
-    print(f"[{workload}] {engine} ...", file=sys.stderr, flush=True)
-    began = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    result = json.loads(result_file.read_text())
-    # Whole worker process minus the timed part: imports, model load, warm-up, teardown.
-    result["untimed_seconds"] = round(time.perf_counter() - began - result["seconds"], 1)
-    if not result["all_lengths_exact"]:
-        raise SystemExit(f"{engine} on {workload}: not every request generated {WORKLOADS[workload].max_tokens} tokens")
-    print(f"[{workload}] {engine}: {result['seconds']} s, {result['generated_tokens_per_s']} gen tok/s "
-          f"(+{result['untimed_seconds']} s untimed)",
-          file=sys.stderr, flush=True)
-    return result
+    print(f"{engine}: {', '.join(workloads)} ...", file=sys.stderr, flush=True)
+    logs = HERE / "results" / "logs"  # gitignored; the last run's worker output per engine
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{engine}.txt"
+    with open(log, "w") as out:  # engines' own chatter (vLLM logs a lot) goes to a file
+        done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.stderr.write(log.read_text()[-6000:])
+        raise SystemExit(f"{engine} worker failed (exit {done.returncode})")
+    for line in log.read_text().splitlines():
+        if line.startswith("[") and f"] {engine}: " in line:
+            print(line, file=sys.stderr, flush=True)
+    results = json.loads(result_file.read_text())
+    for name, result in results.items():
+        if not result["all_lengths_exact"]:
+            raise SystemExit(f"{engine} on {name}: not every request generated {WORKLOADS[name].max_tokens} tokens")
+    return results
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, Any]:
@@ -116,15 +136,18 @@ def main() -> None:
                         help="batch HF prompts sorted by length (default; less padding for the peer)")
     parser.add_argument("--hf-model-folder", type=Path, default=HERE / ".model-hf",
                         help="where the default model is exported as a HF folder for vLLM (gitignored)")
+    parser.add_argument("--full", action="store_true",
+                        help="published workload sizes instead of the 2-core scaled ones (slow)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
-    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
-    workloads = [w for w in WORKLOADS if w != "smoke"] if args.workload == "all" else args.workload.split(",")
+    # 'all': the suite (docqa, gsp, batchllm_micro, nosharing); `mixed` and `smoke` run by name.
+    workloads = [w for w in WORKLOADS if w not in ("smoke", "mixed")] if args.workload == "all" else args.workload.split(",")
     engines = args.engines.split(",")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     from engines import ENGINE_PYTHON, export_hf_model
@@ -133,23 +156,28 @@ def main() -> None:
     if any(e in ENGINE_PYTHON for e in engines):
         export_hf_model(args.hf_model_folder)
     tokenizer = load_tokenizer()
-    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    runs: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
     described: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:
-            prompts = WORKLOADS[workload].prompts(tokenizer)
-            prompts_file = Path(tmp) / f"{workload}-prompts.json"
-            prompts_file.write_text(json.dumps(prompts))
+            prompts = WORKLOADS[workload].prompts(tokenizer, full=args.full)
+            (Path(tmp) / f"{workload}.json").write_text(json.dumps(prompts))
             logical, unique = sum(len(p) for p in prompts), trie_size(prompts)
-            described[workload] = (f"{WORKLOADS[workload].description}. {len(prompts)} prompts, "
+            text = WORKLOADS[workload].description
+            if args.full and WORKLOADS[workload].full:
+                text += f" -- FULL size: {WORKLOADS[workload].full[1]}"
+            described[workload] = (f"{text}. {len(prompts)} prompts, "
                                    f"{logical:,} logical prompt tokens, {unique:,} unique (prefix-trie) tokens "
                                    f"({logical / unique:.1f}x)")
-            runs[workload] = {e: run_engine(e, workload, args, Path(tmp), prompts_file) for e in engines}
-            if "treebatch" in runs[workload]:
-                reference = runs[workload]["treebatch"]["outputs"]
-                for engine, result in runs[workload].items():
-                    if engine != "treebatch":
-                        result["agreement_with_treebatch"] = agreement(reference, result["outputs"])
+        for engine in engines:
+            for workload, result in run_engine(engine, workloads, args, Path(tmp)).items():
+                runs[workload][engine] = result
+    for per_engine in runs.values():
+        if "treebatch" in per_engine:
+            reference = per_engine["treebatch"]["outputs"]
+            for engine, result in per_engine.items():
+                if engine != "treebatch":
+                    result["agreement_with_treebatch"] = agreement(reference, result["outputs"])
     for per_engine in runs.values():
         for result in per_engine.values():
             del result["outputs"]  # kept out of the saved JSON: big and not needed later
