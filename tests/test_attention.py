@@ -117,3 +117,21 @@ def test_shared_prefix_attention_equals_plain_paged_attention():
         torch.testing.assert_close(
             out[rows[chunk.request_id]], expected[plain_rows[chunk.request_id]], atol=1e-4, rtol=1e-4
         )
+
+
+def test_fused_attention_with_lse_equals_reference():
+    from treebatch.runtime.attention import attention_with_lse, attention_with_lse_reference, merge_attention
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(5, 3, 7, DIM), torch.randn(5, 3, 11, DIM), torch.randn(5, 3, 11, DIM)
+    mask = torch.rand(5, 1, 7, 11) > 0.4
+    mask[..., 0] = True
+    for m in (None, mask):
+        out, lse = attention_with_lse(q, k, v, 0.3, m)
+        ref_out, ref_lse = attention_with_lse_reference(q, k, v, 0.3, m)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    # Splitting the keys in two and merging by log-sum-exp equals attending to all of them.
+    a = attention_with_lse(q, k[:, :, :4], v[:, :, :4], 0.3)
+    b = attention_with_lse(q, k[:, :, 4:], v[:, :, 4:], 0.3)
+    torch.testing.assert_close(merge_attention(*a, *b), attention_with_lse(q, k, v, 0.3)[0], atol=1e-5, rtol=1e-5)

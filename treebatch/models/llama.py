@@ -48,6 +48,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(variance + eps))
 
 
+# Below this many rows, MKL's float32 GEMM runs W @ x^T markedly faster than x @ W^T on the
+# CPUs we measured (1.7x for the 576 -> 3072 MLP projection at 12-64 rows); above, F.linear wins.
+_SMALL_BATCH_ROWS = 128
+
+
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T, in whichever orientation is faster for this many rows."""
+    if x.shape[0] <= _SMALL_BATCH_ROWS:
+        return torch.matmul(weight, x.t()).t()
+    return F.linear(x, weight)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, D]; cos/sin: [T, 1, D]. The half-split (rotate_half) layout of HF weights."""
     half = x.shape[-1] // 2
@@ -137,8 +149,8 @@ class LlamaForCausalLM:
             hidden = hidden + F.linear(attn.view(num_tokens, q_size), layer.o_proj)
 
             x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = project(x, layer.gate_up).chunk(2, dim=-1)
+            hidden = hidden + project(F.silu(gate) * up, layer.down)
 
         last = hidden.index_select(0, logits_indices)
         last = rms_norm(last, self.final_norm, cfg.rms_norm_eps)
