@@ -116,6 +116,9 @@ def paged_attention(
     return out
 
 
+# -- shared-prefix (cascade) attention -----------------------------------------------------------
+
+
 def _cascade_attention(
     q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, cascade: CascadeGroup, scale: float
 ) -> torch.Tensor:
@@ -140,23 +143,11 @@ def _cascade_attention(
     row = num_decodes
     for chunk in cascade.chunks:
         rows = slice(row, row + chunk.num_queries)
-        folded = queries[rows].view(chunk.num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
-        folded = folded.reshape(num_kv_heads, chunk.num_queries * group, head_dim)
-        keys = k_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len].transpose(0, 1)
-        values = v_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len].transpose(0, 1)
-        # Row (query i, head g) of the folded layout needs mask row i.
-        mask = chunk.mask.repeat_interleave(group, dim=0).view(1, 1, -1, chunk.suffix_len)
-        out, lse = attention_with_lse(folded.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), scale, mask)
-        out, lse = out.squeeze(0), lse.squeeze(0)
-        out = out.view(num_kv_heads, chunk.num_queries, group, head_dim).permute(1, 0, 2, 3)
-        lse = lse.view(num_kv_heads, chunk.num_queries, group).permute(1, 0, 2)
-        suffix_out[rows] = out.reshape(chunk.num_queries, num_heads, head_dim)
-        suffix_lse[rows] = lse.reshape(chunk.num_queries, num_heads)
+        keys = k_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len]
+        values = v_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len]
+        suffix_out[rows], suffix_lse[rows] = folded_attention_with_lse(queries[rows], keys, values, scale, chunk.mask)
         row += chunk.num_queries
     return merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
-
-
-# -- shared-prefix (cascade) attention -----------------------------------------------------------
 
 
 # PyTorch's fused CPU attention kernel also returns the log-sum-exp we need for merging; about
@@ -214,19 +205,26 @@ def shared_prefix_attention(
     """All of a group's queries against the group's shared prefix, reading the prefix once.
 
     q: [N, heads, D] (decode tokens and prefill chunk rows of every member alike: each sits after
-    the prefix, so no mask is needed); prefix_k, prefix_v: [P, kv_heads, D]. Grouped-query heads
-    fold into the query dimension, so the whole group is one [kv_heads, N * group, P] product.
-    Returns out [N, heads, D] and lse [N, heads].
+    the prefix, so no mask is needed); prefix_k, prefix_v: [P, kv_heads, D]. Returns out
+    [N, heads, D] and lse [N, heads].
     """
+    return folded_attention_with_lse(q, prefix_k, prefix_v, scale)
+
+
+def folded_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries of one key set with grouped-query heads folded into the query dimension, so the
+    whole set is one [kv_heads, N * group, L] product. q: [N, heads, D]; k, v: [L, kv_heads, D];
+    mask: [N, L] (True = attend) or None. Returns out [N, heads, D] and lse [N, heads]."""
     num_queries, num_heads, head_dim = q.shape
-    num_kv_heads = prefix_k.shape[1]
+    num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     folded = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
-    folded = folded.reshape(num_kv_heads, num_queries * group, head_dim)
-    out, lse = attention_with_lse(
-        folded.unsqueeze(0), prefix_k.transpose(0, 1).unsqueeze(0), prefix_v.transpose(0, 1).unsqueeze(0), scale
-    )
-    out, lse = out.squeeze(0), lse.squeeze(0)
+    folded = folded.reshape(1, num_kv_heads, num_queries * group, head_dim)
+    if mask is not None:  # row (query i, head g) of the folded layout takes mask row i
+        mask = mask.repeat_interleave(group, dim=0).view(1, 1, num_queries * group, -1)
+    out, lse = attention_with_lse(folded, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale, mask)
     out = out.view(num_kv_heads, num_queries, group, head_dim).permute(1, 0, 2, 3)
     lse = lse.view(num_kv_heads, num_queries, group).permute(1, 0, 2)
     return out.reshape(num_queries, num_heads, head_dim), lse.reshape(num_queries, num_heads)
