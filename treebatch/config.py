@@ -83,7 +83,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Global prefix sharing: cut the batch's prefix tree into groups whose prefix KV is computed once.
     enable_prefix_sharing: bool = True
-    min_shared_prefix_tokens: int = 16  # shorter shared prefixes are not worth a group
+    min_shared_prefix_tokens: int = 8  # shorter shared prefixes are not worth a group (see BENCHMARKS.md)
 
     def __post_init__(self) -> None:
         assert self.max_num_batched_tokens > 0
