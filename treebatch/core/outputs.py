@@ -42,6 +42,11 @@ class ScheduledChunk:
         return len(self.token_ids)
 
     @property
+    def is_single_query(self) -> bool:
+        """One query past position 0 attends like a decode, whatever it is part of."""
+        return len(self.token_ids) == 1 and self.start_position > 0
+
+    @property
     def is_decode(self) -> bool:
         return self.needs_sample and len(self.token_ids) == 1 and self.num_output_tokens > 0
 

@@ -52,8 +52,8 @@ class ModelRunner:
         self._copy_blocks(plan.block_copies)
 
         plain, cascades = self._split_cascades(plan.chunks)
-        decodes = [c for c in plain if _is_single_query(c)]
-        prefills = [c for c in plain if not _is_single_query(c)]
+        decodes = [c for c in plain if c.is_single_query]
+        prefills = [c for c in plain if not c.is_single_query]
         input_ids, positions, slot_mapping, metadata = self._prepare(decodes, prefills, cascades)
         ordered = decodes + prefills + [c for group in cascades for c in group]
 
@@ -88,7 +88,7 @@ class ModelRunner:
         cascades = []
         for members in by_group.values():
             if sum(c.num_tokens for c in members) >= self.cascade_min_queries:
-                cascades.append(sorted(members, key=lambda c: not _is_single_query(c)))
+                cascades.append(sorted(members, key=lambda c: not c.is_single_query))
             else:
                 plain.extend(members)
         return plain, cascades
@@ -183,7 +183,7 @@ class ModelRunner:
         shared = members[0].num_shared_tokens
         assert shared % size == 0 and all(c.num_shared_tokens == shared for c in members)
         first_own = shared // size
-        decodes = [c for c in members if _is_single_query(c)]
+        decodes = [c for c in members if c.is_single_query]
         suffix_blocks = suffix_mask = None
         if decodes:
             lengths = np.asarray([c.start_position + 1 - shared for c in decodes], dtype=np.int64)
@@ -222,7 +222,3 @@ class ModelRunner:
             chunks=chunks,
         )
 
-
-def _is_single_query(chunk: ScheduledChunk) -> bool:
-    """One query at a position past 0 attends like a decode, whatever it is part of."""
-    return chunk.num_tokens == 1 and chunk.start_position > 0
