@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import pytest
 
 from treebatch.batch import (
@@ -13,11 +11,13 @@ from treebatch.batch import (
     LineError,
     RequestError,
     chat_body,
+    PromptTokenizer,
     completion_body,
     parse_body,
     parse_lines,
-    prepare,
+    prepare_window,
     read_batch,
+    windows,
 )
 from treebatch.batch.requests import CHAT_DEFAULT_MAX_TOKENS_CAP, CHAT_URL, COMPLETIONS_URL
 from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
@@ -183,33 +183,47 @@ def test_invalid_body_fields_name_the_field(url, body, field):
 
 
 class _Tokenizer:
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+    """One token per character; a chat renders as its contents with two marker characters each."""
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str:
+        return "".join(f"<{m['content']}>" for m in messages)
 
     def __len__(self) -> int:
         return 1000
 
 
-def _llm(max_model_len: int = 50) -> SimpleNamespace:
-    return SimpleNamespace(
-        tokenizer=_Tokenizer(),
-        max_model_len=max_model_len,
-        apply_chat_template=lambda messages: [1] * sum(len(m["content"]) + 2 for m in messages),
-    )
+def _prepare(body: dict, url: str = COMPLETIONS_URL, max_model_len: int = 50, tokenizer=None):
+    entry = BatchEntry(3, "id", url, parse_body(url, body))
+    (result,) = prepare_window([entry], PromptTokenizer(tokenizer or _Tokenizer(), max_model_len))
+    return result
 
 
 def test_prepare_builds_engine_prompts_and_fits_defaults_to_the_context():
-    prompt, params = prepare(parse_body(COMPLETIONS_URL, {"prompt": "abc"}), _llm())
-    assert prompt == {"prompt": "abc"} and params.max_tokens == 16
-    prompt, params = prepare(parse_body(COMPLETIONS_URL, {"prompt": "a" * 40}), _llm())
-    assert params.max_tokens == 10  # the default shrinks to the room left
-    prompt, params = prepare(parse_body(COMPLETIONS_URL, {"prompt": [3, 4]}), _llm())
-    assert prompt == {"prompt_token_ids": [3, 4]}
-    chat = parse_body(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}]})
-    prompt, params = prepare(chat, _llm())
-    assert prompt == {"prompt_token_ids": [1] * 4} and params.max_tokens == 46
-    _, params = prepare(chat, _llm(max_model_len=100_000))
-    assert params.max_tokens == CHAT_DEFAULT_MAX_TOKENS_CAP
+    prepared = _prepare({"prompt": "abc"})
+    assert prepared.engine_prompt == {"prompt_token_ids": [97, 98, 99]} and prepared.params.max_tokens == 16
+    assert _prepare({"prompt": "a" * 40}).params.max_tokens == 10  # the default shrinks to the room left
+    assert _prepare({"prompt": [3, 4]}).engine_prompt == {"prompt_token_ids": [3, 4]}
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    prepared = _prepare(chat, CHAT_URL)
+    assert prepared.token_ids.tolist() == [ord(c) for c in "<hi>"] and prepared.params.max_tokens == 46
+    assert _prepare(chat, CHAT_URL, max_model_len=100_000).params.max_tokens == CHAT_DEFAULT_MAX_TOKENS_CAP
+    assert prepared.token_ids.itemsize == 4  # compact: array('i'), not a list of ints
+
+
+def test_prepare_window_keeps_order_and_mixes_errors():
+    entries = [
+        BatchEntry(1, "a", COMPLETIONS_URL, parse_body(COMPLETIONS_URL, {"prompt": "x" * 60})),
+        BatchEntry(2, "b", CHAT_URL, parse_body(CHAT_URL, {"messages": [{"role": "user", "content": "q"}]})),
+        BatchEntry(4, "c", COMPLETIONS_URL, parse_body(COMPLETIONS_URL, {"prompt": "yz"})),
+    ]
+    results = prepare_window(entries, PromptTokenizer(_Tokenizer(), 50))
+    assert isinstance(results[0], LineError) and results[0].code == "context_length_exceeded"
+    assert results[0].message.startswith("line 1: ") and results[0].custom_id == "a"
+    assert [r.entry.custom_id for r in results[1:]] == ["b", "c"]
+    assert results[2].token_ids.tolist() == [ord("y"), ord("z")]
 
 
 @pytest.mark.parametrize(
@@ -222,19 +236,17 @@ def test_prepare_builds_engine_prompts_and_fits_defaults_to_the_context():
     ],
 )
 def test_prepare_rejects_what_does_not_fit(body, code):
-    with pytest.raises(RequestError) as info:
-        prepare(parse_body(COMPLETIONS_URL, body), _llm())
-    assert info.value.code == code
+    result = _prepare(body)
+    assert isinstance(result, LineError) and result.code == code and result.message.startswith("line 3: ")
 
 
 def test_prepare_reports_chat_template_failures():
-    def broken(messages: list[dict]) -> list[int]:
-        raise ValueError("roles must alternate")
+    class Broken(_Tokenizer):
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            raise ValueError("roles must alternate")
 
-    llm = _llm()
-    llm.apply_chat_template = broken
-    with pytest.raises(RequestError, match="roles must alternate"):
-        prepare(parse_body(CHAT_URL, {"messages": [{"role": "user", "content": "x"}]}), llm)
+    result = _prepare({"messages": [{"role": "user", "content": "x"}]}, CHAT_URL, tokenizer=Broken())
+    assert isinstance(result, LineError) and "roles must alternate" in result.message
 
 
 # --- writer ---------------------------------------------------------------------------
@@ -331,3 +343,66 @@ def test_writer_lines_have_the_batch_output_shape(tmp_path):
     with BatchWriter(path, append=True) as writer:
         writer.write_response("ok-2", {})
     assert len(path.read_text().splitlines()) == 4
+
+
+def test_writer_opens_its_file_only_when_it_writes(tmp_path):
+    path = tmp_path / "errors.jsonl"
+    with BatchWriter(path, fsync_interval=0.0):
+        pass
+    assert not path.exists()
+
+
+# --- windows, ordering, resume ----------------------------------------------------------
+
+
+def test_windows_hold_at_most_n_valid_entries_and_keep_errors_in_place():
+    entries = list(parse_lines([line("a"), "junk", line("b"), line("c"), "junk", line("d")]))
+    parts = list(windows(entries, 2))
+    assert [[getattr(e, "custom_id", None) or e.line for e in part] for part in parts] == [
+        ["a", 2, "b"], ["c", 5, "d"]
+    ]
+    assert list(windows([], 3)) == []
+
+
+def test_ordered_writer_releases_in_order_and_spills_beyond_its_bound(tmp_path):
+    from treebatch.batch.ordering import OrderedWriter
+
+    path = tmp_path / "out.jsonl"
+    writer = BatchWriter(path)
+    ordered = OrderedWriter(writer, max_buffered=2)
+    for seq in [5, 3, 4, 1]:  # 3 of them arrive early; the bound of 2 sends the rest to disk
+        ordered.put(seq, f"{seq}\n")
+    ordered.skip(2)
+    assert ordered.num_spilled >= 1 and not path.exists()
+    ordered.put(0, "0\n")
+    assert path.read_text().split() == ["0", "1", "3", "4", "5"]
+    assert ordered.num_waiting == 0 and ordered.next_seq == 6
+    with pytest.raises(ValueError):
+        ordered.put(3, "again\n")
+    ordered.close()
+    writer.close()
+
+
+def test_resume_scan_drops_a_torn_tail_and_keys_errors_by_line(tmp_path):
+    from treebatch.batch.resume import ResumeError, scan_finished
+
+    out, errors = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    with BatchWriter(out) as writer:
+        writer.write_response("a", {"x": 1})
+        writer.write_response("b", {"x": 2})
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"id": "batch_req_1", "custom_id": "c", "resp')  # killed mid-line
+    with BatchWriter(errors) as writer:
+        writer.write_error(None, "invalid_json", "line 4: not valid JSON")
+        writer.write_error("a", "duplicate_custom_id", "line 5: custom_id: duplicate 'a'")
+        writer.write_error("m", "invalid_request", "line 6: method: must be 'POST'")
+    finished = scan_finished([out, errors, tmp_path / "missing.jsonl"])
+    assert out.read_bytes() == whole and finished.num_dropped_bytes > 0
+    assert finished.custom_ids == {"a", "b", "m"} and finished.lines == {4, 5, 6}
+    assert (finished.num_responses, finished.num_errors, finished.num_records) == (2, 3, 5)
+    entries = list(parse_lines([line("a"), line("b"), line("c"), "junk", line("a"), line("m", method="GET")]))
+    assert [finished.covers(e) for e in entries] == [True, True, False, True, True, True]
+    # A broken line in the middle is not ours to guess about.
+    out.write_bytes(b"garbage\n" + whole)
+    with pytest.raises(ResumeError):
+        scan_finished([out])

@@ -22,10 +22,16 @@ ANSWER = "fine"
 
 
 class FakeTokenizer:
-    """One token per character."""
+    """One token per character; chats render as <role>content...<assistant>."""
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [self.encode(text) for text in texts]}
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
@@ -47,13 +53,15 @@ class FakeLLM:
         self.last_run_summary: dict | None = None
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
 
-    def generate(self, prompts: list, sampling_params: list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate_iter(self, prompts: list, sampling_params: list[SamplingParams], use_tqdm: bool = False):
+        """Answers in reverse input order, as a plan order would scramble them."""
         self.calls.append((prompts, sampling_params))
-        self.last_run_summary = {"requests": len(prompts), "seconds": 0.123456}
-        return [self._answer(i, p, s) for i, (p, s) in enumerate(zip(prompts, sampling_params, strict=True))]
+        for i in reversed(range(len(prompts))):
+            yield i, self._answer(i, prompts[i], sampling_params[i])
+        self.last_run_summary = {"prompt_tokens": 10 * len(prompts), "computed_prompt_tokens": 5 * len(prompts),
+                                 "generated_tokens": 3, "peak_kv_usage": 0.25}
 
     def _answer(self, i: int, prompt: dict, params: SamplingParams) -> RequestOutput:
         ids = prompt.get("prompt_token_ids") or self.tokenizer.encode(prompt["prompt"])
@@ -90,6 +98,7 @@ MIXED = [
 
 
 def run_cli(tmp_path: Path, lines: list[str], *extra: str) -> tuple[int, list[dict], FakeLLM]:
+    """Run on `lines`; returns (status, output records + error records, the engine made)."""
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines) + "\n")
     target = tmp_path / "out.jsonl"
@@ -97,19 +106,25 @@ def run_cli(tmp_path: Path, lines: list[str], *extra: str) -> tuple[int, list[di
 
     def factory(**config: Any) -> FakeLLM:
         made.append(FakeLLM(**config))
-        return made[0]
+        return made[-1]
 
-    status = cli.main(["run", str(source), "-o", str(target), *extra], llm_factory=factory)
-    output = [json.loads(text) for text in target.read_text().splitlines()] if target.exists() else []
-    return status, output, made[0] if made else None
+    status = cli.main(["run", str(source), "-o", str(target), "--overwrite", *extra], llm_factory=factory)
+    return status, read_records(target) + read_records(tmp_path / "out.errors.jsonl"), made[0] if made else None
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(text) for text in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_mixed_file_answers_good_lines_and_records_bad_ones(tmp_path, capsys):
-    status, out, llm = run_cli(tmp_path, MIXED)
+    status, out, llm = run_cli(tmp_path, MIXED, "--summary", str(tmp_path / "summary.json"))
     assert status == 0
-    assert len(llm.calls) == 1 and len(llm.calls[0][0]) == 4  # one generate call for every valid line
+    assert len(llm.calls) == 1 and len(llm.calls[0][0]) == 4  # one engine batch for every valid line
     answered = {o["custom_id"]: o for o in out if o["error"] is None}
     failed = [o for o in out if o["error"] is not None]
+    # Successes in the output file, failures in the error file beside it.
+    assert {o["custom_id"] for o in read_records(tmp_path / "out.jsonl")} == set(answered)
+    assert all(o["response"] is None for o in read_records(tmp_path / "out.errors.jsonl"))
     assert sorted(answered) == ["c1", "c2", "h1", "h2"]
     codes = sorted((o["custom_id"] or "", o["error"]["code"]) for o in failed)
     assert codes == [
@@ -123,7 +138,7 @@ def test_mixed_file_answers_good_lines_and_records_bad_ones(tmp_path, capsys):
     ]
     lines_named = sorted(int(o["error"]["message"].split(":")[0].removeprefix("line ")) for o in failed)
     assert lines_named == [6, 7, 8, 9, 10, 11, 12]
-    # One output line per non-blank input line; each custom_id once, bar the duplicate's own error.
+    # One record per non-blank input line; each custom_id once, bar the duplicate's own error.
     assert len(out) == len(MIXED) - 1
     ids = [o["custom_id"] for o in out if o["custom_id"] is not None]
     assert sorted(ids) == sorted(["c1", "c2", "h1", "h2", "c1", "m1", "u1", "b1", "b2"])
@@ -142,15 +157,18 @@ def test_mixed_file_answers_good_lines_and_records_bad_ones(tmp_path, capsys):
     assert answered["h2"]["response"]["body"]["choices"][0]["logprobs"]["content"][0]["token"] == "f"
 
     prompts, params = llm.calls[0]
-    assert prompts[0] == {"prompt": "Say hi"} and prompts[1] == {"prompt_token_ids": [72, 105]}
+    assert prompts[0] == {"prompt_token_ids": llm.tokenizer.encode("Say hi")}
+    assert prompts[1] == {"prompt_token_ids": [72, 105]}
     assert prompts[2] == {"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": "Hi"}])}
     assert params[0].max_tokens == 3 and params[1].max_tokens == 16
     assert params[3].max_tokens == llm.max_model_len - len(prompts[3]["prompt_token_ids"])
 
     err = capsys.readouterr().err
     assert "'gpt-4o-mini'" in err and "fake-model" in err  # served anyway, with a warning
-    assert "4 answered, 7 failed" in err
-    assert "requests=4" in err and "seconds=0.1235" in err
+    assert "4 ok, 7 failed" in err and "saving 50.0%" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["requests_ok"], summary["requests_failed"], summary["prompt_tokens"]) == (4, 7, 40)
+    assert summary["saving_ratio"] == 0.5 and summary["peak_kv_usage"] == 0.25 and summary["wall_s"] > 0
 
 
 def test_engine_flags_come_from_the_config_dataclasses(tmp_path):
@@ -187,21 +205,24 @@ def test_bad_engine_options_and_missing_input_fail_before_loading(tmp_path, caps
 
 def test_engine_failure_still_gives_every_line_an_answer(tmp_path):
     class Broken(FakeLLM):
-        def generate(self, prompts, sampling_params, use_tqdm=True):
+        def generate_iter(self, prompts, sampling_params, use_tqdm=False):
+            yield 1, self._answer(1, prompts[1], sampling_params[1])
             raise RuntimeError("out of memory")
 
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(MIXED[:3]) + "\n")
     target = tmp_path / "out.jsonl"
     assert cli.main(["run", str(source), "-o", str(target)], llm_factory=Broken) == 1
-    out = [json.loads(text) for text in target.read_text().splitlines()]
-    assert sorted(o["custom_id"] for o in out) == ["c1", "c2", "h1"]
-    assert all(o["error"]["code"] == "engine_error" and "out of memory" in o["error"]["message"] for o in out)
+    assert [o["custom_id"] for o in read_records(target)] == ["c2"]  # finished before the failure
+    errors = read_records(tmp_path / "out.errors.jsonl")
+    assert sorted(o["custom_id"] for o in errors) == ["c1", "h1"]
+    assert all(o["error"]["code"] == "engine_error" and "out of memory" in o["error"]["message"] for o in errors)
 
 
 def test_an_all_bad_file_does_not_call_the_engine(tmp_path):
     status, out, llm = run_cli(tmp_path, ["nope", "[]"])
     assert status == 0 and llm.calls == [] and len(out) == 2
+    assert (tmp_path / "out.jsonl").read_text() == ""  # nothing succeeded: all in the error file
 
 
 def test_example_batch_is_valid_and_runs_with_the_fake(tmp_path):

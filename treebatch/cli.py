@@ -1,4 +1,4 @@
-"""`treebatch run INPUT.jsonl -o OUTPUT.jsonl`: answer an OpenAI Batch API file offline.
+"""`treebatch run | plan`: answer or analyse an OpenAI Batch API file offline.
 
 Engine flags are generated from the config dataclasses, so a new config field is a
 new flag without touching this file.
@@ -8,30 +8,43 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
+import signal
 import sys
-import traceback
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from treebatch.batch.reader import BatchEntry, LineError, read_batch
-from treebatch.batch.requests import RequestError, prepare
-from treebatch.batch.writer import BatchWriter, chat_body, completion_body
+from treebatch.batch.job import DEFAULT_WINDOW, BatchJob, JobOptions, default_error_file
+from treebatch.batch.progress import JobProgress, format_summary
+from treebatch.batch.reader import count_lines
+from treebatch.batch.resume import FinishedSet, ResumeError, scan_finished
 from treebatch.config import CacheConfig, EngineConfig, SchedulerConfig
 
 LLMFactory = Callable[..., Any]
+TokenizerFactory = Callable[..., Any]
 _CONFIG_CLASSES = (EngineConfig, CacheConfig, SchedulerConfig)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+EXIT_SIGINT = 130  # the shell's 128 + signal number
+EXIT_SIGTERM = 143
 
 
-def main(argv: Sequence[str] | None = None, llm_factory: LLMFactory | None = None) -> int:
-    """Run the command line; returns the exit status. `llm_factory(**engine_options)` builds the engine."""
+def main(
+    argv: Sequence[str] | None = None,
+    llm_factory: LLMFactory | None = None,
+    tokenizer_factory: TokenizerFactory | None = None,
+) -> int:
+    """Run the command line; returns the exit status. `llm_factory(**engine_options)` builds the
+    engine for `run`; `tokenizer_factory(model, tokenizer, max_model_len)` the tokenizer for `plan`."""
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args, llm_factory or _load_llm)
+    if args.command == "plan":
+        return plan(args, tokenizer_factory or _load_tokenizer)
     build_parser().print_help(sys.stderr)
     return 2
 
@@ -43,14 +56,59 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser(
         "run",
         help="answer an OpenAI Batch API input file",
-        description="Answer every line of an OpenAI Batch API input file; write one output line per input line.",
+        description="Answer every line of an OpenAI Batch API input file: results stream to the output "
+        "file as they finish, failed lines to the error file. An existing output file is resumed.",
     )
     run_parser.add_argument("input", type=Path, help="input JSONL (custom_id, method, url, body per line)")
-    run_parser.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (overwritten)")
-    engine = run_parser.add_argument_group("engine options")
+    run_parser.add_argument("-o", "--output", type=Path, required=True, help="output JSONL (successful results)")
+    run_parser.add_argument(
+        "--error-file", type=Path, default=None, help="error records (default: OUTPUT with .errors.jsonl)"
+    )
+    resume = run_parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true",
+        help="skip requests already in the output/error files (the default when the output exists)",
+    )
+    resume.add_argument("--overwrite", action="store_true", help="start fresh, replacing the output/error files")
+    run_parser.add_argument(
+        "--ordered", action="store_true", help="write results in input order (early ones wait in a bounded buffer)"
+    )
+    _add_window_flag(run_parser)
+    run_parser.add_argument("--summary", type=Path, default=None, help="write the run summary as JSON here")
+    run_parser.add_argument(
+        "--fsync-interval", type=float, default=5.0, metavar="SECONDS",
+        help="fsync the output at most this often (default: 5; 0: after every line)",
+    )
+    run_parser.add_argument(
+        "--progress-interval", type=float, default=5.0, metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default: 5)",
+    )
+    _add_engine_flags(run_parser)
+
+    plan_parser = commands.add_parser(
+        "plan",
+        help="validate an input file and show its prefix-tree plan (loads only the tokenizer)",
+        description="Validate every line and analyse the batch's prefix sharing as `run` would plan it, "
+        "without loading model weights.",
+    )
+    plan_parser.add_argument("input", type=Path, help="input JSONL")
+    plan_parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    _add_window_flag(plan_parser)
+    _add_engine_flags(plan_parser)
+    return parser
+
+
+def _add_window_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--window", type=int, default=DEFAULT_WINDOW, metavar="N",
+        help=f"requests read, tokenized and planned together (default: {DEFAULT_WINDOW})",
+    )
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine options")
     for name, base, default in engine_fields():
         _add_engine_flag(engine, name, base, default)
-    return parser
 
 
 def engine_fields() -> list[tuple[str, type, Any]]:
@@ -71,80 +129,124 @@ def run(args: argparse.Namespace, llm_factory: LLMFactory) -> int:
     if not args.input.is_file():
         print(f"treebatch: error: no such input file: {args.input}", file=sys.stderr)
         return 2
-    if args.output.exists() and args.output.resolve() == args.input.resolve():
-        print("treebatch: error: the output file must differ from the input file", file=sys.stderr)
+    error_file = args.error_file or default_error_file(args.output)
+    if args.input.resolve() in {p.resolve() for p in (args.output, error_file) if p.exists()} or error_file == args.output:
+        print("treebatch: error: the input, output and error files must differ", file=sys.stderr)
         return 2
+    if args.window < 1:
+        print("treebatch: error: --window must be at least 1", file=sys.stderr)
+        return 2
+    options = _engine_options(args)
+    if options is None:
+        return 2
+
+    finished = FinishedSet()
+    if args.overwrite or not (args.resume or args.output.exists()):
+        for path in (args.output, error_file):
+            path.unlink(missing_ok=True)
+    else:
+        try:
+            finished = scan_finished([args.output, error_file])
+        except ResumeError as exc:
+            print(f"treebatch: error: cannot resume: {exc}", file=sys.stderr)
+            return 2
+        torn = f"; dropped a torn last line ({finished.num_dropped_bytes} bytes)" if finished.num_dropped_bytes else ""
+        print(
+            f"treebatch: resuming: {finished.num_records} requests already in {args.output} / {error_file} "
+            f"are skipped{torn} (--overwrite starts fresh)",
+            file=sys.stderr,
+        )
+    job_options = JobOptions(
+        input=args.input, output=args.output, error_file=error_file, window=args.window, ordered=args.ordered,
+        fsync_interval=max(args.fsync_interval, 0.0),
+    )
+    total = max(count_lines(args.input) - finished.num_records, 0)
+    job: BatchJob | None = None
+    progress: JobProgress | None = None
+    with _stop_on_signals():
+        try:
+            llm = llm_factory(**options)
+            progress = JobProgress(total, interval=args.progress_interval)
+            job = BatchJob(llm, job_options, finished, progress)
+            status = job.run()
+        except _Interrupted as exc:
+            status = exc.status
+            print("treebatch: stopped by signal; finished results are saved, run again to resume", file=sys.stderr)
+        finally:
+            if progress is not None:
+                progress.close()
+    if job is None or progress is None:
+        return status
+    summary = progress.summary(
+        requests_skipped=finished.num_records, windows=job.num_windows, output=str(args.output),
+        error_file=str(error_file), exit_status=status, model=job.llm.model_name,
+    )
+    errors_note = f", errors -> {error_file}" if summary["requests_failed"] else ""
+    print(f"{format_summary(summary)} -> {args.output}{errors_note}", file=sys.stderr)
+    if args.summary is not None:
+        args.summary.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return status
+
+
+def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory) -> int:
+    from treebatch.batch.plan import analyze_batch, format_plan
+    from treebatch.batch.prompts import PromptTokenizer
+
+    if not args.input.is_file():
+        print(f"treebatch: error: no such input file: {args.input}", file=sys.stderr)
+        return 2
+    if args.window < 1:
+        print("treebatch: error: --window must be at least 1", file=sys.stderr)
+        return 2
+    options = _engine_options(args)
+    if options is None:
+        return 2
+    config = EngineConfig.from_kwargs(**options)
+    loaded = tokenizer_factory(config.model, config.tokenizer, config.max_model_len)
+    analysis = analyze_batch(
+        args.input, PromptTokenizer.of(loaded), args.window,
+        config.scheduler.min_shared_prefix_tokens if config.scheduler.enable_prefix_sharing else None,
+        model_name=loaded.model_name,
+    )
+    print(json.dumps(analysis, indent=1) if args.json else format_plan(analysis))
+    return 0
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds the job (closing its files) like KeyboardInterrupt."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    # Raising from the handler stops the engine mid-step; every result already yielded is on
+    # disk (each line is flushed as written), and the writers are closed on the way out.
+    def stop(signum: int, frame: Any) -> None:
+        raise _Interrupted(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
+
+    try:
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any] | None:
     options = {name: getattr(args, name) for name, _, _ in engine_fields() if hasattr(args, name)}
     try:
         EngineConfig.from_kwargs(**options)  # fail on bad flags before reading or loading anything
     except (AssertionError, TypeError, ValueError) as exc:
         print(f"treebatch: error: invalid engine options: {exc or 'out of range'}", file=sys.stderr)
-        return 2
-
-    entries = list(read_batch(args.input))
-    llm = llm_factory(**options)
-    with BatchWriter(args.output) as writer:
-        status = _answer(llm, entries, writer)
-        print(
-            f"treebatch: {writer.num_responses + writer.num_errors} requests: {writer.num_responses} answered, "
-            f"{writer.num_errors} failed -> {args.output}",
-            file=sys.stderr,
-        )
-    _print_summary(getattr(llm, "last_run_summary", None))
-    return status
-
-
-def _answer(llm: Any, entries: list[BatchEntry | LineError], writer: BatchWriter) -> int:
-    """Write every line's result; one `generate` call for all valid lines so the engine plans them together."""
-    ready: list[tuple[BatchEntry, dict[str, Any], Any]] = []
-    for entry in entries:
-        if isinstance(entry, LineError):
-            writer.write_error(entry.custom_id, entry.code, entry.message)
-            continue
-        try:
-            prompt, params = prepare(entry.request, llm)
-        except RequestError as exc:
-            writer.write_error(entry.custom_id, exc.code, f"line {entry.line}: {exc.message}")
-            continue
-        ready.append((entry, prompt, params))
-    if not ready:
-        return 0
-    _warn_model_names(llm.model_name, [entry.request.model for entry, _, _ in ready])
-
-    try:
-        outputs = llm.generate([p for _, p, _ in ready], [s for _, _, s in ready], use_tqdm=True)
-    except Exception as exc:
-        # Every custom_id still gets its line, so a caller can tell "failed" from "missing".
-        traceback.print_exc()
-        for entry, _, _ in ready:
-            writer.write_error(entry.custom_id, "engine_error", f"line {entry.line}: {type(exc).__name__}: {exc}")
-        return 1
-
-    def token_text(token_id: int) -> str:
-        return llm.tokenizer.decode([token_id])
-
-    for (entry, _, _), output in zip(ready, outputs, strict=True):
-        request = entry.request
-        make_body = chat_body if request.is_chat else completion_body
-        writer.write_response(entry.custom_id, make_body(output, llm.model_name, request.logprobs, token_text))
-    return 0
-
-
-def _warn_model_names(served: str, requested: list[str | None]) -> None:
-    # Batch files are often written for another provider; answering beats failing them all.
-    others = sorted({name for name in requested if name and name != served})
-    if others:
-        print(
-            f"treebatch: warning: requests name model(s) {', '.join(map(repr, others))}; serving {served!r}",
-            file=sys.stderr,
-        )
-
-
-def _print_summary(summary: dict[str, Any] | None) -> None:
-    if not summary:
-        return
-    items = ", ".join(f"{key}={_short(value)}" for key, value in summary.items())
-    print(f"treebatch: run summary: {items}", file=sys.stderr)
+        return None
+    return options
 
 
 def _short(value: Any) -> str:
@@ -155,6 +257,12 @@ def _load_llm(**options: Any) -> Any:
     from treebatch.llm import LLM  # deferred: importing torch and the model is slow
 
     return LLM(**options)
+
+
+def _load_tokenizer(model: str | None, tokenizer: str | None, max_model_len: int | None) -> Any:
+    from treebatch.tokenizer import load_tokenizer_only
+
+    return load_tokenizer_only(model, tokenizer, max_model_len)
 
 
 def _add_engine_flag(group: argparse._ArgumentGroup, name: str, base: type, default: Any) -> None:

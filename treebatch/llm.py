@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 from tqdm import tqdm
@@ -70,27 +71,67 @@ class LLM:
         """Generate completions for every prompt; outputs come back in input order."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        for index, output in self.generate_iter(prompts, sampling_params, use_tqdm=use_tqdm):
+            outputs[index] = output
+        return outputs  # type: ignore[return-value]  # every index is yielded exactly once
+
+    def generate_iter(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (input index, output) for each prompt as soon as all n of its samples finish.
+
+        The whole batch goes to the engine at once (the prefix-tree plan is batch-wide), so
+        outputs come in plan order, not input order. `last_run_summary` is set once the
+        iterator is exhausted. An iterator abandoned early leaves its requests in the engine;
+        the next call runs them out (discarding them) before it starts, so the engine's group
+        and KV bookkeeping stays whole.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
         params_list = self._params_per_prompt(sampling_params, len(prompts))
         texts, token_ids = zip(*(self._tokenize(p) for p in prompts)) if prompts else ((), ())
+        self._drain_abandoned()
 
         self.engine.reset_stats()
         prompt_ids: list[str] = []
         sequences: dict[str, list[Request]] = {}
-        for text, ids, params in zip(texts, token_ids, params_list):
+        owner: dict[str, int] = {}  # engine request id -> input index
+        for index, (ids, params) in enumerate(zip(token_ids, params_list)):
             prompt_id = str(self._next_id)
             self._next_id += 1
             prompt_ids.append(prompt_id)
-            sequences[prompt_id] = [
-                self._make_request(prompt_id, index, ids, params) for index in range(params.n)
-            ]
+            sequences[prompt_id] = [self._make_request(prompt_id, k, ids, params) for k in range(params.n)]
+            for request in sequences[prompt_id]:
+                owner[request.request_id] = index
         self.engine.add_requests([request for group in sequences.values() for request in group])
 
-        self._run(sum(len(g) for g in sequences.values()), use_tqdm)
-        self.last_run_summary = self.engine.stats.summary()
-        return [
-            self._request_output(pid, text, ids, sequences[pid])
-            for pid, text, ids in zip(prompt_ids, texts, token_ids)
-        ]
+        pending = [params.n for params in params_list]
+        engine = self.engine
+        bar = tqdm(total=len(owner), desc="generating", unit="seq", file=sys.stderr, disable=not use_tqdm)
+        try:
+            while engine.has_unfinished_requests:
+                finished = engine.step()
+                if not finished:
+                    continue
+                bar.update(len(finished))
+                bar.set_postfix(gen_tok_s=engine.stats.summary()["generated_tokens_per_s"], refresh=False)
+                done = []
+                for request in finished:
+                    index = owner[request.request_id]
+                    pending[index] -= 1
+                    if pending[index] == 0:
+                        done.append(index)
+                for index in done:
+                    pid = prompt_ids[index]
+                    yield index, self._request_output(pid, texts[index], token_ids[index], sequences[pid])
+                    del sequences[pid]  # a long batch should not keep every finished request alive
+        finally:
+            bar.close()
+        self.last_run_summary = engine.stats.summary()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -133,18 +174,10 @@ class LLM:
         request_id = prompt_id if params.n == 1 else f"{prompt_id}{_SAMPLE_SEPARATOR}{index}"
         return Request(request_id, ids, params, self.engine.eos_token_ids, max_tokens=max_tokens, seed=seed)
 
-    def _run(self, total: int, use_tqdm: bool) -> None:
-        engine = self.engine
-        bar = tqdm(total=total, desc="generating", unit="seq", file=sys.stderr, disable=not use_tqdm)
-        try:
-            while engine.has_unfinished_requests:
-                finished = engine.step()
-                if finished:
-                    bar.update(len(finished))
-                    summary = engine.stats.summary()
-                    bar.set_postfix(gen_tok_s=summary["generated_tokens_per_s"], refresh=False)
-        finally:
-            bar.close()
+    def _drain_abandoned(self) -> None:
+        # Requests of an iterator closed early: run them out rather than abort them mid-group.
+        while self.engine.has_unfinished_requests:
+            self.engine.step()
 
     def _request_output(
         self, prompt_id: str, text: str | None, ids: list[int], group: list[Request]

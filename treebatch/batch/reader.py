@@ -40,6 +40,39 @@ def read_batch(path: str | Path) -> Iterator[BatchEntry | LineError]:
         yield from parse_lines(f)
 
 
+def windows(
+    entries: Iterable[BatchEntry | LineError], size: int
+) -> Iterator[list[BatchEntry | LineError]]:
+    """File-order slices holding at most `size` valid entries each (errors ride along).
+
+    A window is what the engine plans as one batch: big enough for the prefix tree to find the
+    sharing, small enough that its parsed bodies and token ids fit in memory.
+    """
+    if size < 1:
+        raise ValueError("window size must be at least 1")
+    window: list[BatchEntry | LineError] = []
+    num_valid = 0
+    for entry in entries:
+        window.append(entry)
+        if isinstance(entry, BatchEntry):
+            num_valid += 1
+            if num_valid == size:
+                yield window
+                window, num_valid = [], 0
+    if window:
+        yield window
+
+
+def count_lines(path: str | Path) -> int:
+    """Non-blank lines of the file, counted in bytes without parsing (for a progress total)."""
+    count = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                count += 1
+    return count
+
+
 def parse_lines(lines: Iterable[bytes | str]) -> Iterator[BatchEntry | LineError]:
     """Entries of raw JSONL lines (bytes or str), numbering lines from 1."""
     seen: set[str] = set()

@@ -1,15 +1,14 @@
 """Map an OpenAI request body to a prompt and SamplingParams, validating every field.
 
 Parsing needs no model, so a whole input file is checked before anything loads;
-`prepare` then turns a parsed request into what `LLM.generate` takes, which needs
-the tokenizer (chat templates, context-length checks).
+`treebatch.batch.prompts` then tokenizes parsed requests (chat templates, context checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from treebatch.sampling_params import SamplingParams
 
@@ -87,15 +86,6 @@ class ParsedRequest:
         return self.url == CHAT_URL
 
 
-class TokenizingLLM(Protocol):
-    """What `prepare` needs from the engine."""
-
-    tokenizer: Any
-    max_model_len: int
-
-    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
-
-
 def parse_body(url: str, body: dict[str, Any]) -> ParsedRequest:
     """Validate `body` for `url`; raise RequestError naming the offending field."""
     if url == COMPLETIONS_URL:
@@ -105,29 +95,9 @@ def parse_body(url: str, body: dict[str, Any]) -> ParsedRequest:
     raise RequestError(f"unsupported url {url!r}; use one of {', '.join(SUPPORTED_URLS)}")
 
 
-def prepare(request: ParsedRequest, llm: TokenizingLLM) -> tuple[dict[str, Any], SamplingParams]:
-    """The engine prompt and final params; checks the request fits the context."""
-    if request.messages is not None:
-        try:
-            ids = list(llm.apply_chat_template(request.messages))
-        except Exception as exc:  # template errors (e.g. role order) belong to this line only
-            raise RequestError(f"messages: chat template failed: {exc}") from exc
-        prompt: dict[str, Any] = {"prompt_token_ids": ids}
-        num_prompt_tokens = len(ids)
-    elif isinstance(request.prompt, str):
-        prompt = {"prompt": request.prompt}
-        num_prompt_tokens = len(llm.tokenizer.encode(request.prompt))
-    else:
-        ids = list(request.prompt or [])
-        vocab = _vocab_size(llm.tokenizer)
-        if vocab is not None and any(t >= vocab for t in ids):
-            raise RequestError(f"prompt: token ids must be < the vocabulary size {vocab}")
-        prompt = {"prompt_token_ids": ids}
-        num_prompt_tokens = len(ids)
-    return prompt, _fit_context(request, num_prompt_tokens, llm.max_model_len)
-
-
-def _fit_context(request: ParsedRequest, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+def fit_context(request: ParsedRequest, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """The final params of a request whose prompt has `num_prompt_tokens`: a default max_tokens
+    shrinks to the room left in the context; an explicit one that does not fit is an error."""
     room = max_model_len - num_prompt_tokens
     if room < 1:
         raise RequestError(
@@ -151,13 +121,6 @@ def _fit_context(request: ParsedRequest, num_prompt_tokens: int, max_model_len: 
         return dataclasses.replace(params, max_tokens=limit)
     except ValueError as exc:  # e.g. min_tokens no longer fits
         raise RequestError(str(exc)) from exc
-
-
-def _vocab_size(tokenizer: Any) -> int | None:
-    try:
-        return len(tokenizer)
-    except TypeError:
-        return None
 
 
 def _parse_completions(body: dict[str, Any]) -> ParsedRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -17,37 +18,46 @@ TokenText = Callable[[int], str]
 
 
 class BatchWriter:
-    """One JSON object per line; every line is flushed so a crash loses nothing written."""
+    """One JSON object per line, each written whole and flushed at once, so a crash loses at most
+    the line being written (a torn last line, which resuming drops). The file is opened on the
+    first write: a run without errors leaves no empty error file. `fsync_interval` seconds (None:
+    never) bounds what an OS crash, as opposed to a process crash, can lose."""
 
-    def __init__(self, path: str | Path, append: bool = False) -> None:
-        self._file: IO[str] = open(path, "a" if append else "w", encoding="utf-8")
+    def __init__(self, path: str | Path, append: bool = False, fsync_interval: float | None = None) -> None:
+        self.path = Path(path)
+        self._mode = "a" if append else "w"
+        self._file: IO[str] | None = None
+        self._fsync_interval = fsync_interval
+        self._last_fsync = time.monotonic()
         self.num_responses = 0
         self.num_errors = 0
 
     def write_response(self, custom_id: str, body: dict[str, Any], status_code: int = 200) -> None:
-        self._write(
-            {
-                "id": _new_id("batch_req_"),
-                "custom_id": custom_id,
-                "response": {"status_code": status_code, "request_id": _new_id(""), "body": body},
-                "error": None,
-            }
-        )
-        self.num_responses += 1
+        self.write_line(response_line(custom_id, body, status_code), is_error=False)
 
     def write_error(self, custom_id: str | None, code: str, message: str) -> None:
-        self._write(
-            {
-                "id": _new_id("batch_req_"),
-                "custom_id": custom_id,
-                "response": None,
-                "error": {"code": code, "message": message},
-            }
-        )
-        self.num_errors += 1
+        self.write_line(error_line(custom_id, code, message), is_error=True)
+
+    def write_line(self, line: str, is_error: bool) -> None:
+        """Write one serialized record (ending in a newline)."""
+        if self._file is None:
+            self._file = open(self.path, self._mode, encoding="utf-8")
+        self._file.write(line)
+        self._file.flush()
+        if is_error:
+            self.num_errors += 1
+        else:
+            self.num_responses += 1
+        if self._fsync_interval is not None and time.monotonic() - self._last_fsync >= self._fsync_interval:
+            self._sync()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.flush()
+            if self._fsync_interval is not None:
+                self._sync()
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "BatchWriter":
         return self
@@ -55,9 +65,32 @@ class BatchWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+    def _sync(self) -> None:
+        assert self._file is not None
+        os.fsync(self._file.fileno())
+        self._last_fsync = time.monotonic()
+
+
+def response_line(custom_id: str, body: dict[str, Any], status_code: int = 200) -> str:
+    """A successful Batch output record, serialized with its newline."""
+    record = {
+        "id": _new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": {"status_code": status_code, "request_id": _new_id(""), "body": body},
+        "error": None,
+    }
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def error_line(custom_id: str | None, code: str, message: str) -> str:
+    """A failed Batch output record (`response: null`), serialized with its newline."""
+    record = {
+        "id": _new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def completion_body(output: RequestOutput, model: str, logprobs: int | None, token_text: TokenText) -> dict[str, Any]:

@@ -271,3 +271,72 @@ def load_gguf(path: Path, cache_dir: Path) -> LoadedModel:
     # Users name a model by its file ("SmolLM2-135M-Instruct.Q4_1"), not by general.name.
     loaded.name = path.stem
     return loaded
+
+
+# ---------------------------------------------------------------- tokenizer only
+
+
+@dataclass
+class TokenizerFiles:
+    """What tokenizing prompts needs, without the weights (for `treebatch plan`)."""
+
+    tokenizer_path: str  # folder for AutoTokenizer.from_pretrained
+    chat_template: str | None
+    name: str
+    context_length: int
+
+
+def load_tokenizer_files(path: str | None, cache_dir: str | Path | None = None) -> TokenizerFiles:
+    """The tokenizer side of `load_model(path)`: never reads or dequantizes weights.
+
+    A GGUF file already converted is served from its cache folder; otherwise only its tokenizer
+    is converted (from the metadata), into `tokenizers/<hash>/` beside the model cache.
+    """
+    if path is None:
+        from treebatch.models.default import default_model_path
+
+        path = str(default_model_path())
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cfg = _read_json(p / "config.json") or {}
+        return TokenizerFiles(str(p), _hf_chat_template(p), p.resolve().name, int(cfg.get("max_position_embeddings", 4096)))
+    if not (p.is_file() and p.suffix.lower() == ".gguf"):
+        raise FileNotFoundError(f"{path}: not a model folder (config.json + *.safetensors) nor a .gguf file")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    digest = _cached_file_hash(p, root)
+    model_info = _read_json(root / "models" / digest / "model.json")
+    if model_info is not None:
+        folder = root / "models" / digest / "tokenizer"
+    else:
+        folder = root / "tokenizers" / digest / "tokenizer"
+        model_info = _read_json(folder.parent / "info.json")
+        if model_info is None:
+            model_info = _convert_tokenizer_only(p, folder.parent)
+    return TokenizerFiles(str(folder), model_info["chat_template"], p.stem, int(model_info["context_length"]))
+
+
+def _convert_tokenizer_only(path: Path, dest: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    from treebatch.models.gguf_loader import read_metadata
+
+    meta = read_metadata(GGUFReader(str(path)))  # memory-mapped: touches no tensor data
+    arch = meta.get("general.architecture")
+    template = meta.get("tokenizer.chat_template")
+    info = {
+        "context_length": int(meta.get(f"{arch}.context_length", 4096)),
+        "chat_template": str(template) if template is not None else None,
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        _convert_tokenizer(path, tmp / "tokenizer")
+        (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "info.json").is_file():  # not a concurrent conversion winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info

@@ -1,0 +1,154 @@
+"""One `treebatch run`: read a Batch file in windows, answer each window, stream results out.
+
+Per window: parse (errors go straight to the error file), tokenize, hand every request to the
+engine at once (the prefix-tree plan is global within the window), and write each result the
+moment its last sample finishes. Already answered lines (resume) are skipped before anything is
+tokenized. Memory holds one window's bodies and token ids, plus the set of custom_ids (for
+duplicate detection), never the whole file.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from treebatch.batch.ordering import OrderedWriter
+from treebatch.batch.progress import JobProgress
+from treebatch.batch.prompts import PreparedRequest, PromptTokenizer, prepare_window
+from treebatch.batch.reader import BatchEntry, LineError, read_batch, windows
+from treebatch.batch.resume import FinishedSet
+from treebatch.batch.writer import BatchWriter, chat_body, completion_body, response_line
+
+DEFAULT_WINDOW = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    input: Path
+    output: Path
+    error_file: Path
+    window: int = DEFAULT_WINDOW
+    ordered: bool = False
+    ordered_buffer: int = 10_000  # results held in memory by --ordered before spilling to disk
+    fsync_interval: float | None = 5.0
+
+
+def default_error_file(output: Path) -> Path:
+    """`out.jsonl` -> `out.errors.jsonl`, beside the output."""
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(stem + ".errors.jsonl")
+
+
+class BatchJob:
+    """Answer the lines of `options.input` not in `finished`; returns the exit status from `run`."""
+
+    def __init__(self, llm: Any, options: JobOptions, finished: FinishedSet, progress: JobProgress) -> None:
+        self.llm = llm
+        self.options = options
+        self.finished = finished
+        self.progress = progress
+        self.tokenizer = PromptTokenizer.of(llm)
+        self._warned_models: set[str] = set()
+        self.num_windows = 0
+
+    def run(self) -> int:
+        """Exit status 0, or 1 if the engine failed (its requests are error records). Signals
+        (KeyboardInterrupt, SystemExit) pass through after every finished result is on disk."""
+        options = self.options
+        status = 0
+        out = BatchWriter(options.output, append=True, fsync_interval=options.fsync_interval)
+        errors = BatchWriter(options.error_file, append=True, fsync_interval=options.fsync_interval)
+        options.output.touch()  # an empty output says "this run started": a rerun resumes it
+        ordered = OrderedWriter(out, options.ordered_buffer) if options.ordered else None
+        try:
+            for window in windows(read_batch(options.input), options.window):
+                if self._answer_window(window, out, errors, ordered) != 0:
+                    status = 1
+        finally:
+            if ordered is not None:
+                ordered.close()
+            out.close()
+            errors.close()
+        return status
+
+    def _answer_window(
+        self, window: list[BatchEntry | LineError], out: BatchWriter, errors: BatchWriter,
+        ordered: OrderedWriter | None,
+    ) -> int:
+        todo: list[BatchEntry] = []
+        for entry in window:
+            if self.finished.covers(entry):
+                continue
+            if isinstance(entry, LineError):
+                self._write_error(errors, entry.custom_id, entry.code, entry.message)
+            else:
+                todo.append(entry)
+        if not todo:
+            return 0
+        ready: list[PreparedRequest] = []
+        for result in prepare_window(todo, self.tokenizer):
+            if isinstance(result, LineError):
+                self._write_error(errors, result.custom_id, result.code, result.message)
+            else:
+                ready.append(result)
+        if not ready:
+            return 0
+        self.num_windows += 1
+        self._warn_model_names([r.entry.request.model for r in ready])
+        # In ordered mode a window's results are numbered after everything written before it.
+        base = ordered.next_seq if ordered is not None else 0
+        answered = [False] * len(ready)
+        try:
+            results = self.llm.generate_iter(
+                [r.engine_prompt for r in ready], [r.params for r in ready], use_tqdm=False
+            )
+            for index, output in results:
+                request = ready[index].entry.request
+                make_body = chat_body if request.is_chat else completion_body
+                body = make_body(output, self.llm.model_name, request.logprobs, self._token_text)
+                line = response_line(ready[index].entry.custom_id, body)
+                if ordered is not None:
+                    ordered.put(base + index, line)
+                else:
+                    out.write_line(line, is_error=False)
+                answered[index] = True
+                self.progress.advance(ok=1, engine_stats=self._live_stats())
+        except Exception as exc:
+            # Every custom_id still gets its record, so a caller can tell "failed" from "missing".
+            traceback.print_exc()
+            for index, prepared in enumerate(ready):
+                if not answered[index]:
+                    entry = prepared.entry
+                    message = f"line {entry.line}: {type(exc).__name__}: {exc}"
+                    self._write_error(errors, entry.custom_id, "engine_error", message)
+                    if ordered is not None:
+                        ordered.skip(base + index)
+            self.progress.end_window(self._live_stats())  # last_run_summary is a previous window's
+            return 1
+        self.progress.end_window(getattr(self.llm, "last_run_summary", None))
+        return 0
+
+    def _write_error(self, errors: BatchWriter, custom_id: str | None, code: str, message: str) -> None:
+        errors.write_error(custom_id, code, message)
+        self.progress.advance(failed=1)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.llm.tokenizer.decode([token_id])
+
+    def _live_stats(self) -> dict[str, Any] | None:
+        engine = getattr(self.llm, "engine", None)
+        return engine.stats.summary() if engine is not None else None
+
+    def _warn_model_names(self, requested: list[str | None]) -> None:
+        # Batch files are often written for another provider; answering beats failing them all.
+        served = self.llm.model_name
+        others = sorted({name for name in requested if name and name != served} - self._warned_models)
+        if others:
+            self._warned_models.update(others)
+            print(
+                f"treebatch: warning: requests name model(s) {', '.join(map(repr, others))}; serving {served!r}",
+                file=sys.stderr,
+            )

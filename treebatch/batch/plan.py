@@ -1,0 +1,151 @@
+"""`treebatch plan`: validate a Batch file and analyse its prefix tree, without the model weights.
+
+`analyze_batch` returns a plain dict (JSON-ready) so that more analyses, such as a run-time
+prediction, can be added as further keys; `format_plan` prints it for people. The file is read
+and planned window by window, exactly as `treebatch run` would cut it, and only one window's token
+ids live at a time. Each request counts once per sample (n), since the engine plans one sequence
+per sample.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from treebatch.batch.prompts import PreparedRequest, PromptTokenizer, prepare_window
+from treebatch.batch.reader import BatchEntry, LineError, read_batch, windows
+from treebatch.core.prefix_tree import PrefixTree, group_prompts
+
+MAX_LISTED_ERRORS = 20
+# Window totals that add up to the file's.
+_SUMMED = (
+    "requests", "sequences", "prompt_tokens", "unique_prompt_tokens", "planned_prompt_tokens",
+    "groups", "grouped_sequences", "max_new_tokens",
+)
+
+
+def analyze_batch(
+    path: str | Path,
+    tokenizer: PromptTokenizer,
+    window: int,
+    min_shared_prefix_tokens: int | None = 8,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Validation counts, errors, and the prefix-tree plan of every window, with file totals.
+
+    `min_shared_prefix_tokens` None: prefix sharing off (every prompt token is computed)."""
+    num_lines = 0
+    errors_by_code: Counter[str] = Counter()
+    listed_errors: list[str] = []
+    per_window: list[dict[str, Any]] = []
+    for part in windows(read_batch(path), window):
+        entries: list[BatchEntry] = []
+        for entry in part:
+            num_lines += 1
+            if isinstance(entry, LineError):
+                errors_by_code[entry.code] += 1
+                if len(listed_errors) < MAX_LISTED_ERRORS:
+                    listed_errors.append(entry.message)
+            else:
+                entries.append(entry)
+        ready: list[PreparedRequest] = []
+        for result in prepare_window(entries, tokenizer):
+            if isinstance(result, LineError):
+                errors_by_code[result.code] += 1
+                if len(listed_errors) < MAX_LISTED_ERRORS:
+                    listed_errors.append(result.message)
+            else:
+                ready.append(result)
+        if ready:
+            per_window.append(analyze_window(ready, min_shared_prefix_tokens))
+
+    totals: dict[str, Any] = {key: sum(w[key] for w in per_window) for key in _SUMMED}
+    histogram: Counter[int] = Counter()
+    for w in per_window:
+        histogram.update(w["share_histogram"])
+    logical = totals["prompt_tokens"]
+    num_failed = sum(errors_by_code.values())
+    return {
+        "input": str(path),
+        "model": model_name,
+        "max_model_len": tokenizer.max_model_len,
+        "window": window,
+        "min_shared_prefix_tokens": min_shared_prefix_tokens,
+        "lines": num_lines,
+        "valid": num_lines - num_failed,
+        "invalid": num_failed,
+        "errors_by_code": dict(sorted(errors_by_code.items())),
+        "errors": listed_errors,
+        **totals,
+        "saving_ratio": _saving(totals["planned_prompt_tokens"], logical),
+        "optimal_saving_ratio": _saving(totals["unique_prompt_tokens"], logical),
+        "share_histogram": dict(sorted(histogram.items())),
+        "max_prompt_tokens": max((w["max_prompt_tokens"] for w in per_window), default=0),
+        "windows": per_window,
+    }
+
+
+def analyze_window(ready: list[PreparedRequest], min_shared_prefix_tokens: int | None) -> dict[str, Any]:
+    """The prefix tree and groups of one window, as the engine would plan it."""
+    prompts: list[np.ndarray] = []
+    max_new_tokens = 0
+    for prepared in ready:
+        ids = np.frombuffer(prepared.token_ids, dtype=np.int32)  # a view: no copy per sample
+        n = prepared.params.n
+        prompts.extend([ids] * n)
+        max_new_tokens += n * (prepared.params.max_tokens or 0)
+    tree = PrefixTree.build(prompts)
+    if min_shared_prefix_tokens is None:
+        planned, groups, grouped, depth, histogram = tree.num_logical_tokens, 0, 0, 0, {}
+    else:
+        plan = group_prompts(tree, min_prefix_tokens=min_shared_prefix_tokens)
+        planned, groups, grouped = plan.num_computed_tokens, len(plan.groups), plan.num_grouped_prompts
+        depth = max((g.depth for g in plan.groups), default=-1) + 1
+        histogram = {int(k): int(v) for k, v in sorted(plan.share_histogram.items())}
+    return {
+        "requests": len(ready),
+        "sequences": len(prompts),
+        "prompt_tokens": tree.num_logical_tokens,
+        "unique_prompt_tokens": tree.num_unique_tokens,
+        "planned_prompt_tokens": planned,
+        "groups": groups,
+        "grouped_sequences": grouped,
+        "max_depth": depth,
+        "share_histogram": histogram,
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_tokens": int(tree.lengths.max()) if len(prompts) else 0,
+    }
+
+
+def format_plan(analysis: dict[str, Any]) -> str:
+    """The analysis as text for a terminal."""
+    a = analysis
+    lines = [
+        f"input       {a['input']}  (model {a['model']}, context {a['max_model_len']} tokens)",
+        f"lines       {a['lines']}: {a['valid']} valid, {a['invalid']} invalid",
+    ]
+    if a["errors_by_code"]:
+        lines.append("errors      " + ", ".join(f"{code} {count}" for code, count in a["errors_by_code"].items()))
+        lines.extend(f"            {message}" for message in a["errors"])
+        if a["invalid"] > len(a["errors"]):
+            lines.append(f"            ... and {a['invalid'] - len(a['errors'])} more")
+    lines += [
+        f"windows     {len(a['windows'])} of up to {a['window']} requests",
+        f"requests    {a['requests']} ({a['sequences']} sequences counting n)",
+        f"prompt      {a['prompt_tokens']} tokens logical, {a['unique_prompt_tokens']} unique "
+        f"(optimal saving {100 * a['optimal_saving_ratio']:.1f}%)",
+        f"planned     {a['planned_prompt_tokens']} tokens computed (saving {100 * a['saving_ratio']:.1f}%)",
+        f"groups      {a['groups']} holding {a['grouped_sequences']} sequences, "
+        + ("prefix sharing off" if a["min_shared_prefix_tokens"] is None
+           else f"min shared prefix {a['min_shared_prefix_tokens']} tokens"),
+        "share       " + (", ".join(f"{k}x: {v}" for k, v in a["share_histogram"].items()) or "none"),
+        f"generation  up to {a['max_new_tokens']} tokens; longest prompt {a['max_prompt_tokens']} tokens",
+    ]
+    return "\n".join(lines)
+
+
+def _saving(computed: int, logical: int) -> float:
+    return round(1.0 - computed / logical, 4) if logical else 0.0
