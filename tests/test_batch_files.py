@@ -188,7 +188,9 @@ class _Tokenizer:
     def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
         return {"input_ids": [[ord(c) for c in text] for text in texts]}
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool, add_generation_prompt: bool) -> str:
+    def apply_chat_template(self, messages: list, tokenize: bool, add_generation_prompt: bool) -> str | list[str]:
+        if messages and isinstance(messages[0], list):
+            return [self.apply_chat_template(m, tokenize, add_generation_prompt) for m in messages]
         return "".join(f"<{m['content']}>" for m in messages)
 
     def __len__(self) -> int:
@@ -243,10 +245,17 @@ def test_prepare_rejects_what_does_not_fit(body, code):
 def test_prepare_reports_chat_template_failures():
     class Broken(_Tokenizer):
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-            raise ValueError("roles must alternate")
+            if any(m["content"] == "bad" for m in messages if isinstance(m, dict)):
+                raise ValueError("roles must alternate")
+            return super().apply_chat_template(messages, tokenize, add_generation_prompt)
 
-    result = _prepare({"messages": [{"role": "user", "content": "x"}]}, CHAT_URL, tokenizer=Broken())
-    assert isinstance(result, LineError) and "roles must alternate" in result.message
+    entries = [
+        BatchEntry(i + 1, str(i), CHAT_URL, parse_body(CHAT_URL, {"messages": [{"role": "user", "content": c}]}))
+        for i, c in enumerate(["ok", "bad", "fine"])
+    ]
+    results = prepare_window(entries, PromptTokenizer(Broken(), 50))
+    assert isinstance(results[1], LineError) and "roles must alternate" in results[1].message
+    assert [r.token_ids.tolist() for r in (results[0], results[2])] == [[60, 111, 107, 62], [60, 102, 105, 110, 101, 62]]
 
 
 # --- writer ---------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,9 @@ class FakeTokenizer:
     def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
         return {"input_ids": [self.encode(text) for text in texts]}
 
-    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list, tokenize: bool = False, add_generation_prompt: bool = True) -> Any:
+        if messages and isinstance(messages[0], list):  # a batch of conversations
+            return [self.apply_chat_template(m) for m in messages]
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
     def decode(self, ids: list[int]) -> str:
@@ -259,3 +263,57 @@ def test_real_engine_runs_the_example(tmp_path):
         for choice in o["response"]["body"]["choices"]:
             text = choice["message"]["content"] if "message" in choice else choice["text"]
             assert text.strip(), o["custom_id"]
+
+
+# --- streaming, resume, ordering, signals (fake engine) ----------------------------------------
+
+GOOD = [record(f"r{i}", "/v1/completions", {"prompt": f"question {i}", "max_tokens": 2}) for i in range(7)]
+
+
+def test_rerun_resumes_by_default_and_overwrite_starts_fresh(tmp_path, capsys):
+    status, first, _ = run_cli(tmp_path, GOOD + ["junk"])
+    assert status == 0 and len(first) == 8
+    target = tmp_path / "out.jsonl"
+    # Lose the last two results and leave half a line, as a kill mid-write would.
+    kept = target.read_text().splitlines(keepends=True)[:-2]
+    target.write_text("".join(kept) + kept[0][:30])
+    capsys.readouterr()
+    made: list[FakeLLM] = []
+    status = cli.main(["run", str(tmp_path / "in.jsonl"), "-o", str(target)],
+                      llm_factory=lambda **c: made.append(FakeLLM(**c)) or made[-1])
+    err = capsys.readouterr().err
+    assert status == 0 and "resuming: 6 requests" in err and "torn" in err
+    assert len(made[0].calls[0][0]) == 2  # only the two lost ones ran again
+    records = read_records(target) + read_records(tmp_path / "out.errors.jsonl")
+    assert sorted(o["custom_id"] or "-" for o in records) == sorted([f"r{i}" for i in range(7)] + ["-"])
+    # Nothing left to do: the engine is not even asked.
+    status = cli.main(["run", str(tmp_path / "in.jsonl"), "-o", str(target), "--resume"],
+                      llm_factory=lambda **c: made.append(FakeLLM(**c)) or made[-1])
+    assert status == 0 and made[-1].calls == []
+    status, again, llm = run_cli(tmp_path, GOOD[:2])  # run_cli passes --overwrite
+    assert status == 0 and len(again) == 2
+
+
+def test_windows_split_the_engine_batches_and_ordered_keeps_input_order(tmp_path):
+    status, out, llm = run_cli(tmp_path, GOOD, "--window", "3")
+    assert status == 0 and [len(prompts) for prompts, _ in llm.calls] == [3, 3, 1]
+    assert [o["custom_id"] for o in out] == ["r2", "r1", "r0", "r5", "r4", "r3", "r6"]  # as finished
+    status, out, llm = run_cli(tmp_path, GOOD, "--window", "5", "--ordered")
+    assert status == 0 and [o["custom_id"] for o in out] == [f"r{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_cleanly_with_finished_results_saved(tmp_path, capsys, signum, code):
+    class Interrupted(FakeLLM):
+        def generate_iter(self, prompts, sampling_params, use_tqdm=False):
+            yield 0, self._answer(0, prompts[0], sampling_params[0])
+            os.kill(os.getpid(), signum)
+            yield 1, self._answer(1, prompts[1], sampling_params[1])
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(GOOD) + "\n")
+    target = tmp_path / "out.jsonl"
+    assert cli.main(["run", str(source), "-o", str(target)], llm_factory=Interrupted) == code
+    assert [o["custom_id"] for o in read_records(target)] == ["r0"]
+    assert "stopped by signal" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, not left as ours

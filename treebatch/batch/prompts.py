@@ -60,10 +60,22 @@ class PromptTokenizer:
             out.extend(self.tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"])
         return out
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        # Rendered to text, then encoded without special tokens: the template writes BOS itself
-        # (the same rule as treebatch.tokenizer.chat_token_ids).
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def render_chats(self, conversations: list[list[dict[str, str]]]) -> list[str | Exception]:
+        """Each conversation as text (later encoded without special tokens: the template writes
+        BOS itself, the rule of treebatch.tokenizer.chat_token_ids), or the template's error."""
+        if not conversations:
+            return []
+        try:  # one batched call: the template's per-call setup is a good part of its cost
+            return list(self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True))
+        except Exception:
+            pass  # some conversation is bad: render one by one to pin it down
+        out: list[str | Exception] = []
+        for messages in conversations:
+            try:
+                out.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            except Exception as exc:  # template errors (e.g. role order) belong to that line only
+                out.append(exc)
+        return out
 
 
 def prepare_window(entries: list[BatchEntry], tokenizer: PromptTokenizer) -> list[PreparedRequest | LineError]:
@@ -71,21 +83,24 @@ def prepare_window(entries: list[BatchEntry], tokenizer: PromptTokenizer) -> lis
     results: list[PreparedRequest | LineError | None] = [None] * len(entries)
     ids: list[Any] = [None] * len(entries)
     plain: list[int] = []  # completions with a text prompt: encoded with special tokens (BOS)
-    chats: list[int] = []
-    chat_texts: list[str] = []
+    chat_lines: list[int] = []
     for i, entry in enumerate(entries):
         request = entry.request
         if request.messages is not None:
-            try:
-                chat_texts.append(tokenizer.render_chat(request.messages))
-            except Exception as exc:  # template errors (e.g. role order) belong to this line only
-                results[i] = _error(entry, RequestError(f"messages: chat template failed: {exc}"))
-                continue
-            chats.append(i)
+            chat_lines.append(i)
         elif isinstance(request.prompt, str):
             plain.append(i)
         else:
             ids[i] = request.prompt
+    chats: list[int] = []
+    chat_texts: list[str] = []
+    rendered = tokenizer.render_chats([entries[i].request.messages for i in chat_lines])
+    for i, text in zip(chat_lines, rendered):
+        if isinstance(text, Exception):
+            results[i] = _error(entries[i], RequestError(f"messages: chat template failed: {text}"))
+        else:
+            chats.append(i)
+            chat_texts.append(text)
     for i, tokens in zip(plain, tokenizer.encode([entries[i].request.prompt for i in plain], True)):
         ids[i] = tokens
     for i, tokens in zip(chats, tokenizer.encode(chat_texts, False)):
