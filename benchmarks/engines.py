@@ -26,7 +26,9 @@ WARMUP_IDS = list(range(1000, 1016))  # a prompt in no workload, so no engine ca
 def load_treebatch(options: dict[str, Any]) -> Generate:
     from treebatch import LLM, SamplingParams
 
-    llm = LLM()  # default config: what a user gets; threads = one per core
+    # Default config (what a user gets; threads = one per core) unless the ablation passes
+    # engine options (`treebatch_kwargs`, e.g. {"enable_prefix_sharing": False}).
+    llm = LLM(**options.get("treebatch_kwargs", {}))
     # Warm-up: first calls pay one-off allocator and kernel-selection costs.
     llm.generate([{"prompt_token_ids": WARMUP_IDS}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
 
@@ -57,7 +59,9 @@ def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int
     return out[:, width:].tolist()
 
 
-def load_hf_generate(options: dict[str, Any]) -> Generate:
+def _load_hf_model(**kwargs: Any) -> Any:
+    """The default model in transformers, float32, dequantized by transformers' own GGUF loader;
+    torch threads = one per core."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -65,8 +69,12 @@ def load_hf_generate(options: dict[str, Any]) -> Generate:
 
     torch.set_num_threads(os.cpu_count() or 1)
     path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, **kwargs)
+    return model.eval()
+
+
+def load_hf_generate(options: dict[str, Any]) -> Generate:
+    model = _load_hf_model()
     config = model.generation_config
     config.do_sample = False
     # An empty list disables the EOS stop (None falls back to the model's EOS): exactly N tokens.
@@ -91,6 +99,60 @@ def load_hf_generate(options: dict[str, Any]) -> Generate:
                 results[index] = tokens
         seconds = time.perf_counter() - start
         return seconds, results
+
+    return generate
+
+
+HF_CB_PAGE_SIZE = 256  # transformers' default page (tokens per KV block) for continuous batching
+
+
+def load_hf_generate_batch(options: dict[str, Any]) -> Generate:
+    """transformers' continuous-batching API, `model.generate_batch(inputs=token id lists, ...)`:
+    a background thread schedules prefill chunks and decodes over a paged KV cache, as shipped.
+
+    On CPU no flash kernel exists, so the manager keeps the model's `sdpa` attention (its paged
+    form: KV gathered from the cache, one masked SDPA per step). Its cache is sized by default
+    to 60% of the machine's free RAM and zeroed at every call; here `num_blocks` is set to what
+    the batch needs (every request's prompt + output rounded up to whole pages, no sharing
+    assumed), so one call does not fault in gigabytes. Everything else is transformers' default:
+    block sharing (its prefix caching) on, `max_batch_tokens` 8192, FIFO scheduler, no compile.
+    Each `generate_batch` call builds and tears down its own manager; that is inside the timer,
+    since it is what the API costs per batch."""
+    import math
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = _load_hf_model(attn_implementation="sdpa")
+
+    def config_for(prompts: list[list[int]], max_tokens: int) -> tuple[GenerationConfig, ContinuousBatchingConfig]:
+        # eos_token_id=-1: no EOS stop, so every request generates exactly max_new_tokens.
+        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        pages = sum(math.ceil((len(p) + max_tokens) / HF_CB_PAGE_SIZE) for p in prompts) + 2
+        return gen, ContinuousBatchingConfig(page_size=HF_CB_PAGE_SIZE, num_blocks=pages)
+
+    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        gen, cb = config_for(prompts, max_tokens)
+        # No torch.inference_mode() here: the manager's thread updates its cache tensors in place,
+        # which inference tensors forbid; generate_batch runs under no_grad itself.
+        done = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb,
+                                    progress_bar=False)
+        results = list(done.values())  # in input order
+        failed = [r.error for r in results if r.error is not None]
+        if len(results) != len(prompts) or failed:
+            raise RuntimeError(f"generate_batch returned {len(results)} of {len(prompts)} results; errors: {failed[:3]}")
+        return [list(r.generated_tokens) for r in results]
+
+    run([WARMUP_IDS], 2)  # warm-up, as for the other engines
+
+    def generate(prompts: list[list[int]], max_tokens: int, info: dict[str, Any]) -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        outputs = run(prompts, max_tokens)
+        seconds = time.perf_counter() - start
+        _, cb = config_for(prompts, max_tokens)
+        info["hf_generate_batch"] = {"attn_implementation": model.config._attn_implementation,
+                                     "page_size": cb.page_size, "num_blocks": cb.num_blocks,
+                                     "allow_block_sharing": cb.allow_block_sharing}
+        return seconds, outputs
 
     return generate
 
@@ -181,6 +243,7 @@ def load_vllm_noprefix(options: dict[str, Any]) -> Generate:
 
 
 ENGINES: dict[str, Loader] = {"treebatch": load_treebatch, "hf_generate": load_hf_generate,
+                              "hf_generate_batch": load_hf_generate_batch,
                               "vllm": load_vllm, "vllm_noprefix": load_vllm_noprefix}
 # Engines whose worker runs in another venv (interpreter path relative to the repo root).
 ENGINE_PYTHON: dict[str, str] = {"vllm": ".venv-vllm/bin/python", "vllm_noprefix": ".venv-vllm/bin/python"}
