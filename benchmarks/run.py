@@ -1,11 +1,15 @@
 """Whole-batch benchmark: treebatch against peer engines on fixed token-id workloads.
 
-    .venv/bin/python benchmarks/run.py [--workload mixed] [--engines treebatch,hf_generate] [--out BENCHMARKS.md]
+    .venv/bin/python benchmarks/run.py [--workload all|mixed|smoke|docqa,...] [--engines all|treebatch,hf_generate,...]
+                                       [--out BENCHMARKS.md]
 
-Every engine runs in its own subprocess (`--worker`), so thread pools and memory never mix and
-an engine may later come from another venv. Each worker writes a JSON result; the parent
-checks token counts, compares greedy outputs with treebatch, prints a markdown table, saves
-the JSON under benchmarks/results/ and writes the table into BENCHMARKS.md.
+Before any engine, a short process measures the machine's float32 matmul peak (roofline.py).
+Every engine then runs in its own subprocess (`--worker`), one at a time, so thread pools and
+memory never mix and an engine may come from another venv. Each worker writes a JSON result;
+the parent checks token counts, compares greedy outputs with treebatch, charges every row the
+FLOPs the batch truly needs (roofline fraction), prints a markdown table, saves the JSON under
+benchmarks/results/, draws a PNG of the table and writes both into the record (--out).
+An engine whose worker fails becomes an "n/a (reason)" row; the run then exits with status 1.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # workloads/engines/report import as plain modules, run as a script
 
-from report import machine_facts, markdown_table, write_record  # noqa: E402
+from report import machine_facts, markdown_table, plot_path_for, write_plot, write_record  # noqa: E402
+from roofline import measure_peak_in_subprocess, needed_flops, roofline  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
+
+# `--engines all`, in table order.
+ALL_ENGINES = ("treebatch", "vllm", "vllm_noprefix", "hf_generate", "hf_generate_batch")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -34,6 +42,8 @@ def worker(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     options: dict[str, Any] = {"hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
                                "hf_model_folder": str(args.hf_model_folder)}
+    if args.treebatch_options:
+        options["treebatch_kwargs"] = json.loads(args.treebatch_options)
     generate = ENGINES[args.worker](options)
     load_seconds = time.perf_counter() - began
     results = {}
@@ -85,23 +95,37 @@ def engine_command(engine: str) -> tuple[str, dict[str, str]]:
     return str(python), env
 
 
-def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
-    """One worker process for `engine` over all workloads; results per workload."""
-    result_file = folder / f"result-{engine}.json"
+class EngineFailed(Exception):
+    """An engine's worker exited with an error (or never produced results): the reason, in one line."""
+
+
+def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, folder: Path,
+               treebatch_options: dict[str, Any] | None = None, label: str | None = None) -> dict[str, dict[str, Any]]:
+    """One worker process for `engine` over all workloads; results per workload.
+
+    `treebatch_options` are engine options for treebatch's `LLM(...)` (the ablation's variants);
+    `label` names the log file and the progress lines (default: the engine)."""
+    label = label or engine
+    result_file = folder / f"result-{label}.json"
+    result_file.unlink(missing_ok=True)
     python, env = engine_command(engine)
     cmd = [python, str(Path(__file__).resolve()), "--worker", engine, "--workload", ",".join(workloads),
            "--result-file", str(result_file), "--prompts-dir", str(folder),
            "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder)]
     cmd.append("--hf-sort" if args.hf_sort else "--no-hf-sort")
-    print(f"{engine}: {', '.join(workloads)} ...", file=sys.stderr, flush=True)
+    if treebatch_options:
+        cmd += ["--treebatch-options", json.dumps(treebatch_options)]
+    print(f"{label}: {', '.join(workloads)} ...", file=sys.stderr, flush=True)
     logs = HERE / "results" / "logs"  # gitignored; the last run's worker output per engine
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{engine}.txt"
+    log = logs / f"{label}.txt"
     with open(log, "w") as out:  # engines' own chatter (vLLM logs a lot) goes to a file
         done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        sys.stderr.write(log.read_text()[-6000:])
-        raise SystemExit(f"{engine} worker failed (exit {done.returncode})")
+    if done.returncode != 0 or not result_file.exists():
+        text = log.read_text()
+        sys.stderr.write(text[-6000:])
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise EngineFailed(f"worker exit {done.returncode}: {lines[-1][:200] if lines else 'no output'}")
     for line in log.read_text().splitlines():
         if line.startswith("[") and f"] {engine}: " in line:
             print(line, file=sys.stderr, flush=True)
@@ -129,7 +153,8 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="mixed", help=f"comma list of {', '.join(WORKLOADS)} or 'all'")
-    parser.add_argument("--engines", default="treebatch,hf_generate")
+    parser.add_argument("--engines", default="treebatch,hf_generate",
+                        help=f"comma list of {', '.join(ALL_ENGINES)}, or 'all'")
     parser.add_argument("--out", default=None, help="markdown record to update, e.g. BENCHMARKS.md")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--hf-sort", action=argparse.BooleanOptionalAction, default=True,
@@ -138,7 +163,10 @@ def main() -> None:
                         help="where the default model is exported as a HF folder for vLLM (gitignored)")
     parser.add_argument("--full", action="store_true",
                         help="published workload sizes instead of the 2-core scaled ones (slow)")
+    parser.add_argument("--no-roofline", dest="roofline", action="store_false",
+                        help="skip the matmul peak measurement (no roofline fraction column)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--treebatch-options", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,44 +175,45 @@ def main() -> None:
         return
 
     # 'all': the suite (docqa, gsp, batchllm_micro, nosharing); `mixed` and `smoke` run by name.
-    workloads = [w for w in WORKLOADS if w not in ("smoke", "mixed")] if args.workload == "all" else args.workload.split(",")
-    engines = args.engines.split(",")
+    workloads = suite_workloads(args.workload)
+    engines = list(ALL_ENGINES) if args.engines == "all" else args.engines.split(",")
+    unknown = [e for e in engines if e not in ALL_ENGINES]
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {unknown}; known: {', '.join(ALL_ENGINES)}")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     from engines import ENGINE_PYTHON, export_hf_model
-    from workloads import load_tokenizer, trie_size
 
     if any(e in ENGINE_PYTHON for e in engines):
         export_hf_model(args.hf_model_folder)
-    tokenizer = load_tokenizer()
     runs: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
-    described: dict[str, str] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for workload in workloads:
-            prompts = WORKLOADS[workload].prompts(tokenizer, full=args.full)
-            (Path(tmp) / f"{workload}.json").write_text(json.dumps(prompts))
-            logical, unique = sum(len(p) for p in prompts), trie_size(prompts)
-            text = WORKLOADS[workload].description
-            if args.full and WORKLOADS[workload].full:
-                text += f" -- FULL size: {WORKLOADS[workload].full[1]}"
-            described[workload] = (f"{text}. {len(prompts)} prompts, "
-                                   f"{logical:,} logical prompt tokens, {unique:,} unique (prefix-trie) tokens "
-                                   f"({logical / unique:.1f}x)")
+        batches = prepare_workloads(workloads, args.full, Path(tmp))
+        peak = measure_peak_in_subprocess() if args.roofline else None
         for engine in engines:
-            for workload, result in run_engine(engine, workloads, args, Path(tmp)).items():
-                runs[workload][engine] = result
+            try:
+                for workload, result in run_engine(engine, workloads, args, Path(tmp)).items():
+                    runs[workload][engine] = result
+            except EngineFailed as error:
+                failed[engine] = str(error)
+                print(f"{engine}: n/a ({error})", file=sys.stderr, flush=True)
+                for workload in workloads:
+                    runs[workload][engine] = {"engine": engine, "workload": workload, "unavailable": str(error)}
     for per_engine in runs.values():
-        if "treebatch" in per_engine:
-            reference = per_engine["treebatch"]["outputs"]
+        reference = per_engine.get("treebatch", {}).get("outputs")
+        if reference is not None:
             for engine, result in per_engine.items():
-                if engine != "treebatch":
+                if engine != "treebatch" and "outputs" in result:
                     result["agreement_with_treebatch"] = agreement(reference, result["outputs"])
+    add_roofline_and_prediction(runs, batches, peak)
     for per_engine in runs.values():
         for result in per_engine.values():
-            del result["outputs"]  # kept out of the saved JSON: big and not needed later
+            result.pop("outputs", None)  # kept out of the saved JSON: big and not needed later
 
     command = " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]])
-    record = {"command": command, "started": started, "machine": machine_facts(),
-              "workloads": described, "runs": runs}
+    record = {"command": command, "started": started, "machine": machine_facts(), "peak": peak,
+              "workloads": {w: b["description"] for w, b in batches.items()},
+              "needed_flops": {w: b["needed"] for w, b in batches.items()}, "runs": runs, "failed": failed}
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -192,8 +221,91 @@ def main() -> None:
 
     table = markdown_table(runs)
     print(table)
-    if args.out:
-        write_record(Path(args.out), record, table)
+    out = Path(args.out) if args.out else None
+    plot = plot_path_for(out, results_dir, stamp)
+    if write_plot(runs, plot, title=f"{', '.join(workloads)} ({started})"):
+        print(f"plot: {plot}", file=sys.stderr)
+    else:
+        plot = None
+    if out:
+        write_record(out, record, table, plot)
+    if failed:
+        raise SystemExit(f"engine(s) failed, shown as n/a: {', '.join(failed)}")
+
+
+def suite_workloads(spec: str) -> list[str]:
+    """'all' is the shared-prefix suite (every workload but `mixed` and `smoke`); else a comma list."""
+    names = [w for w in WORKLOADS if w not in ("smoke", "mixed")] if spec == "all" else spec.split(",")
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    return names
+
+
+def prepare_workloads(workloads: list[str], full: bool, folder: Path) -> dict[str, dict[str, Any]]:
+    """Build every batch once (token ids, written to `folder` for the workers), describe it and
+    count the FLOPs it truly needs (roofline.needed_flops) with the default model's config."""
+    from transformers import AutoTokenizer
+
+    from treebatch.models.loader import load_model
+
+    from workloads import trie_size
+
+    model = load_model(None)  # the default model's config (for the FLOPs) and tokenizer
+    config = model.config
+    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer_path)
+    batches: dict[str, dict[str, Any]] = {}
+    for workload in workloads:
+        spec = WORKLOADS[workload]
+        prompts = spec.prompts(tokenizer, full=full)
+        (folder / f"{workload}.json").write_text(json.dumps(prompts))
+        logical, unique = sum(len(p) for p in prompts), trie_size(prompts)
+        text = spec.description
+        if full and spec.full:
+            text += f" -- FULL size: {spec.full[1]}"
+        needed = needed_flops(prompts, spec.max_tokens, config)
+        description = (f"{text}. {len(prompts)} prompts, {logical:,} logical prompt tokens, "
+                       f"{unique:,} unique (prefix-trie) tokens ({logical / unique:.1f}x); "
+                       f"needs {needed['total_gflop']:,.1f} GFLOP (body {needed['body_gflop']:,.1f}, "
+                       f"head {needed['head_gflop']:,.1f}, attention {needed['attention_gflop']:,.1f})")
+        batches[workload] = {"prompts": prompts, "max_tokens": spec.max_tokens, "description": description,
+                             "needed": needed}
+    return batches
+
+
+def add_roofline_and_prediction(runs: dict[str, dict[str, dict[str, Any]]], batches: dict[str, dict[str, Any]],
+                                peak: dict[str, Any] | None) -> None:
+    """Per row: achieved GFLOP/s of the needed work and its fraction of the peak; for treebatch
+    rows, the cost model's predicted seconds where one is available."""
+    for workload, per_engine in runs.items():
+        batch = batches[workload]
+        for engine, result in per_engine.items():
+            if "seconds" not in result:
+                continue
+            result["roofline"] = roofline(result["seconds"], batch["needed"], peak)
+            if engine == "treebatch":
+                predicted = predicted_seconds(batch["prompts"], batch["max_tokens"],
+                                              result.get("options", {}).get("treebatch_kwargs", {}))
+                if predicted is not None:
+                    result["predicted_seconds"] = round(predicted, 2)
+
+
+def predicted_seconds(prompts: list[list[int]], max_tokens: int, engine_options: dict[str, Any]) -> float | None:
+    """Hook for treebatch's cost model (treebatch/core/cost_model.py): its predicted run time for
+    this batch, shown as the "predicted s" column of treebatch rows. None (no column) while the
+    module or its calibration is not there."""
+    try:
+        from treebatch.core import cost_model  # noqa: F401
+    except ImportError:
+        return None
+    predict = getattr(cost_model, "predict_seconds", None)
+    if predict is None:
+        return None
+    try:
+        return float(predict(prompts, max_tokens, **engine_options))
+    except Exception as error:  # a missing calibration must not fail a benchmark run
+        print(f"cost model: no prediction ({error})", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":
