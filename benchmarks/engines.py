@@ -35,6 +35,9 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
     def generate(prompts: list[list[int]], max_tokens: int, info: dict[str, Any]) -> tuple[float, list[list[int]]]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         batch = [{"prompt_token_ids": ids} for ids in prompts]
+        predicted = predict_treebatch_seconds(llm, prompts, max_tokens)  # before the timer
+        if predicted is not None:
+            info["predicted_seconds"] = round(predicted, 2)
         start = time.perf_counter()
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -42,6 +45,24 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
         return seconds, [list(o.outputs[0].token_ids) for o in outputs]
 
     return generate
+
+
+def predict_treebatch_seconds(llm: Any, prompts: list[list[int]], max_tokens: int) -> float | None:
+    """Hook for treebatch's cost model (`treebatch/core/cost_model.py`, fed by the calibration the
+    engine measured at start): its predicted seconds for this batch, shown as the "predicted s"
+    column of treebatch rows. None, and no column, while there is no cost model to ask."""
+    try:
+        from treebatch.core import cost_model
+    except ImportError:
+        return None
+    predict = getattr(cost_model, "predict_seconds", None)
+    if predict is None:
+        return None
+    try:
+        return float(predict(llm, prompts, max_tokens))
+    except Exception as error:  # a prediction must never fail a benchmark run
+        print(f"cost model: no prediction ({type(error).__name__}: {error})", flush=True)
+        return None
 
 
 def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int) -> list[list[int]]:

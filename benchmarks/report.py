@@ -80,7 +80,8 @@ def peak_line(peak: dict[str, Any] | None) -> str:
     sizes = ", ".join(f"{n}: {g}" for n, g in peak["gflops_by_size"].items())
     return (f"Measured float32 matmul peak: **{peak['peak_gflops']} GFLOP/s** (`torch.mm`, square n x n, "
             f"{peak['threads']} threads, best run; GFLOP/s by n: {sizes}; load average {peak['loadavg_1m']} "
-            f"when measured).")
+            f"when measured; best of {len(peak.get('measurements', [peak]))} measurements: before the first "
+            f"engine and after the last).")
 
 
 def replace_between(path: Path, begin: str, end: str, body: str, heading: str = "") -> None:
@@ -117,12 +118,25 @@ def write_record(path: Path, record: dict[str, Any], table: str, plot: Path | No
     replace_between(path, BEGIN, END, "\n".join(parts), heading="## Results")
 
 
+def is_record(out: Path | None, results_dir: Path) -> bool:
+    """True for the project's record, BENCHMARKS.md at the repository root."""
+    return out is not None and out.resolve() == (results_dir.parent.parent / "BENCHMARKS.md").resolve()
+
+
+def json_path_for(out: Path | None, results_dir: Path, name: str) -> Path:
+    """Where a run's JSON goes: benchmarks/results/NAME.json, unless --out is a scratch file (not
+    BENCHMARKS.md): then beside it (same stem), so harness checks do not fill results/."""
+    if out is None or is_record(out, results_dir):
+        return results_dir / f"{name}.json"
+    return out.with_name(f"{out.stem}-{name.split('-', 2)[-1]}.json")
+
+
 def plot_path_for(out: Path | None, results_dir: Path, stamp: str) -> Path:
     """Where the PNG goes: benchmarks/results/latest.png for the record BENCHMARKS.md, beside any
     other --out file (same name, .png), else under results/ with the run's time stamp."""
     if out is None:
         return results_dir / f"{stamp}.png"
-    if out.resolve() == (results_dir.parent.parent / "BENCHMARKS.md").resolve():
+    if is_record(out, results_dir):
         return results_dir / "latest.png"
     return out.with_suffix(".png")
 
@@ -147,7 +161,9 @@ def write_plot(runs: dict[str, dict[str, dict[str, Any]]], path: Path, title: st
     panels = 2 if has_peak else 1
     fig, axes = plt.subplots(panels, 1, figsize=(max(6.0, 1.6 * len(workloads) + 3), 3.4 * panels), squeeze=False)
     width = 0.8 / max(len(engines), 1)
-    for panel, (key, label) in enumerate([("tps", "generated tokens/s"), ("roof", "fraction of matmul peak\n(needed FLOPs)")][:panels]):
+    colors = {engine: f"C{k}" for k, engine in enumerate(engines)}  # one colour per engine, both panels
+    metrics = [("tps", "generated tokens/s"), ("roof", "fraction of matmul peak\n(needed FLOPs)")][:panels]
+    for panel, (key, label) in enumerate(metrics):
         ax = axes[panel][0]
         for k, engine in enumerate(engines):
             xs, ys = [], []
@@ -161,13 +177,17 @@ def write_plot(runs: dict[str, dict[str, dict[str, Any]]], path: Path, title: st
                     continue
                 xs.append(i - 0.4 + width * (k + 0.5))
                 ys.append(value)
-            bars = ax.bar(xs, ys, width, label=engine)
+            if not xs:  # failed everywhere: named in the legend, no bars
+                ax.bar([0], [0], 0, color=colors[engine], label=f"{engine} (n/a)")
+                continue
+            bars = ax.bar(xs, ys, width, color=colors[engine], label=engine)
             ax.bar_label(bars, fmt="%.2f" if key == "roof" else "%.0f", fontsize=7, padding=1)
         ax.set_xticks(range(len(workloads)), workloads)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.22)  # headroom for the value labels and the legend
         if panel == 0:
-            ax.legend(fontsize=8, ncols=min(len(engines), 3))
+            ax.legend(fontsize=8, ncols=min(len(engines), 5), loc="upper left")
             if title:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()

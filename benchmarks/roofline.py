@@ -112,6 +112,16 @@ def roofline(seconds: float, needed: dict[str, Any], peak: dict[str, Any] | None
     return out
 
 
+def best_peak(measurements: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The best of several peak measurements (each kept under "measurements"); None if none worked."""
+    done = [m for m in measurements if m]
+    if not done:
+        return None
+    best = dict(max(done, key=lambda m: m["peak_gflops"]))
+    best["measurements"] = [{k: m[k] for k in ("peak_gflops", "loadavg_1m", "seconds")} for m in done]
+    return best
+
+
 def measure_peak_in_subprocess(python: str = sys.executable) -> dict[str, Any] | None:
     """Run this file as its own process (so its threads never overlap an engine's); None if it fails."""
     import subprocess

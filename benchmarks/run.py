@@ -27,8 +27,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # workloads/engines/report import as plain modules, run as a script
 
-from report import machine_facts, markdown_table, plot_path_for, write_plot, write_record  # noqa: E402
-from roofline import measure_peak_in_subprocess, needed_flops, roofline  # noqa: E402
+from report import json_path_for, machine_facts, markdown_table, plot_path_for, write_plot, write_record  # noqa: E402
+from roofline import best_peak, measure_peak_in_subprocess, needed_flops, roofline  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 # `--engines all`, in table order.
@@ -189,7 +189,9 @@ def main() -> None:
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         batches = prepare_workloads(workloads, args.full, Path(tmp))
-        peak = measure_peak_in_subprocess() if args.roofline else None
+        # The peak is measured before the first engine and after the last, and the better of the two
+        # kept: a best-of measurement, so one disturbed moment on a shared machine does not set it.
+        peaks = [measure_peak_in_subprocess()] if args.roofline else []
         for engine in engines:
             try:
                 for workload, result in run_engine(engine, workloads, args, Path(tmp)).items():
@@ -199,6 +201,9 @@ def main() -> None:
                 print(f"{engine}: n/a ({error})", file=sys.stderr, flush=True)
                 for workload in workloads:
                     runs[workload][engine] = {"engine": engine, "workload": workload, "unavailable": str(error)}
+        if args.roofline:
+            peaks.append(measure_peak_in_subprocess())
+    peak = best_peak(peaks)
     for per_engine in runs.values():
         reference = per_engine.get("treebatch", {}).get("outputs")
         if reference is not None:
@@ -217,11 +222,13 @@ def main() -> None:
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (results_dir / f"{stamp}-{'_'.join(workloads)}.json").write_text(json.dumps(record, indent=2) + "\n")
+    out = Path(args.out) if args.out else None
+    saved = json_path_for(out, results_dir, f"{stamp}-{'_'.join(workloads)}")
+    saved.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"results: {saved}", file=sys.stderr)
 
     table = markdown_table(runs)
     print(table)
-    out = Path(args.out) if args.out else None
     plot = plot_path_for(out, results_dir, stamp)
     if write_plot(runs, plot, title=f"{', '.join(workloads)} ({started})"):
         print(f"plot: {plot}", file=sys.stderr)
@@ -276,36 +283,17 @@ def prepare_workloads(workloads: list[str], full: bool, folder: Path) -> dict[st
 def add_roofline_and_prediction(runs: dict[str, dict[str, dict[str, Any]]], batches: dict[str, dict[str, Any]],
                                 peak: dict[str, Any] | None) -> None:
     """Per row: achieved GFLOP/s of the needed work and its fraction of the peak; for treebatch
-    rows, the cost model's predicted seconds where one is available."""
+    rows, the cost model's predicted seconds where the worker got one
+    (engines.predict_treebatch_seconds, computed before the timer from the engine's calibration)."""
     for workload, per_engine in runs.items():
         batch = batches[workload]
-        for engine, result in per_engine.items():
+        for result in per_engine.values():
             if "seconds" not in result:
                 continue
             result["roofline"] = roofline(result["seconds"], batch["needed"], peak)
-            if engine == "treebatch":
-                predicted = predicted_seconds(batch["prompts"], batch["max_tokens"],
-                                              result.get("options", {}).get("treebatch_kwargs", {}))
-                if predicted is not None:
-                    result["predicted_seconds"] = round(predicted, 2)
-
-
-def predicted_seconds(prompts: list[list[int]], max_tokens: int, engine_options: dict[str, Any]) -> float | None:
-    """Hook for treebatch's cost model (treebatch/core/cost_model.py): its predicted run time for
-    this batch, shown as the "predicted s" column of treebatch rows. None (no column) while the
-    module or its calibration is not there."""
-    try:
-        from treebatch.core import cost_model  # noqa: F401
-    except ImportError:
-        return None
-    predict = getattr(cost_model, "predict_seconds", None)
-    if predict is None:
-        return None
-    try:
-        return float(predict(prompts, max_tokens, **engine_options))
-    except Exception as error:  # a missing calibration must not fail a benchmark run
-        print(f"cost model: no prediction ({error})", file=sys.stderr)
-        return None
+            predicted = result.get("options", {}).get("predicted_seconds")
+            if predicted is not None:
+                result["predicted_seconds"] = predicted
 
 
 if __name__ == "__main__":
