@@ -29,7 +29,8 @@ PROMPTS = [
 def llm():
     from treebatch import LLM
 
-    return LLM(kv_cache_memory=512 << 20, check_integrity=True)
+    # A fixed token budget: the session model needs no start-up calibration.
+    return LLM(kv_cache_memory=512 << 20, max_num_batched_tokens=512, check_integrity=True)
 
 
 @pytest.fixture(scope="session")

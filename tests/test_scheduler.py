@@ -123,6 +123,7 @@ def test_preemption_recomputes_and_keeps_outputs():
     # 4 blocks of 2 slots; two requests of 3 prompt tokens each need 2 blocks, then a 3rd on decode.
     s = make_scheduler(num_blocks=4, block_size=2, budget=16)
     a, b = make_request("a", 3, max_tokens=4), make_request("b", 3, max_tokens=4)
+    a.estimated_output_tokens = b.estimated_output_tokens = 1  # expected to stop early: both admitted
     s.add_request(a)
     s.add_request(b)
     plan, _ = run_step(s, token=11)  # prefill both: a [0,1], b [2,3]

@@ -74,20 +74,30 @@ class CacheConfig:
         assert self.num_blocks is None or self.num_blocks > 0
 
 
+ORDER_POLICIES = ("fcfs", "dfs", "ratio", "blend")
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    """Token batching: how much work one step may hold."""
+    """Token batching: how much work one step may hold, and in which order the batch runs."""
 
-    max_num_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
-    max_num_seqs: int = 256  # running requests at once
+    # Per-step token budget (decodes + prefill chunks). None: measured at start-up on this machine
+    # (the step size where tokens/s stops growing), cached per model, CPU and thread count.
+    max_num_batched_tokens: int | None = None
+    # A safety cap on running requests: admission is bound by free KV blocks and the token budget.
+    max_num_seqs: int = 1024
     enable_chunked_prefill: bool = True
     # Global prefix sharing: cut the batch's prefix tree into groups whose prefix KV is computed once.
     enable_prefix_sharing: bool = True
     min_shared_prefix_tokens: int = 8  # shorter shared prefixes are not worth a group (see BENCHMARKS.md)
+    # Order of the batch's groups (see treebatch/core/policies.py): fcfs, dfs (tree order),
+    # ratio (decode-heavy groups first), blend (compute- and memory-heavy groups mixed).
+    order_policy: str = "dfs"
 
     def __post_init__(self) -> None:
-        assert self.max_num_batched_tokens > 0
+        assert self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0
         assert self.max_num_seqs > 0
+        assert self.order_policy in ORDER_POLICIES, f"order_policy must be one of {ORDER_POLICIES}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,8 @@ class EngineConfig:
     # merged by log-sum-exp; groups with fewer queries in a step take the plain paged path.
     enable_shared_prefix_attention: bool = True
     shared_prefix_attention_min_queries: int = 4
+    # Write one JSON line per step here (tokens, decode/prefill split, running, KV use, time).
+    trace_file: str | None = None
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"

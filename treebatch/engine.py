@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,11 +12,15 @@ import torch
 
 from treebatch.config import EngineConfig
 from treebatch.core.batch_plan import plan_requests
+from treebatch.core.calibration_table import CalibrationTable
 from treebatch.core.kv_manager import KVCacheManager
+from treebatch.core.outputs import StepPlan
+from treebatch.core.policies import WarmupSample
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
 from treebatch.models.llama import LlamaForCausalLM
-from treebatch.models.loader import load_model
+from treebatch.models.loader import cache_root, load_model
+from treebatch.runtime.calibration import calibration_key, load_or_measure
 from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
 from treebatch.runtime.model_runner import ModelRunner
 from treebatch.tokenizer import Detokenizer, load_tokenizer
@@ -73,12 +79,12 @@ class LLMEngine:
         self.eos_token_ids = loaded.config.eos_token_ids
         dtype = _DTYPES[config.dtype]
         model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, max_positions=self.max_model_len)
+        self._calibration_key = calibration_key(loaded.weights, loaded.config, config.dtype, config.cache.block_size)
         del loaded
 
         block_size = config.cache.block_size
         self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
         kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, block_size, dtype)
-        self.scheduler = Scheduler(config.scheduler, KVCacheManager(self.num_blocks, block_size), self.max_model_len)
         self.runner = ModelRunner(
             model,
             kv_cache,
@@ -86,9 +92,32 @@ class LLMEngine:
             self.eos_token_ids,
             config.shared_prefix_attention_min_queries if config.enable_shared_prefix_attention else None,
         )
+        self._calibration: CalibrationTable | None = None
+        budget = config.scheduler.max_num_batched_tokens
+        if budget is None:
+            budget = self.calibration.token_budget
+        self.scheduler = Scheduler(
+            config.scheduler, KVCacheManager(self.num_blocks, block_size), self.max_model_len, token_budget=budget
+        )
+        self._trace = open(config.trace_file, "w", buffering=1) if config.trace_file else None
+        self._num_traced_steps = 0
+        self._warmup: WarmupSample | None = None  # a sample running ahead of the rest of its batch
+        self.order_policy = config.scheduler.order_policy  # may be switched between batches
         self.detokenizer = Detokenizer(self.tokenizer)
         self._live: dict[str, Request] = {}
         self.stats = EngineStats()
+
+    @property
+    def calibration(self) -> CalibrationTable:
+        """This machine's forward-pass costs for the loaded model: read from the cache, measured
+        (a few seconds) when missing."""
+        if self._calibration is None:
+            self._calibration = load_or_measure(self.runner, self._calibration_key, cache_root())
+        return self._calibration
+
+    @property
+    def token_budget(self) -> int:
+        return self.scheduler.token_budget
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
@@ -101,17 +130,27 @@ class LLMEngine:
             self.stats.num_prompt_tokens += request.num_prompt_tokens
 
     def add_requests(self, requests: list[Request]) -> None:
-        """Add a whole batch: planned over the prefix tree when prefix sharing is on."""
+        """Add a whole batch: planned over the prefix tree when prefix sharing is on, in the order
+        policy's order. When the policy weighs output lengths that are not known (no ignore_eos),
+        a small warm-up sample of the batch runs first and the rest is planned once it is done."""
         scheduler_config = self.config.scheduler
         if not scheduler_config.enable_prefix_sharing or len(requests) < 2:
             for request in requests:
                 self.add_request(request)
             return
+        if self._warmup is None and WarmupSample.is_worth_it(self.order_policy, requests):
+            self._warmup = WarmupSample(requests, scheduler_config.min_shared_prefix_tokens)
+            requests = self._warmup.sample
+        self._plan_and_add(requests)
+
+    def _plan_and_add(self, requests: list[Request]) -> None:
+        scheduler_config = self.config.scheduler
         queue, summary = plan_requests(
             requests,
             self.scheduler.groups,
             self.config.cache.block_size,
             min_prefix_tokens=scheduler_config.min_shared_prefix_tokens,
+            order_policy=self.order_policy,
         )
         for request in queue:
             self.add_request(request)
@@ -120,13 +159,22 @@ class LLMEngine:
         for share, count in summary.share_histogram.items():
             self.stats.share_histogram[share] = self.stats.share_histogram.get(share, 0) + count
 
+    def _finish_warmup_if_done(self) -> None:
+        if self._warmup is not None and not self.scheduler.has_unfinished_requests:
+            warmup, self._warmup = self._warmup, None
+            warmup.apply()
+            self._plan_and_add(warmup.rest)
+
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests
+        return self.scheduler.has_unfinished_requests or self._warmup is not None
 
     def step(self) -> list[Request]:
         """Run one step; return the requests that finished in it."""
+        started = time.perf_counter()
+        self._finish_warmup_if_done()
         plan = self.scheduler.schedule()
+        queues = (len(self.scheduler.running), len(self.scheduler.waiting))
         if plan.is_empty:
             if self.scheduler.has_unfinished_requests:
                 raise RuntimeError("the scheduler planned nothing while requests wait: KV too small")
@@ -158,4 +206,27 @@ class LLMEngine:
             del self._live[request.request_id]
         if self.config.check_integrity:
             self.scheduler.check_integrity()
+        if self._trace is not None:
+            self._write_trace(plan, queues, time.perf_counter() - started)
         return finished
+
+    def _write_trace(self, plan: StepPlan, queues: tuple[int, int], seconds: float) -> None:
+        """One JSON line per step; running and waiting are counted as the step was planned."""
+        scheduler = self.scheduler
+        num_decode = plan.num_decode_tokens
+        record = {
+            "step": self._num_traced_steps,
+            "num_tokens": plan.num_tokens,
+            "num_decode_tokens": num_decode,
+            "num_prefill_tokens": plan.num_tokens - num_decode,
+            "num_chunks": len(plan.chunks),
+            "num_running": queues[0],
+            "num_waiting": queues[1],
+            "num_preempted": len(plan.preempted_request_ids),
+            "token_budget": scheduler.token_budget,
+            "kv_used_blocks": scheduler.kv.pool.num_blocks - scheduler.kv.num_free_blocks,
+            "kv_total_blocks": scheduler.kv.pool.num_blocks,
+            "step_time_s": round(seconds, 6),
+        }
+        self._num_traced_steps += 1
+        self._trace.write(json.dumps(record) + "\n")

@@ -78,12 +78,14 @@ class GroupManager:
         group = self.groups[request.group_id]
         return self.kv.pool.can_allocate(1 if group.prefix_end % self.kv.block_size else 0)
 
-    def can_admit_prefix(self, request: Request) -> bool:
+    def can_admit_prefix(self, request: Request, num_available_blocks: int | None = None) -> bool:
         """Whole groups are admitted together: a prefix starts only when the group's estimated
-        KV (prefix plus direct members) fits, or half the pool if the group is larger than that."""
+        KV (prefix plus direct members) fits in the available blocks (the free ones, less what
+        running requests are expected to need), or half the pool if the group is larger."""
         group = self.groups[request.prefix_of]
         need = min(group.estimated_blocks, self.kv.pool.num_blocks // 2)
-        return self.kv.num_free_blocks >= need
+        available = self.kv.num_free_blocks if num_available_blocks is None else num_available_blocks
+        return available >= need
 
     def on_prefix_computed(self, request: Request) -> None:
         group = self.groups[request.prefix_of]

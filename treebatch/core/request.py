@@ -39,6 +39,7 @@ class Request:
         "sampling_params",
         "eos_token_ids",
         "max_tokens",
+        "estimated_output_tokens",
         "num_computed_tokens",
         "num_cached_tokens",
         "num_preemptions",
@@ -70,6 +71,9 @@ class Request:
         resolved = max_tokens if max_tokens is not None else sampling_params.max_tokens
         assert resolved is not None and resolved >= 1
         self.max_tokens: int = resolved
+        # Outputs this request is expected to produce, for ordering and KV admission: exact under
+        # ignore_eos, otherwise max_tokens until a warm-up sample says better (core/policies.py).
+        self.estimated_output_tokens: int = resolved
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
@@ -103,6 +107,12 @@ class Request:
     def max_num_tokens(self) -> int:
         """Tokens this request may hold in KV at most: its prompt plus every allowed output."""
         return self.num_prompt_tokens + self.max_tokens
+
+    @property
+    def estimated_num_tokens(self) -> int:
+        """Tokens this request is expected to hold in KV when it finishes."""
+        expected = max(self.estimated_output_tokens, self.num_output_tokens + 1)
+        return min(self.num_prompt_tokens + expected, self.max_num_tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -1,11 +1,14 @@
 """Scheduler: continuous batching under a per-step token budget, over a paged KV cache.
 
-Each step packs the running requests first (their decodes and unfinished prefill chunks, in
-admission order), then admits waiting requests while the token budget, the running-request limit
-and free KV blocks allow, cutting a long prompt into chunks. When a running request cannot get a
-block for its next token, the most recently admitted running request is preempted: its blocks are
-freed and it goes back to the head of the queue to recompute its prompt and outputs later
-(recompute preemption keeps the output exact, since sampled tokens are kept, not redrawn).
+Each step packs the running decodes first, then the running requests' unfinished prefill chunks,
+then admits waiting requests (stall-free, as Sarathi-Serve: a long prefill never holds back a
+decode, and every token of budget the decodes leave goes to prefill). Admission is bound by free
+KV blocks: a request starts only if, after its first chunk, the free blocks still cover half of
+the growth the running requests (and it) are expected to need to finish (`_GROWTH_RESERVE`);
+`max_num_seqs` is only a safety cap. When a running request cannot get a block for its next
+token anyway, the most recently admitted request not yet scheduled in this step is preempted: its
+blocks are freed and it goes back to the head of the queue to recompute its prompt and outputs
+later (recompute preemption keeps the output exact, since sampled tokens are kept, not redrawn).
 """
 
 from __future__ import annotations
@@ -14,14 +17,32 @@ from collections import deque
 
 from treebatch.config import SchedulerConfig
 from treebatch.core.groups import GroupManager
-from treebatch.core.kv_manager import KVCacheManager
+from treebatch.core.kv_manager import KVCacheManager, num_blocks_for
 from treebatch.core.outputs import NewRequestData, ScheduledChunk, StepPlan, StepResult
 from treebatch.core.request import Request, RequestStatus
 
+# Fraction of the running requests' expected KV growth that admission keeps free. All of it
+# (1.0) never preempts when estimates are exact but leaves blocks idle while requests are young
+# and holds back requests that stop early; none (0.0) admits until decodes run out of blocks and
+# recompute. Half keeps preemptions rare without starving admission.
+_GROWTH_RESERVE = 0.5
+
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        max_model_len: int,
+        token_budget: int | None = None,
+    ) -> None:
+        """`token_budget` replaces `config.max_num_batched_tokens` (the engine passes the measured
+        one when the config leaves it None)."""
         self.config = config
+        budget = token_budget if token_budget is not None else config.max_num_batched_tokens
+        if budget is None or budget <= 0:
+            raise ValueError("the scheduler needs a positive token budget")
+        self.token_budget: int = budget
         self.kv = kv_manager
         self.groups = GroupManager(kv_manager)
         self.max_model_len = max_model_len
@@ -59,35 +80,39 @@ class Scheduler:
     # -- planning --------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        budget = self.config.max_num_batched_tokens
+        budget = self.token_budget
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
-        scheduled_count = 0
+        scheduled: set[str] = set()
 
-        # Running requests first, oldest admission first; preemption takes from the back.
-        while scheduled_count < len(self.running) and budget > 0:
-            request = self.running[scheduled_count]
+        # Running requests: decodes first, then unfinished prefill chunks, each in admission order.
+        decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
+        prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
-                break
+                continue
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()
+                victim = self._preemption_victim(scheduled)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
                 chunks.append(self._chunk(request, num_new))
+                scheduled.add(request.request_id)
                 budget -= num_new
-                scheduled_count += 1
-                continue
-            break  # the request itself was preempted: nothing behind it remains
 
         # Then admit waiting requests, unless this step already had to preempt. The queue is in
         # plan order (a group's prefix, then its members and child groups); a request whose group
         # is still computing its prefix is stepped over, a bounded number of times per step.
         block_copies: list[tuple[int, int, int]] = []
         if not preempted:
+            reserve = sum(self._expected_growth(r) for r in self.running)
             index = skipped = 0
             while (
                 index < len(self.waiting)
@@ -100,7 +125,7 @@ class Scheduler:
                     index += 1
                     skipped += 1
                     continue
-                num_new = self._admit(request, budget, block_copies)
+                num_new = self._admit(request, budget, block_copies, reserve)
                 if num_new == 0:
                     break
                 del self.waiting[index]
@@ -108,6 +133,7 @@ class Scheduler:
                 self.running.append(request)
                 chunks.append(self._chunk(request, num_new))
                 budget -= num_new
+                reserve += self._expected_growth(request)
 
         new_requests = []
         for chunk in chunks:
@@ -125,10 +151,15 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(chunks, new_requests, finished, preempted, block_copies)
 
-    def _admit(self, request: Request, budget: int, block_copies: list[tuple[int, int, int]]) -> int:
+    def _admit(
+        self, request: Request, budget: int, block_copies: list[tuple[int, int, int]], reserve: int
+    ) -> int:
         """Give a waiting request KV for its first chunk and return the chunk's size: ask, then
-        commit; 0 (refused) changes nothing."""
-        if request.is_prefix and request.num_computed_tokens == 0 and not self.groups.can_admit_prefix(request):
+        commit; 0 (refused) changes nothing. `reserve`: expected growth of the running requests."""
+        available = self.kv.num_free_blocks - int(_GROWTH_RESERVE * reserve)
+        if request.is_prefix and request.num_computed_tokens == 0 and not self.groups.can_admit_prefix(
+            request, available
+        ):
             return 0
         attaches = request.group_id is not None and request.num_computed_tokens == 0
         copy = None
@@ -137,7 +168,9 @@ class Scheduler:
                 return 0
             copy = self.groups.attach(request)
         num_new = self._num_new_tokens(request, budget)
-        if num_new == 0 or not self.kv.allocate_slots(request, num_new):
+        if num_new == 0 or not self._fits_with_growth(request, num_new, reserve) or not self.kv.allocate_slots(
+            request, num_new
+        ):
             if attaches:  # undo the attach
                 self.kv.free(request)
                 request.num_computed_tokens = request.num_cached_tokens = 0
@@ -145,6 +178,30 @@ class Scheduler:
         if copy is not None:
             block_copies.append(copy)
         return num_new
+
+    def _fits_with_growth(self, request: Request, num_new: int, reserve: int) -> bool:
+        """After its first chunk, do the free blocks still cover `_GROWTH_RESERVE` of what the
+        running requests and this one are expected to grow by? Always yes when nothing runs, so
+        a request that fits the cache at all is never refused forever."""
+        if not self.running:
+            return True
+        held = len(self.kv.block_tables.get(request.request_id, ()))
+        after_chunk = num_blocks_for(request.num_computed_tokens + num_new, self.kv.block_size)
+        first_chunk = max(0, after_chunk - held)
+        growth = max(0, num_blocks_for(request.estimated_num_tokens, self.kv.block_size) - after_chunk)
+        return self.kv.num_free_blocks - first_chunk >= _GROWTH_RESERVE * (reserve + growth)
+
+    def _expected_growth(self, request: Request) -> int:
+        """KV blocks a running request is expected to add before it finishes."""
+        held = len(self.kv.block_tables.get(request.request_id, ()))
+        return max(0, num_blocks_for(request.estimated_num_tokens, self.kv.block_size) - held)
+
+    def _preemption_victim(self, scheduled: set[str]) -> Request:
+        """The most recently admitted running request that has no chunk in this step yet."""
+        for request in reversed(self.running):
+            if request.request_id not in scheduled:
+                return request
+        raise AssertionError("the request asking for KV is running and unscheduled")
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens_to_compute
@@ -167,6 +224,7 @@ class Scheduler:
         )
 
     def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
         self.kv.free(request)  # shared blocks lose one reference; the group keeps them alive
         request.num_computed_tokens = request.num_cached_tokens = 0
         request.num_preemptions += 1

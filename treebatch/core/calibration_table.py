@@ -1,0 +1,79 @@
+"""CalibrationTable: what one forward pass costs on this machine, as plain numbers.
+
+`treebatch.runtime.calibration` measures it on the loaded model; the scheduler takes its token
+budget from it and the cost model predicts run times from it. It lives in the core (no torch) so
+that both can read it.
+
+A step's time is modelled as `forward_seconds(tokens) + seconds_per_context_pair * pairs`: the
+first term is everything that grows with the number of tokens in the step (projections, MLP,
+logits, overheads), measured on prefill chunks of moderate length; the second is attention over
+keys already in the cache, one pair per (query token, cached key), which is what makes a decode
+over a long context dearer than one over a short context.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationTable:
+    forward_seconds: dict[int, float]  # tokens in one forward pass -> seconds (prefill chunks)
+    seconds_per_context_pair: float  # attention over cached keys, per (query, key) pair
+    token_budget: int  # the step size where tokens/s stops growing
+    key: dict[str, Any] = field(default_factory=dict)  # what the measurement is valid for
+    is_complete: bool = True  # False: cut short by the time limit (not cached, fallback budget)
+
+    def __post_init__(self) -> None:
+        assert self.forward_seconds and all(t > 0 for t in self.forward_seconds.values())
+        assert self.token_budget > 0 and self.seconds_per_context_pair >= 0
+
+    def forward_time(self, num_tokens: int) -> float:
+        """Seconds of a forward pass over `num_tokens` tokens: piecewise linear between the
+        measured sizes; flat below the smallest (fixed costs dominate), proportional beyond the
+        largest (throughput has saturated there)."""
+        sizes = sorted(self.forward_seconds)
+        if num_tokens <= sizes[0]:
+            return self.forward_seconds[sizes[0]]
+        if num_tokens >= sizes[-1]:
+            return self.forward_seconds[sizes[-1]] * num_tokens / sizes[-1]
+        i = bisect.bisect_left(sizes, num_tokens)
+        lo, hi = sizes[i - 1], sizes[i]
+        t_lo, t_hi = self.forward_seconds[lo], self.forward_seconds[hi]
+        return t_lo + (t_hi - t_lo) * (num_tokens - lo) / (hi - lo)
+
+    def step_time(self, num_tokens: int, num_context_pairs: int = 0) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        return self.forward_time(num_tokens) + self.seconds_per_context_pair * num_context_pairs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "forward_seconds": {str(m): t for m, t in sorted(self.forward_seconds.items())},
+            "seconds_per_context_pair": self.seconds_per_context_pair,
+            "token_budget": self.token_budget,
+            "key": self.key,
+            "is_complete": self.is_complete,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CalibrationTable":
+        return cls(
+            forward_seconds={int(m): float(t) for m, t in data["forward_seconds"].items()},
+            seconds_per_context_pair=float(data["seconds_per_context_pair"]),
+            token_budget=int(data["token_budget"]),
+            key=dict(data.get("key", {})),
+            is_complete=bool(data.get("is_complete", True)),
+        )
+
+
+def choose_token_budget(forward_seconds: dict[int, float], tolerance: float = 0.08) -> int:
+    """The smallest measured step size whose tokens/s is within `tolerance` of the best.
+
+    Past that size a bigger step buys almost no throughput but delays every decode riding in it
+    and lets fewer requests run at once for the same work, so the knee is the budget."""
+    rates = {m: m / t for m, t in forward_seconds.items()}
+    best = max(rates.values())
+    return min(m for m, rate in rates.items() if rate >= (1.0 - tolerance) * best)

@@ -1,0 +1,194 @@
+"""Measure what a forward pass costs on this machine, once, and cache it.
+
+The per-step token budget is where throughput stops growing, and that depends on the CPU, the
+thread count and the model (and on the runner's code, which keeps getting faster), so treebatch
+times the loaded model at start-up instead of trusting a constant: forward passes of M prefill
+tokens for M from 16 to 2048, plus decodes over a short and a long context for the attention
+term. The result is a `CalibrationTable`, written as JSON under
+`<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
+thread count, the CPU model and the code that runs the step, so a later start with the same key
+reads the file instead of measuring (about 3 s on 2 cores for SmolLM2-135M).
+
+The timed steps go through `ModelRunner.execute` like real ones, on scratch KV blocks that are
+zeroed afterwards; nothing is sampled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
+from treebatch.core.outputs import ScheduledChunk, StepPlan
+
+FORMAT = 1  # bump when what is measured changes, so stale files are not reused
+FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+_SEQUENCE_LEN = 256  # a prefill step is made of prompts this long (attention stays moderate)
+_DECODE_BATCH = 32
+_DECODE_CONTEXTS = (64, 1024)
+_TIME_LIMIT_S = 4.0
+FALLBACK_TOKEN_BUDGET = 512
+_CODE_FILES = ("runtime/model_runner.py", "runtime/attention.py", "models/llama.py")
+
+Timer = Callable[[], float]
+
+
+def calibration_key(weights: dict[str, torch.Tensor], model_config: Any, dtype: str, block_size: int) -> dict[str, Any]:
+    """What a measurement is valid for. The model fingerprint hashes every tensor's name, shape
+    and an evenly strided sample of its values: cheap (milliseconds), and two different models
+    collide only if they agree on all of those."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr(model_config).encode())
+    for name in sorted(weights):
+        tensor = weights[name].detach().reshape(-1)
+        step = max(1, tensor.numel() // 1024)
+        digest.update(f"{name}{tuple(weights[name].shape)}".encode())
+        digest.update(tensor[::step].float().numpy().tobytes())
+    code = hashlib.blake2b(digest_size=8)
+    package = Path(__file__).resolve().parent.parent
+    for relative in _CODE_FILES:
+        try:
+            code.update((package / relative).read_bytes())
+        except OSError:
+            pass
+    return {
+        "format": FORMAT,
+        "model": digest.hexdigest(),
+        "dtype": dtype,
+        "block_size": block_size,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "torch": torch.__version__,
+        "code": code.hexdigest(),
+    }
+
+
+def cache_path(key: dict[str, Any], cache_dir: Path) -> Path:
+    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
+    return cache_dir / "calibration" / f"{name}.json"
+
+
+def load_or_measure(runner: Any, key: dict[str, Any], cache_dir: Path, timer: Timer = time.perf_counter) -> CalibrationTable:
+    """The cached table for `key`, or a fresh measurement (then cached)."""
+    path = cache_path(key, cache_dir)
+    try:
+        table = CalibrationTable.from_dict(json.loads(path.read_text()))
+        if table.key == key:
+            return table
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        pass  # missing or unreadable: measure again
+    table = measure(runner, key, timer)
+    if table.is_complete:  # an interrupted measurement is not worth keeping: retry next start
+        _write_atomically(path, json.dumps(table.to_dict(), indent=1))
+    return table
+
+
+def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.perf_counter) -> CalibrationTable:
+    block_size = runner.block_size
+    num_slots = runner.kv_cache.shape[2]
+    sequence_len = max(1, min(_SEQUENCE_LEN, num_slots - 1))
+    table = list(range(-(-(max(_DECODE_CONTEXTS) + 1) // block_size)))
+    table = [b % (num_slots // block_size) for b in table]  # tiny test pools: reuse blocks
+    try:
+        _execute(runner, _prefill_plan(16, sequence_len, table))  # the first call pays one-off costs
+        forward, is_complete = _forward_curve(runner, sequence_len, table, timer)
+        short, long = (
+            _best_time(runner, _decode_plan(_DECODE_BATCH, c, table), timer) for c in _DECODE_CONTEXTS
+        )
+    finally:
+        runner.kv_cache[:, :, : len(table) * block_size] = 0  # scratch KV back to zeros
+    pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[1] - _DECODE_CONTEXTS[0])
+    return CalibrationTable(
+        forward_seconds=forward,
+        seconds_per_context_pair=max(0.0, (long - short) / pairs),
+        # A curve cut short by the time limit (a busy or slow machine) does not show where
+        # throughput stops growing: fall back to a budget that is sound on any CPU.
+        token_budget=choose_token_budget(forward) if is_complete else FALLBACK_TOKEN_BUDGET,
+        key=dict(key or {}),
+        is_complete=is_complete,
+    )
+
+
+def _forward_curve(
+    runner: Any, sequence_len: int, table: list[int], timer: Timer
+) -> tuple[dict[int, float], bool]:
+    """Seconds per forward pass for growing sizes. Stops once two sizes in a row gained under 5%
+    tokens/s on the best so far (the knee is behind us), or when the time spent passes
+    `_TIME_LIMIT_S`: a start-up measurement must stay a few seconds. Returns the curve and
+    whether it is complete (flattened, or measured to the largest size)."""
+    forward: dict[int, float] = {}
+    best_rate, flat, began = 0.0, 0, timer()
+    for m in FORWARD_SIZES:
+        forward[m] = _best_time(runner, _prefill_plan(m, sequence_len, table), timer)
+        rate = m / forward[m]
+        flat = flat + 1 if rate < 1.05 * best_rate else 0
+        best_rate = max(best_rate, rate)
+        if flat >= 2:
+            return forward, True
+        if timer() - began > _TIME_LIMIT_S:
+            return forward, m == FORWARD_SIZES[-1]
+    return forward, True
+
+
+def _best_time(runner: Any, plan: StepPlan, timer: Timer, repeats: int = 2) -> float:
+    """The fastest of a few runs: other processes on the machine only ever add time."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = timer()
+        _execute(runner, plan)
+        best = min(best, timer() - start)
+    return max(best, 1e-9)
+
+
+def _execute(runner: Any, plan: StepPlan) -> None:
+    with torch.inference_mode():
+        runner.execute(plan)
+
+
+def _prefill_plan(num_tokens: int, sequence_len: int, block_table: list[int]) -> StepPlan:
+    """`num_tokens` prompt tokens as prompts of `sequence_len` from position 0, all on the same
+    scratch blocks (their keys overwrite each other, which does not change the work)."""
+    rng = np.random.default_rng(num_tokens)
+    chunks = []
+    for index, start in enumerate(range(0, num_tokens, sequence_len)):
+        length = min(sequence_len, num_tokens - start)
+        ids = rng.integers(100, 1000, size=length).tolist()
+        chunks.append(ScheduledChunk(f"calibration-{index}", ids, 0, block_table, False, 0))
+    return StepPlan(chunks)
+
+
+def _decode_plan(batch: int, context: int, block_table: list[int]) -> StepPlan:
+    chunks = [ScheduledChunk(f"calibration-{i}", [100 + i], context, block_table, False, 0) for i in range(batch)]
+    return StepPlan(chunks)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only means measuring again next time
