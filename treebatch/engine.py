@@ -174,7 +174,8 @@ class LLMEngine:
         started = time.perf_counter()
         self._finish_warmup_if_done()
         plan = self.scheduler.schedule()
-        queues = (len(self.scheduler.running), len(self.scheduler.waiting))
+        kv = self.scheduler.kv
+        queues = (len(self.scheduler.running), len(self.scheduler.waiting), kv.pool.num_blocks - kv.num_free_blocks)
         if plan.is_empty:
             if self.scheduler.has_unfinished_requests:
                 raise RuntimeError("the scheduler planned nothing while requests wait: KV too small")
@@ -210,8 +211,9 @@ class LLMEngine:
             self._write_trace(plan, queues, time.perf_counter() - started)
         return finished
 
-    def _write_trace(self, plan: StepPlan, queues: tuple[int, int], seconds: float) -> None:
-        """One JSON line per step; running and waiting are counted as the step was planned."""
+    def _write_trace(self, plan: StepPlan, queues: tuple[int, int, int], seconds: float) -> None:
+        """One JSON line per step; running, waiting and KV blocks in use are counted as the step
+        was planned (its KV allocated, before finished requests free theirs)."""
         scheduler = self.scheduler
         num_decode = plan.num_decode_tokens
         record = {
@@ -224,7 +226,7 @@ class LLMEngine:
             "num_waiting": queues[1],
             "num_preempted": len(plan.preempted_request_ids),
             "token_budget": scheduler.token_budget,
-            "kv_used_blocks": scheduler.kv.pool.num_blocks - scheduler.kv.num_free_blocks,
+            "kv_used_blocks": queues[2],
             "kv_total_blocks": scheduler.kv.pool.num_blocks,
             "step_time_s": round(seconds, 6),
         }

@@ -1,0 +1,76 @@
+"""Start-up calibration: the budget is the knee of the measured curve, cached and reused."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
+from treebatch.core.outputs import StepPlan
+from treebatch.runtime.calibration import cache_path, load_or_measure, measure
+
+
+class FakeRunner:
+    """Charges a fake clock per step: a fixed cost up to 64 tokens, then 5000 tokens/s (the knee
+    is 128), plus 1 us per decode context key."""
+
+    block_size = 16
+
+    def __init__(self, clock: list[float]) -> None:
+        self.kv_cache = torch.ones(1, 2, 64 * 16, 1, 2)
+        self.clock = clock
+        self.num_steps = 0
+
+    def execute(self, plan: StepPlan) -> None:
+        self.num_steps += 1
+        self.clock[0] += max(0.02, plan.num_tokens / 5000)
+        self.clock[0] += sum(c.start_position for c in plan.chunks if c.num_tokens == 1) * 1e-6
+
+
+def fake():
+    clock = [0.0]
+    return FakeRunner(clock), lambda: clock[0]
+
+
+def test_measure_finds_the_knee_and_the_attention_cost():
+    runner, timer = fake()
+    table = measure(runner, {"model": "m"}, timer)
+    assert table.token_budget == 128 and table.is_complete
+    assert max(table.forward_seconds) == 512  # stopped once two sizes gained nothing
+    assert abs(table.seconds_per_context_pair - 1e-6) < 1e-9
+    assert runner.kv_cache.abs().sum() == 0  # scratch KV zeroed again
+
+
+def test_calibration_is_cached_and_reused_per_key(tmp_path):
+    runner, timer = fake()
+    first = load_or_measure(runner, {"model": "m", "threads": 2}, tmp_path, timer)
+    steps = runner.num_steps
+    assert steps > 0 and cache_path({"model": "m", "threads": 2}, tmp_path).is_file()
+    again = load_or_measure(runner, {"model": "m", "threads": 2}, tmp_path, timer)
+    assert runner.num_steps == steps and again == first  # read back, nothing run
+    load_or_measure(runner, {"model": "m", "threads": 1}, tmp_path, timer)
+    assert runner.num_steps > steps  # another key measures again
+    data = json.loads(cache_path({"model": "m", "threads": 2}, tmp_path).read_text())
+    assert CalibrationTable.from_dict(data) == first
+
+
+def test_cut_short_measurement_falls_back_and_is_not_cached(tmp_path):
+    clock = [0.0]
+    runner = FakeRunner(clock)
+    runner.execute = lambda plan: clock.__setitem__(0, clock[0] + 3.0)  # a very busy machine
+    table = load_or_measure(runner, {"model": "slow"}, tmp_path, lambda: clock[0])
+    assert not table.is_complete and table.token_budget == 512
+    assert not cache_path({"model": "slow"}, tmp_path).exists()
+
+
+def test_choose_token_budget_is_the_smallest_size_near_the_best_rate():
+    assert choose_token_budget({32: 0.032, 64: 0.040, 128: 0.060, 256: 0.115, 512: 0.23}) == 128
+    assert choose_token_budget({32: 0.01, 64: 0.04}) == 32
+
+
+def test_table_interpolates_and_extrapolates():
+    table = CalibrationTable({32: 0.01, 128: 0.02}, 1e-7, 128)
+    assert table.forward_time(8) == 0.01 and abs(table.forward_time(80) - 0.015) < 1e-12
+    assert abs(table.forward_time(256) - 0.04) < 1e-12
+    assert abs(table.step_time(1, 1000) - (0.01 + 1e-4)) < 1e-12
