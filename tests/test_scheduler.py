@@ -235,3 +235,37 @@ def test_nested_groups_extend_parent_kv_and_release_bottom_up():
             computed += max(0, min(c.start_position + c.num_tokens, prompt_lengths[c.request_id]) - c.start_position)
     assert computed == summary.num_planned_tokens
     assert all(g.is_released for g in s.groups.groups.values()) and s.kv.num_free_blocks == 32
+
+
+def test_admission_is_bound_by_kv_growth_not_request_count():
+    # 8 blocks of 4; six 4-token prompts that will grow to 8 tokens (a second block each).
+    # The k-th admission must leave half the running requests' growth free: 7 - k >= (k + 1) / 2.
+    s = make_scheduler(num_blocks=8, block_size=4, budget=64, max_seqs=1024)
+    for rid in "abcdef":
+        s.add_request(make_request(rid, 4, max_tokens=4, ignore_eos=True))
+    plan, _ = run_step(s)
+    assert [c.request_id for c in plan.chunks] == ["a", "b", "c", "d", "e"]
+    while s.has_unfinished_requests:
+        run_step(s)
+    assert s.kv.num_free_blocks == 8
+
+
+def test_decodes_come_before_running_prefill_chunks():
+    # `b` (a long prompt) was admitted first and is mid-prefill; `a`, admitted after it, decodes.
+    # Admission order would put b's chunk first and starve a; stall-free order runs a's decode
+    # first in every step and gives b the rest of the budget.
+    s = make_scheduler(num_blocks=64, block_size=4, budget=8)
+    b = make_request("b", 30, max_tokens=2)
+    s.add_request(b)
+    run_step(s)  # b's first chunk
+    a = make_request("a", 2, max_tokens=6)
+    s.requests["a"] = a
+    assert s.kv.allocate_slots(a, 2)
+    a.num_computed_tokens = 2
+    a.append_output_token(7)
+    a.status = RequestStatus.RUNNING
+    s.running.append(a)
+    assert [r.request_id for r in s.running] == ["b", "a"]
+    for _ in range(3):
+        plan, _ = run_step(s)
+        assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [("a", 1), ("b", 7)]
