@@ -98,7 +98,8 @@ def main() -> None:
                 reason = f"not available ({reason})"
                 print(f"{name}: {reason}", file=sys.stderr, flush=True)
             for workload in workloads:
-                row: dict[str, Any] = {"variant": name, "options": options, "workload": workload}
+                row: dict[str, Any] = {"variant": name, "options": options, "workload": workload,
+                                       "unique_prompt_tokens": batches[workload]["needed"]["unique_prompt_tokens"]}
                 result = results.get(workload)
                 if result is None:
                     row["status"] = reason or "no result"
@@ -109,6 +110,9 @@ def main() -> None:
                                                        "loadavg_1m_before", "loadavg_1m_after",
                                                        "engine_start_seconds")})
                     row["treebatch_summary"] = result.get("options", {}).get("treebatch_summary")
+                    if result.get("options", {}).get("predicted_seconds") is not None:
+                        row["predicted_seconds"] = result["options"]["predicted_seconds"]
+                        row["cost_model"] = result["options"].get("cost_model")
                 rows.append(row)
         if args.roofline:
             peaks.append(measure_peak_in_subprocess())

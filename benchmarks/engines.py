@@ -37,7 +37,8 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
         batch = [{"prompt_token_ids": ids} for ids in prompts]
         predicted = predict_treebatch_seconds(llm, prompts, max_tokens)  # before the timer
         if predicted is not None:
-            info["predicted_seconds"] = round(predicted, 2)
+            info["predicted_seconds"] = round(predicted["seconds"], 2)
+            info["cost_model"] = predicted
         start = time.perf_counter()
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -47,22 +48,27 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
     return generate
 
 
-def predict_treebatch_seconds(llm: Any, prompts: list[list[int]], max_tokens: int) -> float | None:
-    """Hook for treebatch's cost model (`treebatch/core/cost_model.py`, fed by the calibration the
-    engine measured at start): its predicted seconds for this batch, shown as the "predicted s"
-    column of treebatch rows. None, and no column, while there is no cost model to ask."""
+def predict_treebatch_seconds(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any] | None:
+    """treebatch's cost model (`treebatch.core.cost_model.predict_batch_time`) for this batch, from
+    the calibration the engine measured (or read from its cache) at start and with the engine's
+    own budget, policy and KV size: the "predicted s" column of treebatch rows. Called before the
+    timer; None (no column) if the cost model is missing or fails."""
     try:
-        from treebatch.core import cost_model
+        from treebatch.core.cost_model import predict_batch_time
     except ImportError:
         return None
-    predict = getattr(cost_model, "predict_seconds", None)
-    if predict is None:
-        return None
     try:
-        return float(predict(llm, prompts, max_tokens))
+        engine, config = llm.engine, llm.config
+        scheduler = config.scheduler
+        prediction = predict_batch_time(
+            prompts, max_tokens, engine.calibration, token_budget=engine.token_budget,
+            block_size=config.cache.block_size, min_shared_prefix_tokens=scheduler.min_shared_prefix_tokens,
+            order_policy=getattr(engine, "order_policy", scheduler.order_policy), max_num_seqs=scheduler.max_num_seqs, num_kv_blocks=engine.num_blocks)
     except Exception as error:  # a prediction must never fail a benchmark run
         print(f"cost model: no prediction ({type(error).__name__}: {error})", flush=True)
         return None
+    key = "predicted_seconds" if scheduler.enable_prefix_sharing else "predicted_seconds_no_sharing"
+    return {"seconds": float(prediction[key]), **prediction}
 
 
 def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int) -> list[list[int]]:

@@ -200,21 +200,22 @@ def write_plot(runs: dict[str, dict[str, dict[str, Any]]], path: Path, title: st
 def ablation_table(rows: list[dict[str, Any]]) -> str:
     """variant x workload for treebatch alone; ratio = variant seconds / default seconds on the
     same workload (> 1: the variant is slower than the default config)."""
-    out = ["| variant | engine options | workload | seconds | generated tok/s | variant s / default s "
-           "| computed prompt tokens (unique) | steps | needed GFLOP/s | of peak | load avg (before, after) |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| variant | engine options | workload | seconds | predicted s | generated tok/s | variant s / default s "
+           "| computed prompt tokens (trie's unique) | steps | needed GFLOP/s | of peak | load avg (before, after) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     default = {r["workload"]: r for r in rows if r["variant"] == "default" and "seconds" in r}
     for r in rows:
         options = ", ".join(f"`{k}={v!r}`" for k, v in r["options"].items()) or "(defaults)"
         if "seconds" not in r:
-            out.append(f"| {r['variant']} | {options} | {r['workload']} | {r['status']} | | | | | | | |")
+            out.append(f"| {r['variant']} | {options} | {r['workload']} | {r['status']} |" + " |" * 8)
             continue
         base = default.get(r["workload"])
         ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "-"
         summary = r.get("treebatch_summary") or {}
-        computed = (f"{summary['computed_prompt_tokens']:,} ({summary.get('unique_prompt_tokens', 0):,})"
+        computed = (f"{summary['computed_prompt_tokens']:,} ({r.get('unique_prompt_tokens', 0):,})"
                     if "computed_prompt_tokens" in summary else "-")
-        out.append(f"| {r['variant']} | {options} | {r['workload']} | {r['seconds']:.1f} "
+        predicted = f"{r['predicted_seconds']:.1f}" if r.get("predicted_seconds") is not None else "-"
+        out.append(f"| {r['variant']} | {options} | {r['workload']} | {r['seconds']:.1f} | {predicted} "
                    f"| {r['generated_tokens_per_s']:.1f} | {ratio} | {computed} | {summary.get('steps', '-')} "
                    f"| {_roofline_cells(r)} | {r['loadavg_1m_before']}, {r['loadavg_1m_after']} |")
     return "\n".join(out)
