@@ -38,8 +38,6 @@ class _Work:
     start: int  # position of its first computed token (what its chunks attend to before them)
     outputs: int  # tokens it generates (0 for a group's prefix)
     waits_for: int | None  # queue index of the prefix that must be complete before it starts
-    group: int | None = None  # the group whose KV it holds a share of (KV model only)
-    prefix_of: int | None = None
 
 
 def predict_batch_time(
@@ -97,8 +95,7 @@ def _shared_queue(
         if request.is_prefix:
             prefix_index[request.prefix_of] = index
         outputs_of = 0 if request.is_prefix else request.max_tokens
-        work.append(_Work(request.num_prompt_tokens - start, start, outputs_of, waits_for,
-                          request.group_id, request.prefix_of))
+        work.append(_Work(request.num_prompt_tokens - start, start, outputs_of, waits_for))
     return work
 
 
