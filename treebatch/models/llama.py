@@ -44,8 +44,8 @@ def rope_inverse_frequencies(config: ModelConfig, rope_freqs: torch.Tensor | Non
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    """One fused op where torch has it (the explicit form costs six per call)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 # Below this many rows, MKL's float32 GEMM runs W @ x^T markedly faster than x @ W^T on the
@@ -53,18 +53,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 _SMALL_BATCH_ROWS = 128
 
 
-def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T, in whichever orientation is faster for this many rows."""
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), in whichever orientation is faster for this many rows."""
     if x.shape[0] <= _SMALL_BATCH_ROWS:
-        return torch.matmul(weight, x.t()).t()
-    return F.linear(x, weight)
+        out = torch.matmul(weight, x.t()).t()
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D]. The half-split (rotate_half) layout of HF weights."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos, signed_sin: [T, 1, D]. The half-split (rotate_half) layout of HF
+    weights: rotate_half(x) * sin == roll(x, D/2) * signed_sin, with signed_sin = (-sin, sin) over
+    the two halves, so the rotation is three ops."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class _Layer:
@@ -114,7 +115,7 @@ class LlamaForCausalLM:
         freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos = emb.cos().to(dtype)
-        self.rope_sin = emb.sin().to(dtype)
+        self.rope_signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
         self.scale = config.head_dim**-0.5
 
     @torch.inference_mode()
@@ -132,21 +133,22 @@ class LlamaForCausalLM:
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
+        sin = self.rope_signed_sin[positions].unsqueeze(1)
+        num_qk_heads = cfg.num_heads + cfg.num_kv_heads
 
         hidden = F.embedding(input_ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            qkv = project(x, layer.qkv, layer.qkv_bias).contiguous()
+            # Queries and keys rotate together: one rotation for all their heads.
+            qk = apply_rope(qkv[:, : q_size + kv_size].view(num_tokens, num_qk_heads, cfg.head_dim), cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+            v = qkv[:, q_size + kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
             k_cache.index_copy_(0, metadata.slot_mapping, k)
             v_cache.index_copy_(0, metadata.slot_mapping, v)
             attn = paged_attention(q, k_cache, v_cache, metadata, self.scale)
-            hidden = hidden + F.linear(attn.view(num_tokens, q_size), layer.o_proj)
+            hidden = hidden + project(attn.reshape(num_tokens, q_size), layer.o_proj)
 
             x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
             gate, up = project(x, layer.gate_up).chunk(2, dim=-1)

@@ -1,9 +1,14 @@
-"""Paged attention over the KV cache: the torch reference path.
+"""Paged attention over the KV cache, plain and shared-prefix (cascade).
 
 The KV cache of one layer is a flat array of slots, [num_slots, kv_heads, head_dim]; a sequence's
 keys live in the blocks its block table names. A step's tokens come decodes first (one query per
 sequence, batched into a single product with a padding mask), then prefill chunks (each a causal
-block of queries against all of its sequence's keys so far).
+block of queries against all of its sequence's keys so far), then prefix groups.
+
+Everything that depends only on the step (block indices, masks as additive biases) is built once,
+by the runner or at the first layer; per layer there remain block gathers, the attention products
+and one concatenation. On a few CPU cores each extra small op costs a thread-pool round trip, and
+a step pays it once per layer.
 """
 
 from __future__ import annotations
@@ -20,18 +25,18 @@ class PrefillChunk:
     num_queries: int
     context_len: int  # keys this chunk attends to: positions [0, context_len)
     context_blocks: torch.Tensor  # [ceil(context_len / block_size)] the sequence's blocks
-    mask: torch.Tensor | None  # [num_queries, context_len] bool, None when plainly causal
+    bias: torch.Tensor | None  # [num_queries, context_len] additive mask; None when plainly causal
 
 
 @dataclass(slots=True)
 class SuffixChunk:
     """A group member's prefill chunk: its queries against its own keys after the shared prefix."""
 
-    query_start: int
     num_queries: int
     suffix_blocks: torch.Tensor  # the member's blocks from the end of the shared prefix on
     suffix_len: int  # keys at positions [prefix_len, prefix_len + suffix_len)
-    mask: torch.Tensor  # [num_queries, suffix_len] bool
+    mask: torch.Tensor  # [num_queries, suffix_len] bool (True = attend)
+    folded_bias: torch.Tensor | None = None  # the mask in the GQA-folded layout, made at first use
 
 
 @dataclass(slots=True)
@@ -39,10 +44,11 @@ class CascadeGroup:
     """The queries of one prefix group in a step, attended as prefix (once) + own suffixes."""
 
     prefix_blocks: torch.Tensor  # the group's shared full blocks
-    rows: torch.Tensor  # flat-batch rows of every query of the group: decode rows, then chunks
-    num_decodes: int  # rows[:num_decodes] are single-query decodes
-    decode_suffix_blocks: torch.Tensor | None  # [num_decodes, max_blocks], padded with block 0
-    decode_suffix_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]
+    row_start: int  # the group's queries are rows [row_start, row_start + num_rows) of the step
+    num_rows: int
+    num_decodes: int  # its first num_decodes rows are single-query decodes, then the chunks
+    decode_suffix_blocks: torch.Tensor | None  # [num_decodes * max_blocks], padded with block 0
+    decode_suffix_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive
     chunks: list[SuffixChunk] = field(default_factory=list)
 
 
@@ -51,19 +57,33 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each token's K and V are written
     block_size: int
     num_decodes: int = 0  # rows [0, num_decodes) are single-query decodes
-    decode_blocks: torch.Tensor | None = None  # [num_decodes, max_blocks] (padded with block 0)
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_blocks: torch.Tensor | None = None  # [num_decodes * max_blocks] (padded with block 0)
+    decode_bias: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] additive
     prefills: list[PrefillChunk] = field(default_factory=list)
     cascades: list[CascadeGroup] = field(default_factory=list)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A boolean mask (True = attend) as the bias softmax attention adds: 0 or -inf."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
 def causal_mask(start_position: int, num_queries: int, context_len: int) -> torch.Tensor | None:
-    """Query i sits at position start+i and sees keys 0..start+i. None when the plain causal
-    (top-left aligned) mask of a square block already says that."""
+    """Query i sits at position start+i and sees keys 0..start+i, as an additive bias. None when
+    the plain causal (top-left aligned) mask of a square block already says that."""
     if start_position == 0 and num_queries == context_len:
         return None
     query_positions = torch.arange(start_position, start_position + num_queries).unsqueeze(1)
-    return torch.arange(context_len).unsqueeze(0) <= query_positions
+    return additive_mask(torch.arange(context_len).unsqueeze(0) <= query_positions)
+
+
+def gather_blocks(cache_rows: torch.Tensor, blocks: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """The slots of `blocks` in order: [blocks.numel() * block_size, kv_heads, D].
+
+    `cache_rows` is one layer's K or V cache viewed as [num_blocks, block_size * kv_heads * D]:
+    selecting whole rows copies contiguous runs, several times faster than advanced indexing of
+    a 4-d view (measured 4x for a 38-block prefix)."""
+    return cache_rows.index_select(0, blocks).view(-1, num_kv_heads, head_dim)
 
 
 def paged_attention(
@@ -77,76 +97,90 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    # Gathering whole blocks copies contiguous runs of block_size slots: far cheaper than a
-    # gather per slot.
-    k_blocks = k_cache.view(-1, metadata.block_size, num_kv_heads, head_dim)
-    v_blocks = v_cache.view(-1, metadata.block_size, num_kv_heads, head_dim)
+    k_rows = k_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
+    v_rows = v_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
+    parts: list[torch.Tensor] = []  # the step's rows in order: decodes, prefill chunks, groups
 
     num_decodes = metadata.num_decodes
     if num_decodes:
         # Grouped-query heads fold into the query dimension: [S, kv_heads, group, D].
         queries = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
-        keys = k_blocks[metadata.decode_blocks].flatten(1, 2).transpose(1, 2)  # [S, kv_heads, L, D]
-        values = v_blocks[metadata.decode_blocks].flatten(1, 2).transpose(1, 2)
+        keys = gather_blocks(k_rows, metadata.decode_blocks, num_kv_heads, head_dim)
+        values = gather_blocks(v_rows, metadata.decode_blocks, num_kv_heads, head_dim)
+        keys = keys.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)  # [S, kv_heads, L, D]
+        values = values.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
         decoded = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=metadata.decode_mask, scale=scale
+            queries, keys, values, attn_mask=_as(metadata.decode_bias, q), scale=scale
         )
-        out[:num_decodes] = decoded.reshape(num_decodes, num_heads, head_dim)
+        parts.append(decoded.reshape(num_decodes, num_heads, head_dim))
 
     for chunk in metadata.prefills:
-        rows = slice(chunk.query_start, chunk.query_start + chunk.num_queries)
-        queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, D]
+        queries = q[chunk.query_start : chunk.query_start + chunk.num_queries].transpose(0, 1).unsqueeze(0)
         length = chunk.context_len
-        keys = k_blocks[chunk.context_blocks].flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
-        values = v_blocks[chunk.context_blocks].flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+        keys = gather_blocks(k_rows, chunk.context_blocks, num_kv_heads, head_dim)[:length]
+        values = gather_blocks(v_rows, chunk.context_blocks, num_kv_heads, head_dim)[:length]
         attended = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=chunk.mask,
-            is_causal=chunk.mask is None,
+            queries,  # [1, heads, n, D]
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=_as(chunk.bias, q),
+            is_causal=chunk.bias is None,
             scale=scale,
             enable_gqa=group > 1,
         )
-        out[rows] = attended.squeeze(0).transpose(0, 1)
+        parts.append(attended.squeeze(0).transpose(0, 1))
 
     for cascade in metadata.cascades:
-        out[cascade.rows] = _cascade_attention(q, k_blocks, v_blocks, cascade, scale)
-    return out
+        parts.append(_cascade_attention(q, k_rows, v_rows, cascade, scale, num_kv_heads))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _as(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    return bias if bias is None or bias.dtype == q.dtype else bias.to(q.dtype)
 
 
 # -- shared-prefix (cascade) attention -----------------------------------------------------------
 
 
 def _cascade_attention(
-    q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, cascade: CascadeGroup, scale: float
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    cascade: CascadeGroup,
+    scale: float,
+    num_kv_heads: int,
 ) -> torch.Tensor:
-    num_kv_heads, head_dim = k_blocks.shape[2], k_blocks.shape[3]
-    queries = q[cascade.rows]  # [N, heads, D]
-    num_heads = queries.shape[1]
+    num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
-    prefix_k = k_blocks[cascade.prefix_blocks].flatten(0, 1)
-    prefix_v = v_blocks[cascade.prefix_blocks].flatten(0, 1)
+    queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
+    prefix_k = gather_blocks(k_rows, cascade.prefix_blocks, num_kv_heads, head_dim)
+    prefix_v = gather_blocks(v_rows, cascade.prefix_blocks, num_kv_heads, head_dim)
     prefix_out, prefix_lse = shared_prefix_attention(queries, prefix_k, prefix_v, scale)
 
-    suffix_out = torch.empty_like(queries)
-    suffix_lse = torch.empty(queries.shape[:2], dtype=queries.dtype)
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
     num_decodes = cascade.num_decodes
     if num_decodes:
         folded = queries[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
-        keys = k_blocks[cascade.decode_suffix_blocks].flatten(1, 2).transpose(1, 2)
-        values = v_blocks[cascade.decode_suffix_blocks].flatten(1, 2).transpose(1, 2)
-        out, lse = attention_with_lse(folded, keys, values, scale, cascade.decode_suffix_mask)
-        suffix_out[:num_decodes] = out.reshape(num_decodes, num_heads, head_dim)
-        suffix_lse[:num_decodes] = lse.reshape(num_decodes, num_heads)
+        keys = gather_blocks(k_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
+        values = gather_blocks(v_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
+        keys = keys.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = values.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+        out, lse = attention_with_lse(folded, keys, values, scale, _as(cascade.decode_suffix_bias, q))
+        outs.append(out.reshape(num_decodes, num_heads, head_dim))
+        lses.append(lse.reshape(num_decodes, num_heads))
     row = num_decodes
     for chunk in cascade.chunks:
-        rows = slice(row, row + chunk.num_queries)
-        keys = k_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len]
-        values = v_blocks[chunk.suffix_blocks].flatten(0, 1)[: chunk.suffix_len]
-        suffix_out[rows], suffix_lse[rows] = folded_attention_with_lse(queries[rows], keys, values, scale, chunk.mask)
+        if chunk.folded_bias is None:  # once per step, reused by every layer
+            chunk.folded_bias = _as(additive_mask(fold_mask(chunk.mask, group)), q)
+        keys = gather_blocks(k_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
+        values = gather_blocks(v_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
+        out, lse = folded_attention_with_lse(queries[row : row + chunk.num_queries], keys, values, scale, chunk.folded_bias)
+        outs.append(out)
+        lses.append(lse)
         row += chunk.num_queries
+    suffix_out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    suffix_lse = lses[0] if len(lses) == 1 else torch.cat(lses)
     return merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
 
 
@@ -160,15 +194,15 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of each query's scores.
 
-    q: [B, H, M, D], k and v: [B, H, L, D], mask broadcastable to [B, H, M, L] (True = attend);
-    every query must see at least one key. Returns out [B, H, M, D] and lse [B, H, M].
+    q: [B, H, M, D], k and v: [B, H, L, D]; mask broadcastable to [B, H, M, L], boolean (True =
+    attend) or an additive bias; every query must see at least one key. Returns out [B, H, M, D]
+    and lse [B, H, M].
     """
     if _FUSED_WITH_LSE is None or q.device.type != "cpu":
         return attention_with_lse_reference(q, k, v, scale, mask)
-    additive = None
-    if mask is not None:
-        additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-    out, lse = _FUSED_WITH_LSE(q, k, v, scale=scale, attn_mask=additive)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = additive_mask(mask, q.dtype)
+    out, lse = _FUSED_WITH_LSE(q, k, v, scale=scale, attn_mask=mask)
     return out, lse
 
 
@@ -179,7 +213,7 @@ def attention_with_lse_reference(
     A query that sees no key gets out 0 and lse -inf, which merging treats as an empty part."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(scores.dtype).min))
     return torch.matmul(weights, v), lse
@@ -190,13 +224,12 @@ def merge_attention(
 ) -> torch.Tensor:
     """Exact softmax attention over the union of two disjoint key sets, from each part's result.
 
-    softmax over A u B = (e^lse_a * out_a + e^lse_b * out_b) / (e^lse_a + e^lse_b), computed
-    relative to the larger lse so nothing overflows.
+    softmax over A u B = (e^lse_a * out_a + e^lse_b * out_b) / (e^lse_a + e^lse_b)
+                       = out_b + sigmoid(lse_a - lse_b) * (out_a - out_b),
+    which never overflows and is three ops. A part that saw no key (lse -inf) gets weight 0.
     """
-    top = torch.maximum(lse_a, lse_b)
-    weight_a = torch.exp(lse_a - top).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - top).unsqueeze(-1)
-    return (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
+    weight_a = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
+    return torch.lerp(out_b, out_a, weight_a.to(out_a.dtype))
 
 
 def shared_prefix_attention(
@@ -211,20 +244,27 @@ def shared_prefix_attention(
     return folded_attention_with_lse(q, prefix_k, prefix_v, scale)
 
 
+def fold_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, L] mask of N queries -> [1, 1, N * group, L]: row (query i, head g) of the folded layout
+    takes row i."""
+    return mask.repeat_interleave(group, dim=0).view(1, 1, mask.shape[0] * group, mask.shape[1])
+
+
 def folded_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, folded_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries of one key set with grouped-query heads folded into the query dimension, so the
     whole set is one [kv_heads, N * group, L] product. q: [N, heads, D]; k, v: [L, kv_heads, D];
-    mask: [N, L] (True = attend) or None. Returns out [N, heads, D] and lse [N, heads]."""
+    folded_mask: None or `fold_mask` of an [N, L] mask (boolean or additive). Returns out
+    [N, heads, D] and lse [N, heads]."""
     num_queries, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     folded = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
     folded = folded.reshape(1, num_kv_heads, num_queries * group, head_dim)
-    if mask is not None:  # row (query i, head g) of the folded layout takes mask row i
-        mask = mask.repeat_interleave(group, dim=0).view(1, 1, num_queries * group, -1)
-    out, lse = attention_with_lse(folded, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale, mask)
+    out, lse = attention_with_lse(
+        folded, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale, folded_mask
+    )
     out = out.view(num_kv_heads, num_queries, group, head_dim).permute(1, 0, 2, 3)
     lse = lse.view(num_kv_heads, num_queries, group).permute(1, 0, 2)
     return out.reshape(num_queries, num_heads, head_dim), lse.reshape(num_queries, num_heads)

@@ -7,18 +7,19 @@ of each prefix group that has enough queries in this step to gain from shared-pr
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 
 from treebatch.core.outputs import ScheduledChunk, StepPlan, StepResult
 from treebatch.models.llama import LlamaForCausalLM
-from collections import defaultdict
-
 from treebatch.runtime.attention import (
     AttentionMetadata,
     CascadeGroup,
     PrefillChunk,
     SuffixChunk,
+    additive_mask,
     causal_mask,
 )
 from treebatch.runtime.sampler import Sampler
@@ -119,7 +120,7 @@ class ModelRunner:
         positions: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
 
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_bias = None
         if decodes:
             contexts = np.asarray([c.start_position + 1 for c in decodes], dtype=np.int64)
             num_blocks = -(-contexts // self.block_size)
@@ -130,10 +131,10 @@ class ModelRunner:
             last = contexts - 1
             positions.append(last)
             slot_parts.append(padded[np.arange(len(decodes)), last // self.block_size] * self.block_size + last % self.block_size)
-            decode_blocks = torch.from_numpy(padded)
+            decode_blocks = torch.from_numpy(padded.reshape(-1))
             width = padded.shape[1] * self.block_size
             mask = np.arange(width)[None, :] < contexts[:, None]
-            decode_mask = torch.from_numpy(mask).view(len(decodes), 1, 1, width)
+            decode_bias = additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
 
         prefill_chunks: list[PrefillChunk] = []
         row = len(decodes)
@@ -149,7 +150,7 @@ class ModelRunner:
                     num_queries=chunk.num_tokens,
                     context_len=stop,
                     context_blocks=torch.tensor(chunk.block_table[:num_blocks_used], dtype=torch.long),
-                    mask=causal_mask(start, chunk.num_tokens, stop),
+                    bias=causal_mask(start, chunk.num_tokens, stop),
                 )
             )
             row += chunk.num_tokens
@@ -170,7 +171,7 @@ class ModelRunner:
             block_size=self.block_size,
             num_decodes=len(decodes),
             decode_blocks=decode_blocks,
-            decode_mask=decode_mask,
+            decode_bias=decode_bias,
             prefills=prefill_chunks,
             cascades=cascade_groups,
         )
@@ -184,7 +185,7 @@ class ModelRunner:
         assert shared % size == 0 and all(c.num_shared_tokens == shared for c in members)
         first_own = shared // size
         decodes = [c for c in members if c.is_single_query]
-        suffix_blocks = suffix_mask = None
+        suffix_blocks = suffix_bias = None
         if decodes:
             lengths = np.asarray([c.start_position + 1 - shared for c in decodes], dtype=np.int64)
             num_blocks = -(-lengths // size)
@@ -192,11 +193,10 @@ class ModelRunner:
             for i, chunk in enumerate(decodes):
                 padded[i, : num_blocks[i]] = chunk.block_table[first_own : first_own + num_blocks[i]]
             width = padded.shape[1] * size
-            suffix_blocks = torch.from_numpy(padded)
+            suffix_blocks = torch.from_numpy(padded.reshape(-1))
             mask = np.arange(width)[None, :] < lengths[:, None]
-            suffix_mask = torch.from_numpy(mask).view(len(decodes), 1, 1, width)
+            suffix_bias = additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
         chunks = []
-        row = first_row + len(decodes)
         for chunk in members[len(decodes) :]:
             start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
             last_block = -(-stop // size)
@@ -204,21 +204,19 @@ class ModelRunner:
             query_positions = torch.arange(start, stop).unsqueeze(1)
             chunks.append(
                 SuffixChunk(
-                    query_start=row,
                     num_queries=chunk.num_tokens,
                     suffix_blocks=torch.tensor(chunk.block_table[first_own:last_block], dtype=torch.long),
                     suffix_len=stop - shared,
                     mask=key_positions <= query_positions,
                 )
             )
-            row += chunk.num_tokens
-        total = sum(c.num_tokens for c in members)
         return CascadeGroup(
             prefix_blocks=torch.tensor(members[0].block_table[:first_own], dtype=torch.long),
-            rows=torch.arange(first_row, first_row + total),
+            row_start=first_row,
+            num_rows=sum(c.num_tokens for c in members),
             num_decodes=len(decodes),
             decode_suffix_blocks=suffix_blocks,
-            decode_suffix_mask=suffix_mask,
+            decode_suffix_bias=suffix_bias,
             chunks=chunks,
         )
 
