@@ -249,10 +249,6 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _load_llm(**options: Any) -> Any:
     from treebatch.llm import LLM  # deferred: importing torch and the model is slow
 
