@@ -4,11 +4,14 @@
 budget from it and the cost model predicts run times from it. It lives in the core (no torch) so
 that both can read it.
 
-A step's time is modelled as `forward_seconds(tokens) + seconds_per_context_pair * pairs`: the
-first term is everything that grows with the number of tokens in the step (projections, MLP,
+A step's time is modelled as
+    forward_seconds(tokens) + seconds_per_context_pair * pairs + seconds_per_decode * decodes:
+the first term is everything that grows with the number of tokens in the step (projections, MLP,
 logits, overheads), measured on prefill chunks of moderate length; the second is attention over
 keys already in the cache, one pair per (query token, cached key), which is what makes a decode
-over a long context dearer than one over a short context.
+over a long context dearer than one over a short context; the third is what a decode costs beyond
+a prompt token of the same step (its own attention call, its block table), from the same decode
+measurement.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class CalibrationTable:
     token_budget: int  # the step size where tokens/s stops growing
     key: dict[str, Any] = field(default_factory=dict)  # what the measurement is valid for
     is_complete: bool = True  # False: cut short by the time limit (not cached, fallback budget)
+    seconds_per_decode: float = 0.0
 
     def __post_init__(self) -> None:
         assert self.forward_seconds and all(t > 0 for t in self.forward_seconds.values())
@@ -44,10 +48,14 @@ class CalibrationTable:
         t_lo, t_hi = self.forward_seconds[lo], self.forward_seconds[hi]
         return t_lo + (t_hi - t_lo) * (num_tokens - lo) / (hi - lo)
 
-    def step_time(self, num_tokens: int, num_context_pairs: int = 0) -> float:
+    def step_time(self, num_tokens: int, num_context_pairs: int = 0, num_decodes: int = 0) -> float:
         if num_tokens <= 0:
             return 0.0
-        return self.forward_time(num_tokens) + self.seconds_per_context_pair * num_context_pairs
+        return (
+            self.forward_time(num_tokens)
+            + self.seconds_per_context_pair * num_context_pairs
+            + self.seconds_per_decode * num_decodes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +64,7 @@ class CalibrationTable:
             "token_budget": self.token_budget,
             "key": self.key,
             "is_complete": self.is_complete,
+            "seconds_per_decode": self.seconds_per_decode,
         }
 
     @classmethod
@@ -66,6 +75,7 @@ class CalibrationTable:
             token_budget=int(data["token_budget"]),
             key=dict(data.get("key", {})),
             is_complete=bool(data.get("is_complete", True)),
+            seconds_per_decode=float(data.get("seconds_per_decode", 0.0)),
         )
 
 

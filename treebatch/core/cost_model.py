@@ -158,15 +158,14 @@ def _replay(
                 raise RuntimeError("replay stalled: nothing runs and nothing can start")
             # Decode-only until the next request finishes (nothing can start before): closed form.
             k = decodes[0][0] - step + 1
-            seconds += k * table.forward_time(num_decodes) + table.seconds_per_context_pair * (
-                k * context_sum + num_decodes * k * (k - 1) // 2
-            )
+            seconds += k * table.step_time(num_decodes, context_sum, num_decodes)
+            seconds += table.seconds_per_context_pair * (num_decodes * k * (k - 1) // 2)  # contexts grow
             context_sum += k * num_decodes
             step += k
             context_sum = _pop_finished(decodes, step, context_sum, kv)
             continue
 
-        seconds += table.step_time(num_decodes + chunk_tokens, pairs)
+        seconds += table.step_time(num_decodes + chunk_tokens, pairs, num_decodes)
         context_sum += num_decodes
         for entry in completed:
             prefilling.remove(entry)

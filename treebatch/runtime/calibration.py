@@ -31,7 +31,7 @@ import torch
 from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 
-FORMAT = 1  # bump when what is measured changes, so stale files are not reused
+FORMAT = 2  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _SEQUENCE_LEN = 256  # a prefill step is made of prompts this long (attention stays moderate)
 _DECODE_BATCH = 32
@@ -108,14 +108,20 @@ def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.
     finally:
         runner.kv_cache[:, :, : len(table) * block_size] = 0  # scratch KV back to zeros
     pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[1] - _DECODE_CONTEXTS[0])
+    per_pair = max(0.0, (long - short) / pairs)
+    partial = CalibrationTable(forward, per_pair, 1)
+    # What the short-context decodes cost beyond as many prompt tokens and their keys.
+    short_pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[0] + 1)
+    per_decode = max(0.0, (short - partial.step_time(_DECODE_BATCH, short_pairs)) / _DECODE_BATCH)
     return CalibrationTable(
         forward_seconds=forward,
-        seconds_per_context_pair=max(0.0, (long - short) / pairs),
+        seconds_per_context_pair=per_pair,
         # A curve cut short by the time limit (a busy or slow machine) does not show where
         # throughput stops growing: fall back to a budget that is sound on any CPU.
         token_budget=choose_token_budget(forward) if is_complete else FALLBACK_TOKEN_BUDGET,
         key=dict(key or {}),
         is_complete=is_complete,
+        seconds_per_decode=per_decode,
     )
 
 
