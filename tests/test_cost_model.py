@@ -41,3 +41,10 @@ def test_kv_limit_and_dict_calibration():
     loose = predict_batch_time(DISTINCT, 32, TABLE.to_dict())
     assert tight["predicted_seconds"] > loose["predicted_seconds"]
     assert tight["num_steps"] > loose["num_steps"]
+
+
+def test_shared_prefix_attention_reads_the_prefix_once_per_group():
+    table = CalibrationTable({16: 0.02, 64: 0.03, 256: 0.08, 1024: 0.3}, 1e-5, 256)
+    once = predict_batch_time(SHARED, 32, table)["predicted_seconds"]
+    per_member = predict_batch_time(SHARED, 32, table, cascade_min_queries=None)["predicted_seconds"]
+    assert once < per_member

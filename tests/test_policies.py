@@ -100,10 +100,10 @@ def test_warmup_sample_scales_the_rest_by_measured_lengths():
 def test_warmup_only_for_length_weighing_policies_and_large_batches():
     small = make_batch(ignore_eos=False)
     assert not WarmupSample.is_worth_it("ratio", small)  # tiny batch
-    large = small * 20
+    large = small * 70
     assert WarmupSample.is_worth_it("blend", large)
     assert not WarmupSample.is_worth_it("dfs", large)
-    assert not WarmupSample.is_worth_it("ratio", make_batch(ignore_eos=True) * 20)  # exact already
+    assert not WarmupSample.is_worth_it("ratio", make_batch(ignore_eos=True) * 70)  # exact already
 
 
 def test_policies_keep_greedy_tokens(llm):
@@ -121,3 +121,25 @@ def test_policies_keep_greedy_tokens(llm):
             assert tokens == reference, policy
     finally:
         llm.engine.order_policy = llm.config.scheduler.order_policy
+
+
+def test_engine_runs_the_warmup_sample_first_then_the_rest(llm, monkeypatch):
+    from conftest import PROMPTS
+
+    import treebatch.core.policies as policies
+
+    params = SamplingParams(temperature=0.0, max_tokens=5)  # EOS may stop: lengths unknown
+    llm.engine.order_policy = "dfs"
+    reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:12], params, use_tqdm=False)]
+    monkeypatch.setattr(policies, "WARMUP_MIN_REQUESTS", 4)
+    monkeypatch.setattr(policies, "WARMUP_FRACTION", 0.1)
+    started = []
+    original = llm.engine._plan_and_add
+    monkeypatch.setattr(llm.engine, "_plan_and_add", lambda requests: (started.append(len(requests)), original(requests)))
+    try:
+        llm.engine.order_policy = "ratio"
+        outputs = llm.generate(PROMPTS[:12], params, use_tqdm=False)
+    finally:
+        llm.engine.order_policy = llm.config.scheduler.order_policy
+    assert started == [1, 11]  # the sample alone, then the rest once it finished
+    assert [o.outputs[0].token_ids for o in outputs] == reference

@@ -8,8 +8,10 @@ members start the step after its prefix is complete), and costs
 closed form, so a prediction takes milliseconds even for large batches. The same replay with
 every prompt computed whole, in input order, gives the time without sharing.
 
-What it leaves out: shared-prefix attention reading a prefix once per group (decodes are charged
-for their whole context, so sharing is predicted a little slow), stops before max_tokens (every
+Attention is charged per (query, key) pair read from the cache, except that the keys in a group's
+shared full blocks count once per group and step when the group has `cascade_min_queries` queries
+in the step (shared-prefix attention reads them once for all members). What it leaves out: stops
+before max_tokens (every
 request is assumed to generate all of them, as under ignore_eos), tokenization, sampling details
 and start-up. KV is modelled only when `num_kv_blocks` is given: a request then reserves blocks
 for its whole length when it starts, and a group's prefix blocks stay until the group is done.
@@ -38,6 +40,8 @@ class _Work:
     start: int  # position of its first computed token (what its chunks attend to before them)
     outputs: int  # tokens it generates (0 for a group's prefix)
     waits_for: int | None  # queue index of the prefix that must be complete before it starts
+    group: int | None = None  # the group whose prefix KV it reads (shared-prefix attention)
+    shared: int = 0  # leading positions in that group's full blocks: read once per group and step
 
 
 def predict_batch_time(
@@ -51,6 +55,7 @@ def predict_batch_time(
     order_policy: str = "dfs",
     max_num_seqs: int = 1024,
     num_kv_blocks: int | None = None,
+    cascade_min_queries: int | None = 4,
 ) -> dict[str, float | int]:
     """Seconds the batch should take with prefix sharing and without it, and the token counts
     behind them. `token_budget`: None takes the calibration's measured one."""
@@ -60,8 +65,8 @@ def predict_batch_time(
     assert len(outputs) == len(prompts) and all(n >= 1 for n in outputs)
     shared = _shared_queue(prompts, outputs, block_size, min_shared_prefix_tokens, order_policy)
     plain = [_Work(len(p), 0, n, None) for p, n in zip(prompts, outputs)]
-    with_sharing = _replay(shared, table, budget, max_num_seqs, block_size, num_kv_blocks)
-    without = _replay(plain, table, budget, max_num_seqs, block_size, num_kv_blocks)
+    with_sharing = _replay(shared, table, budget, max_num_seqs, block_size, num_kv_blocks, cascade_min_queries)
+    without = _replay(plain, table, budget, max_num_seqs, block_size, num_kv_blocks, cascade_min_queries)
     return {
         "predicted_seconds": round(with_sharing["seconds"], 4),
         "predicted_seconds_no_sharing": round(without["seconds"], 4),
@@ -95,7 +100,8 @@ def _shared_queue(
         if request.is_prefix:
             prefix_index[request.prefix_of] = index
         outputs_of = 0 if request.is_prefix else request.max_tokens
-        work.append(_Work(request.num_prompt_tokens - start, start, outputs_of, waits_for))
+        shared = start - start % block_size
+        work.append(_Work(request.num_prompt_tokens - start, start, outputs_of, waits_for, request.group_id, shared))
     return work
 
 
@@ -106,27 +112,53 @@ def _replay(
     max_num_seqs: int,
     block_size: int,
     num_kv_blocks: int | None,
+    cascade_min_queries: int | None,
 ) -> dict[str, float]:
     """Replay the scheduler's steps on counts: the predicted seconds and number of steps."""
     seconds = 0.0
     step = 0
     next_item = 0
     prefilling: list[list[int]] = []  # [queue index, prompt tokens done], in admission order
-    decodes: list[tuple[int, int, int]] = []  # heap of (last step, keys attended after it, index)
-    context_sum = 0  # keys the running decodes attend to in the current step
+    decodes: list[tuple[int, int, int]] = []  # heap of (last step, own keys after it, index)
+    context_sum = 0  # keys the running decodes attend to this step, beyond their group's shared ones
+    group_decodes: dict[int, int] = {}  # group -> running decodes that read its shared keys
+    shared_of: dict[int, int] = {w.group: w.shared for w in queue if w.group is not None and w.shared}
     done_at: dict[int, int] = {}  # prefix queue index -> step its last chunk ran
     kv = _KVModel(queue, block_size, num_kv_blocks)
+
+    def shared_pairs(chunk_queries: dict[int, int]) -> int:
+        """Keys read from groups' shared blocks: once per group with enough queries."""
+        total = 0
+        for group in set(group_decodes) | set(chunk_queries):
+            queries = group_decodes.get(group, 0) + chunk_queries.get(group, 0)
+            once = cascade_min_queries is not None and queries >= cascade_min_queries
+            total += shared_of[group] * (1 if once else queries)
+        return total
+
+    def finish_decode(index: int, own_context: int) -> None:
+        nonlocal context_sum
+        context_sum -= own_context
+        group = queue[index].group
+        if group in shared_of:
+            group_decodes[group] -= 1
+            if not group_decodes[group]:
+                del group_decodes[group]
+        kv.finish(index)
+
     while next_item < len(queue) or prefilling or decodes:
         num_decodes = len(decodes)
         left = budget - num_decodes
         pairs = context_sum
+        chunk_queries: dict[int, int] = {}
         completed: list[list[int]] = []
 
         def run_chunk(entry: list[int]) -> int:
+            nonlocal pairs
             work = queue[entry[0]]
             n = min(work.prefill - entry[1], left)
-            nonlocal pairs
-            pairs += n * (work.start + entry[1])
+            pairs += n * (work.start + entry[1] - work.shared)
+            if work.group in shared_of:
+                chunk_queries[work.group] = chunk_queries.get(work.group, 0) + n
             entry[1] += n
             if entry[1] == work.prefill:
                 completed.append(entry)
@@ -158,14 +190,16 @@ def _replay(
                 raise RuntimeError("replay stalled: nothing runs and nothing can start")
             # Decode-only until the next request finishes (nothing can start before): closed form.
             k = decodes[0][0] - step + 1
-            seconds += k * table.step_time(num_decodes, context_sum, num_decodes)
+            seconds += k * table.step_time(num_decodes, context_sum + shared_pairs({}), num_decodes)
             seconds += table.seconds_per_context_pair * (num_decodes * k * (k - 1) // 2)  # contexts grow
             context_sum += k * num_decodes
             step += k
-            context_sum = _pop_finished(decodes, step, context_sum, kv)
+            while decodes and decodes[0][0] < step:
+                _, own, index = heapq.heappop(decodes)
+                finish_decode(index, own)
             continue
 
-        seconds += table.step_time(num_decodes + chunk_tokens, pairs, num_decodes)
+        seconds += table.step_time(num_decodes + chunk_tokens, pairs + shared_pairs(chunk_queries), num_decodes)
         context_sum += num_decodes
         for entry in completed:
             prefilling.remove(entry)
@@ -176,25 +210,20 @@ def _replay(
             elif work.outputs == 1:  # the last chunk sampled the only output
                 kv.finish(entry[0])
             else:  # the rest are decodes, one per step, attending length+1, +2, ... keys
-                first = work.start + work.prefill + 1
-                heapq.heappush(decodes, (step + work.outputs - 1, first + work.outputs - 1, entry[0]))
-                context_sum += first
+                own = work.start + work.prefill + 1 - work.shared
+                heapq.heappush(decodes, (step + work.outputs - 1, own + work.outputs - 1, entry[0]))
+                context_sum += own
+                if work.group in shared_of:
+                    group_decodes[work.group] = group_decodes.get(work.group, 0) + 1
         step += 1
-        context_sum = _pop_finished(decodes, step, context_sum, kv)
+        while decodes and decodes[0][0] < step:
+            _, own, index = heapq.heappop(decodes)
+            finish_decode(index, own)
     return {"seconds": seconds, "steps": step}
 
 
 def _is_ready(work: _Work, done_at: dict[int, int], step: int) -> bool:
     return work.waits_for is None or done_at.get(work.waits_for, step) < step
-
-
-def _pop_finished(decodes: list[tuple[int, int, int]], step: int, context_sum: int, kv: "_KVModel") -> int:
-    """Drop decodes whose last step is behind `step`; return the new context sum."""
-    while decodes and decodes[0][0] < step:
-        _, context, index = heapq.heappop(decodes)
-        context_sum -= context
-        kv.finish(index)
-    return context_sum
 
 
 class _KVModel:
