@@ -131,6 +131,11 @@ def load_hf_generate(options: dict[str, Any]) -> Generate:
 
 
 HF_CB_PAGE_SIZE = 256  # transformers' default page (tokens per KV block) for continuous batching
+# Tokens per step for generate_batch. Its default (8192) packs a whole scaled batch into one step,
+# and on CPU its SDPA path is one dense masked attention over all of a step's queries and all
+# keys its requests read (block-diagonal mask, computed in full): quadratic in the step's tokens
+# (docqa took 450 s at 8192 on a loaded machine). 512 = treebatch's fixed budget.
+HF_CB_MAX_BATCH_TOKENS = 512
 
 
 def load_hf_generate_batch(options: dict[str, Any]) -> Generate:
@@ -155,7 +160,9 @@ def load_hf_generate_batch(options: dict[str, Any]) -> Generate:
         # eos_token_id=-1: no EOS stop, so every request generates exactly max_new_tokens.
         gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
         pages = sum(math.ceil((len(p) + max_tokens) / HF_CB_PAGE_SIZE) for p in prompts) + 2
-        return gen, ContinuousBatchingConfig(page_size=HF_CB_PAGE_SIZE, num_blocks=pages)
+        max_batch_tokens = int(options.get("hf_cb_max_batch_tokens", HF_CB_MAX_BATCH_TOKENS)) or None
+        return gen, ContinuousBatchingConfig(page_size=HF_CB_PAGE_SIZE, num_blocks=pages,
+                                             max_batch_tokens=max_batch_tokens)
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         gen, cb = config_for(prompts, max_tokens)
@@ -178,6 +185,7 @@ def load_hf_generate_batch(options: dict[str, Any]) -> Generate:
         _, cb = config_for(prompts, max_tokens)
         info["hf_generate_batch"] = {"attn_implementation": model.config._attn_implementation,
                                      "page_size": cb.page_size, "num_blocks": cb.num_blocks,
+                                     "max_batch_tokens": cb.max_batch_tokens,
                                      "allow_block_sharing": cb.allow_block_sharing}
         return seconds, outputs
 

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run.py [--workload all|mixed|smoke|docqa,...] [--engines all|treebatch,hf_generate,...]
                                        [--out BENCHMARKS.md]
 
-Before any engine, a short process measures the machine's float32 matmul peak (roofline.py).
+Before the first engine and after the last, a short process measures the machine's float32
+matmul peak (roofline.py; the better of the two counts).
 Every engine then runs in its own subprocess (`--worker`), one at a time, so thread pools and
 memory never mix and an engine may come from another venv. Each worker writes a JSON result;
 the parent checks token counts, compares greedy outputs with treebatch, charges every row the
@@ -41,7 +42,8 @@ def worker(args: argparse.Namespace) -> None:
 
     began = time.perf_counter()
     options: dict[str, Any] = {"hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
-                               "hf_model_folder": str(args.hf_model_folder)}
+                               "hf_model_folder": str(args.hf_model_folder),
+                               "hf_cb_max_batch_tokens": args.hf_cb_max_batch_tokens}
     if args.treebatch_options:
         options["treebatch_kwargs"] = json.loads(args.treebatch_options)
     generate = ENGINES[args.worker](options)
@@ -111,7 +113,8 @@ def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, fold
     python, env = engine_command(engine)
     cmd = [python, str(Path(__file__).resolve()), "--worker", engine, "--workload", ",".join(workloads),
            "--result-file", str(result_file), "--prompts-dir", str(folder),
-           "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder)]
+           "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder),
+           "--hf-cb-max-batch-tokens", str(getattr(args, "hf_cb_max_batch_tokens", 512))]
     cmd.append("--hf-sort" if args.hf_sort else "--no-hf-sort")
     if treebatch_options:
         cmd += ["--treebatch-options", json.dumps(treebatch_options)]
@@ -157,6 +160,8 @@ def main() -> None:
                         help=f"comma list of {', '.join(ALL_ENGINES)}, or 'all'")
     parser.add_argument("--out", default=None, help="markdown record to update, e.g. BENCHMARKS.md")
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--hf-cb-max-batch-tokens", type=int, default=512,
+                        help="hf_generate_batch: tokens per step (0: transformers' default, 8192)")
     parser.add_argument("--hf-sort", action=argparse.BooleanOptionalAction, default=True,
                         help="batch HF prompts sorted by length (default; less padding for the peer)")
     parser.add_argument("--hf-model-folder", type=Path, default=HERE / ".model-hf",
