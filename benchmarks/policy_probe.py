@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/policy_probe.py [--rounds 3] [--budget 256] [--workloads ...]
 
 Every run generates the same tokens (greedy, EOS ignored, so every policy does the same work);
-only the order of the batch changes. Policies are run round-robin (round 1: fcfs, dfs, ratio,
-blend; round 2: the same...) so that a change in machine load hits all of them alike; the table
+only the order of the batch changes. Policies are run round-robin, each round starting one policy
+later (fcfs dfs ratio blend, then dfs ratio blend fcfs, ...) so that a change in machine load
+does not favour whichever policy runs last; the table
 shows each policy's median seconds and its time relative to dfs. On a shared machine the numbers
 are noisy: read ratios, not absolute times, and look at the spread across rounds.
 
@@ -78,9 +79,10 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--predict", action="store_true", help="also print the cost model's prediction")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     args = parser.parse_args()
 
-    llm = LLM(max_num_batched_tokens=args.budget)
+    llm = LLM(max_num_batched_tokens=args.budget, num_threads=args.threads)
     tokenizer = workloads.load_tokenizer()
     print(f"token budget {llm.engine.token_budget}, {args.rounds} rounds, policies interleaved", flush=True)
     for name in args.workloads:
@@ -89,12 +91,16 @@ def main() -> None:
         batch = [{"prompt_token_ids": p} for p in prompts]
         times: dict[str, list[float]] = {p: [] for p in args.policies}
         reference = None
-        for _ in range(args.rounds):
-            for policy in args.policies:
+        for round_index in range(args.rounds):
+            # Each round starts one policy later, so a drift in machine load does not always
+            # favour the same policy.
+            shift = round_index % len(args.policies)
+            for policy in args.policies[shift:] + args.policies[:shift]:
                 llm.engine.order_policy = policy
                 start = time.perf_counter()
                 outputs = llm.generate(batch, params, use_tqdm=False)
                 times[policy].append(time.perf_counter() - start)
+                print(f"    {name} {policy}: {times[policy][-1]:.2f} s, {llm.last_run_summary['steps']} steps", flush=True)
                 tokens = [o.outputs[0].token_ids for o in outputs]
                 reference = reference or tokens
                 assert tokens == reference, f"{policy} changed the greedy tokens"

@@ -7,7 +7,7 @@ tokens for M from 16 to 2048, plus decodes over a short and a long context for t
 term. The result is a `CalibrationTable`, written as JSON under
 `<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
 thread count, the CPU model and the code that runs the step, so a later start with the same key
-reads the file instead of measuring (about 3 s on 2 cores for SmolLM2-135M).
+reads the file instead of measuring (about 4 s on 2 cores for SmolLM2-135M in float32).
 
 The timed steps go through `ModelRunner.execute` like real ones, on scratch KV blocks that are
 zeroed afterwards; nothing is sampled.
@@ -31,10 +31,10 @@ import torch
 from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 
-FORMAT = 2  # bump when what is measured changes, so stale files are not reused
+FORMAT = 3  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _SEQUENCE_LEN = 256  # a prefill step is made of prompts this long (attention stays moderate)
-_DECODE_BATCH = 32
+_DECODE_BATCH = 16
 _DECODE_CONTEXTS = (64, 1024)
 _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
@@ -131,18 +131,19 @@ def _forward_curve(
     """Seconds per forward pass for growing sizes. Stops once two sizes in a row gained under 5%
     tokens/s on the best so far (the knee is behind us), or when the time spent passes
     `_TIME_LIMIT_S`: a start-up measurement must stay a few seconds. Returns the curve and
-    whether it is complete (flattened, or measured to the largest size)."""
+    whether it is complete: flattened (twice, or once when time ran out), or measured to the
+    largest size. Sizes from 128 tokens are timed once: they run long enough for one run to tell."""
     forward: dict[int, float] = {}
     best_rate, flat, began = 0.0, 0, timer()
     for m in FORWARD_SIZES:
-        forward[m] = _best_time(runner, _prefill_plan(m, sequence_len, table), timer)
+        forward[m] = _best_time(runner, _prefill_plan(m, sequence_len, table), timer, repeats=2 if m < 128 else 1)
         rate = m / forward[m]
         flat = flat + 1 if rate < 1.05 * best_rate else 0
         best_rate = max(best_rate, rate)
         if flat >= 2:
             return forward, True
         if timer() - began > _TIME_LIMIT_S:
-            return forward, m == FORWARD_SIZES[-1]
+            return forward, flat >= 1 or m == FORWARD_SIZES[-1]
     return forward, True
 
 
