@@ -91,8 +91,10 @@ class SchedulerConfig:
     enable_prefix_sharing: bool = True
     min_shared_prefix_tokens: int = 8  # shorter shared prefixes are not worth a group (see BENCHMARKS.md)
     # Order of the batch's groups (see treebatch/core/policies.py): fcfs, dfs (tree order),
-    # ratio (decode-heavy groups first), blend (compute- and memory-heavy groups mixed).
-    order_policy: str = "dfs"
+    # ratio (decode-heavy groups first), blend (compute- and memory-heavy groups mixed). ratio
+    # measured best (benchmarks/policy_probe.py: 5% under dfs where output lengths differ per
+    # group, the same where they do not); the others stay for ablations.
+    order_policy: str = "ratio"
 
     def __post_init__(self) -> None:
         assert self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0
