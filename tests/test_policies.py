@@ -109,8 +109,8 @@ def test_warmup_only_for_length_weighing_policies_and_large_batches():
 def test_policies_keep_greedy_tokens(llm):
     from conftest import PROMPTS
 
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    shared = ["You are a helpful assistant. Answer briefly. " + p for p in PROMPTS[:6]] + PROMPTS[6:10]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    shared = ["You are a helpful assistant. Answer briefly. " + p for p in PROMPTS[:4]] + PROMPTS[4:7]
     reference = None
     try:
         for policy in POLICIES:
@@ -128,18 +128,18 @@ def test_engine_runs_the_warmup_sample_first_then_the_rest(llm, monkeypatch):
 
     import treebatch.core.policies as policies
 
-    params = SamplingParams(temperature=0.0, max_tokens=5)  # EOS may stop: lengths unknown
+    params = SamplingParams(temperature=0.0, max_tokens=3)  # EOS may stop: lengths unknown
     llm.engine.order_policy = "dfs"
-    reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:12], params, use_tqdm=False)]
+    reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:8], params, use_tqdm=False)]
     monkeypatch.setattr(policies, "WARMUP_MIN_REQUESTS", 4)
-    monkeypatch.setattr(policies, "WARMUP_FRACTION", 0.1)
+    monkeypatch.setattr(policies, "WARMUP_FRACTION", 0.2)
     started = []
     original = llm.engine._plan_and_add
     monkeypatch.setattr(llm.engine, "_plan_and_add", lambda requests: (started.append(len(requests)), original(requests)))
     try:
         llm.engine.order_policy = "ratio"
-        outputs = llm.generate(PROMPTS[:12], params, use_tqdm=False)
+        outputs = llm.generate(PROMPTS[:8], params, use_tqdm=False)
     finally:
         llm.engine.order_policy = llm.config.scheduler.order_policy
-    assert started == [1, 11]  # the sample alone, then the rest once it finished
+    assert started == [2, 6]  # the sample alone, then the rest once it finished
     assert [o.outputs[0].token_ids for o in outputs] == reference

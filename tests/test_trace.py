@@ -11,11 +11,11 @@ from treebatch import LLM, SamplingParams
 
 def test_trace_records_steps_and_no_decode_only_step_while_prefill_waits(tmp_path):
     trace = tmp_path / "trace.jsonl"
-    budget = 48
+    budget = 32
     llm = LLM(kv_cache_memory=256 << 20, max_num_batched_tokens=budget, trace_file=str(trace), check_integrity=True)
     system = "You are a helpful assistant. Answer in one short sentence, please. "
-    prompts = [system + p for p in PROMPTS[:8]] + PROMPTS[8:]
-    llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=3 + 4 * (i % 3), ignore_eos=True)
+    prompts = [system + p for p in PROMPTS[:5]] + PROMPTS[5:9]
+    llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=2 + 2 * (i % 3), ignore_eos=True)
                            for i in range(len(prompts))], use_tqdm=False)
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(records) == llm.last_run_summary["steps"]
