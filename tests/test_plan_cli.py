@@ -106,3 +106,31 @@ def test_plan_of_200k_lines_in_windows(tmp_path, capsys):
     assert all(w["groups"] >= 100 for w in a["windows"])  # the system prompt, then one group per document
     assert a["saving_ratio"] > 0.8
     assert seconds < 120, f"plan of 200k lines took {seconds:.0f} s"
+
+
+def test_plan_predicts_run_time_from_the_calibration(tmp_path, capsys):
+    """--predict: the cost model with the engine's calibration; sharing predicts less time."""
+    from treebatch.core.calibration_table import CalibrationTable
+
+    table = CalibrationTable({16: 0.05, 64: 0.12, 256: 0.4}, seconds_per_context_pair=1e-6, token_budget=64)
+    engine = SimpleNamespace(calibration=table, token_budget=64, num_blocks=4096)
+    lines = [request(f"q{i}", SYSTEM * 3 + f"Question {i}?", max_tokens=8) for i in range(8)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    made = []
+
+    def fake_llm(**options):
+        made.append(options)
+        return SimpleNamespace(engine=engine)
+
+    assert cli.main(["plan", str(path), "--json", "--predict"], llm_factory=fake_llm, tokenizer_factory=fake_tokenizer) == 0
+    analysis = json.loads(capsys.readouterr().out)
+    assert len(made) == 1
+    assert 0 < analysis["predicted_seconds"] < analysis["predicted_seconds_no_sharing"]
+    assert analysis["predicted_speedup"] > 1 and analysis["token_budget"] == 64
+    assert analysis["windows"][0]["prediction"]["decode_tokens"] == 8 * 8
+    assert cli.main(["plan", str(path), "--predict"], llm_factory=fake_llm, tokenizer_factory=fake_tokenizer) == 0
+    assert "predicted" in capsys.readouterr().out
+    # Without --predict no engine is built.
+    plan_json(path, capsys=capsys)
+    assert len(made) == 2

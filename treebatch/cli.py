@@ -44,7 +44,7 @@ def main(
     if args.command == "run":
         return run(args, llm_factory or _load_llm)
     if args.command == "plan":
-        return plan(args, tokenizer_factory or _load_tokenizer)
+        return plan(args, tokenizer_factory or _load_tokenizer, llm_factory or _load_llm)
     build_parser().print_help(sys.stderr)
     return 2
 
@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_parser.add_argument("input", type=Path, help="input JSONL")
     plan_parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    plan_parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="also predict the run time with and without prefix sharing from this machine's calibration "
+        "(loads the model to read or measure the calibration; still generates nothing)",
+    )
     _add_window_flag(plan_parser)
     _add_engine_flags(plan_parser)
     return parser
@@ -188,7 +194,7 @@ def run(args: argparse.Namespace, llm_factory: LLMFactory) -> int:
     return status
 
 
-def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory) -> int:
+def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory, llm_factory: LLMFactory | None = None) -> int:
     from treebatch.batch.plan import analyze_batch, format_plan
     from treebatch.batch.prompts import PromptTokenizer
 
@@ -207,9 +213,35 @@ def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory) -> int:
         args.input, PromptTokenizer.of(loaded), args.window,
         config.scheduler.min_shared_prefix_tokens if config.scheduler.enable_prefix_sharing else None,
         model_name=loaded.model_name,
+        predict=_predictor(config, llm_factory(**options)) if args.predict and llm_factory else None,
     )
     print(json.dumps(analysis, indent=1) if args.json else format_plan(analysis))
     return 0
+
+
+def _predictor(config: EngineConfig, llm: Any) -> Callable[[list[Any], list[int]], dict[str, Any]]:
+    """The cost model with the engine's calibration, budget, policy and KV size."""
+    from treebatch.core.cost_model import predict_batch_time
+
+    engine, scheduler = llm.engine, config.scheduler
+
+    def predict(prompts: list[Any], outputs: list[int]) -> dict[str, Any]:
+        return predict_batch_time(
+            prompts,
+            outputs,
+            engine.calibration,
+            token_budget=engine.token_budget,
+            block_size=config.cache.block_size,
+            min_shared_prefix_tokens=scheduler.min_shared_prefix_tokens,
+            order_policy=scheduler.order_policy,
+            max_num_seqs=scheduler.max_num_seqs,
+            num_kv_blocks=engine.num_blocks,
+            cascade_min_queries=(
+                config.shared_prefix_attention_min_queries if config.enable_shared_prefix_attention else None
+            ),
+        )
+
+    return predict
 
 
 class _Interrupted(BaseException):

@@ -10,6 +10,7 @@ per sample.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from treebatch.batch.reader import BatchEntry, LineError, read_batch, windows
 from treebatch.core.prefix_tree import PrefixTree, group_prompts
 
 MAX_LISTED_ERRORS = 20
+# (prompts, output tokens per prompt) -> the cost model's prediction for one window
+Predictor = Callable[[list[np.ndarray], list[int]], dict[str, Any]]
 # Window totals that add up to the file's.
 _SUMMED = (
     "requests", "sequences", "prompt_tokens", "unique_prompt_tokens", "planned_prompt_tokens",
@@ -33,10 +36,13 @@ def analyze_batch(
     window: int,
     min_shared_prefix_tokens: int | None = 8,
     model_name: str | None = None,
+    predict: Predictor | None = None,
 ) -> dict[str, Any]:
     """Validation counts, errors, and the prefix-tree plan of every window, with file totals.
 
-    `min_shared_prefix_tokens` None: prefix sharing off (every prompt token is computed)."""
+    `min_shared_prefix_tokens` None: prefix sharing off (every prompt token is computed).
+    `predict`: the cost model; each window then carries its predicted seconds with and without
+    sharing (every request generating its max_tokens), and the file its total."""
     num_lines = 0
     errors_by_code: Counter[str] = Counter()
     listed_errors: list[str] = []
@@ -60,7 +66,7 @@ def analyze_batch(
             else:
                 ready.append(result)
         if ready:
-            per_window.append(analyze_window(ready, min_shared_prefix_tokens))
+            per_window.append(analyze_window(ready, min_shared_prefix_tokens, predict))
 
     totals: dict[str, Any] = {key: sum(w[key] for w in per_window) for key in _SUMMED}
     histogram: Counter[int] = Counter()
@@ -84,19 +90,37 @@ def analyze_batch(
         "optimal_saving_ratio": _saving(totals["unique_prompt_tokens"], logical),
         "share_histogram": dict(sorted(histogram.items())),
         "max_prompt_tokens": max((w["max_prompt_tokens"] for w in per_window), default=0),
+        **_predicted_totals(per_window),
         "windows": per_window,
     }
 
 
-def analyze_window(ready: list[PreparedRequest], min_shared_prefix_tokens: int | None) -> dict[str, Any]:
+def _predicted_totals(per_window: list[dict[str, Any]]) -> dict[str, Any]:
+    predictions = [w["prediction"] for w in per_window if "prediction" in w]
+    if not predictions:
+        return {}
+    with_sharing = sum(p["predicted_seconds"] for p in predictions)
+    without = sum(p["predicted_seconds_no_sharing"] for p in predictions)
+    return {
+        "predicted_seconds": round(with_sharing, 2),
+        "predicted_seconds_no_sharing": round(without, 2),
+        "predicted_speedup": round(without / max(with_sharing, 1e-9), 3),
+        "token_budget": predictions[0].get("token_budget"),
+    }
+
+
+def analyze_window(
+    ready: list[PreparedRequest], min_shared_prefix_tokens: int | None, predict: Predictor | None = None
+) -> dict[str, Any]:
     """The prefix tree and groups of one window, as the engine would plan it."""
     prompts: list[np.ndarray] = []
-    max_new_tokens = 0
+    outputs: list[int] = []
     for prepared in ready:
         ids = np.frombuffer(prepared.token_ids, dtype=np.int32)  # a view: no copy per sample
         n = prepared.params.n
         prompts.extend([ids] * n)
-        max_new_tokens += n * (prepared.params.max_tokens or 0)
+        outputs.extend([prepared.params.max_tokens or 0] * n)
+    max_new_tokens = sum(outputs)
     tree = PrefixTree.build(prompts)
     if min_shared_prefix_tokens is None:
         planned, groups, grouped, depth, histogram = tree.num_logical_tokens, 0, 0, 0, {}
@@ -105,7 +129,7 @@ def analyze_window(ready: list[PreparedRequest], min_shared_prefix_tokens: int |
         planned, groups, grouped = plan.num_computed_tokens, len(plan.groups), plan.num_grouped_prompts
         depth = max((g.depth for g in plan.groups), default=-1) + 1
         histogram = {int(k): int(v) for k, v in sorted(plan.share_histogram.items())}
-    return {
+    analysis: dict[str, Any] = {
         "requests": len(ready),
         "sequences": len(prompts),
         "prompt_tokens": tree.num_logical_tokens,
@@ -118,6 +142,9 @@ def analyze_window(ready: list[PreparedRequest], min_shared_prefix_tokens: int |
         "max_new_tokens": max_new_tokens,
         "max_prompt_tokens": int(tree.lengths.max()) if len(prompts) else 0,
     }
+    if predict is not None and prompts:
+        analysis["prediction"] = predict(prompts, [max(1, n) for n in outputs])
+    return analysis
 
 
 def format_plan(analysis: dict[str, Any]) -> str:
@@ -144,6 +171,12 @@ def format_plan(analysis: dict[str, Any]) -> str:
         "share       " + (", ".join(f"{k}x: {v}" for k, v in a["share_histogram"].items()) or "none"),
         f"generation  up to {a['max_new_tokens']} tokens; longest prompt {a['max_prompt_tokens']} tokens",
     ]
+    if "predicted_seconds" in a:
+        lines.append(
+            f"predicted   {a['predicted_seconds']:.1f} s with prefix sharing, {a['predicted_seconds_no_sharing']:.1f} s "
+            f"without ({a['predicted_speedup']:.2f}x), every request to max_tokens, "
+            f"{a['token_budget']} tokens per step"
+        )
     return "\n".join(lines)
 
 
