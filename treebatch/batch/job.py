@@ -17,8 +17,8 @@ from typing import Any
 
 from treebatch.batch.ordering import OrderedWriter
 from treebatch.batch.progress import JobProgress
-from treebatch.batch.prompts import PreparedRequest, PromptTokenizer, prepare_window
-from treebatch.batch.reader import BatchEntry, LineError, read_batch, windows
+from treebatch.batch.prompts import PromptTokenizer, prepare_window
+from treebatch.batch.reader import BatchEntry, LineError, read_batch, windows, without_errors
 from treebatch.batch.resume import FinishedSet
 from treebatch.batch.writer import BatchWriter, chat_body, completion_body, response_line
 
@@ -78,22 +78,13 @@ class BatchJob:
         self, window: list[BatchEntry | LineError], out: BatchWriter, errors: BatchWriter,
         ordered: OrderedWriter | None,
     ) -> int:
-        todo: list[BatchEntry] = []
-        for entry in window:
-            if self.finished.covers(entry):
-                continue
-            if isinstance(entry, LineError):
-                self._write_error(errors, entry.custom_id, entry.code, entry.message)
-            else:
-                todo.append(entry)
+        def write_error(error: LineError) -> None:
+            self._write_error(errors, error.custom_id, error.code, error.message)
+
+        todo = without_errors((e for e in window if not self.finished.covers(e)), write_error)
         if not todo:
             return 0
-        ready: list[PreparedRequest] = []
-        for result in prepare_window(todo, self.tokenizer):
-            if isinstance(result, LineError):
-                self._write_error(errors, result.custom_id, result.code, result.message)
-            else:
-                ready.append(result)
+        ready = without_errors(prepare_window(todo, self.tokenizer), write_error)
         if not ready:
             return 0
         self.num_windows += 1

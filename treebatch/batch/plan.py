@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from treebatch.batch.prompts import PreparedRequest, PromptTokenizer, prepare_window
-from treebatch.batch.reader import BatchEntry, LineError, read_batch, windows
+from treebatch.batch.reader import LineError, read_batch, windows, without_errors
 from treebatch.core.prefix_tree import PrefixTree, group_prompts
 
 MAX_LISTED_ERRORS = 20
@@ -47,24 +47,15 @@ def analyze_batch(
     errors_by_code: Counter[str] = Counter()
     listed_errors: list[str] = []
     per_window: list[dict[str, Any]] = []
+
+    def count_error(error: LineError) -> None:
+        errors_by_code[error.code] += 1
+        if len(listed_errors) < MAX_LISTED_ERRORS:
+            listed_errors.append(error.message)
+
     for part in windows(read_batch(path), window):
-        entries: list[BatchEntry] = []
-        for entry in part:
-            num_lines += 1
-            if isinstance(entry, LineError):
-                errors_by_code[entry.code] += 1
-                if len(listed_errors) < MAX_LISTED_ERRORS:
-                    listed_errors.append(entry.message)
-            else:
-                entries.append(entry)
-        ready: list[PreparedRequest] = []
-        for result in prepare_window(entries, tokenizer):
-            if isinstance(result, LineError):
-                errors_by_code[result.code] += 1
-                if len(listed_errors) < MAX_LISTED_ERRORS:
-                    listed_errors.append(result.message)
-            else:
-                ready.append(result)
+        num_lines += len(part)
+        ready = without_errors(prepare_window(without_errors(part, count_error), tokenizer), count_error)
         if ready:
             per_window.append(analyze_window(ready, min_shared_prefix_tokens, predict))
 

@@ -7,11 +7,14 @@ A bad line becomes a `LineError` rather than an exception, so one typo in a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from treebatch.batch.requests import SUPPORTED_URLS, ParsedRequest, RequestError, parse_body
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,17 @@ class LineError:
     custom_id: str | None
     code: str
     message: str  # starts with "line N: "
+
+
+def without_errors(items: Iterable[T | LineError], on_error: Callable[[LineError], object]) -> list[T]:
+    """The items that are not LineErrors, in order; each LineError goes to `on_error`."""
+    kept: list[T] = []
+    for item in items:
+        if isinstance(item, LineError):
+            on_error(item)
+        else:
+            kept.append(item)
+    return kept
 
 
 def read_batch(path: str | Path) -> Iterator[BatchEntry | LineError]:
