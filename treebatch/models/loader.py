@@ -240,13 +240,19 @@ def convert_gguf(path: Path, dest: Path) -> None:
         }
         (tmp / "model.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
         _convert_tokenizer(path, tmp / "tokenizer")
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "model.json").is_file():  # not a concurrent conversion winning the race
-                raise
+        _publish(tmp, dest, "model.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, dest: Path, marker: str) -> None:
+    """Move a folder built aside into place in one rename. If another process got there first
+    (its `marker` file exists), keep theirs: both were built from the same file."""
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if not (dest / marker).is_file():
+            raise
 
 
 def _convert_tokenizer(path: Path, dest: Path) -> None:
@@ -332,11 +338,7 @@ def _convert_tokenizer_only(path: Path, dest: Path) -> dict[str, Any]:
     try:
         _convert_tokenizer(path, tmp / "tokenizer")
         (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "info.json").is_file():  # not a concurrent conversion winning the race
-                raise
+        _publish(tmp, dest, "info.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info
