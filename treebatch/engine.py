@@ -173,8 +173,7 @@ class LLMEngine:
         started = time.perf_counter()
         self._finish_warmup_if_done()
         plan = self.scheduler.schedule()
-        kv = self.scheduler.kv
-        queues = (len(self.scheduler.running), len(self.scheduler.waiting), kv.pool.num_blocks - kv.num_free_blocks)
+        queues = self._queue_counts() if self._trace is not None else (0, 0, 0)
         if plan.is_empty:
             if self.scheduler.has_unfinished_requests:
                 raise RuntimeError("the scheduler planned nothing while requests wait: KV too small")
@@ -209,6 +208,12 @@ class LLMEngine:
         if self._trace is not None:
             self._write_trace(plan, queues, time.perf_counter() - started)
         return finished
+
+    def _queue_counts(self) -> tuple[int, int, int]:
+        """Running, waiting and KV blocks in use, as the step was planned (before finished
+        requests free theirs)."""
+        kv = self.scheduler.kv
+        return len(self.scheduler.running), len(self.scheduler.waiting), kv.pool.num_blocks - kv.num_free_blocks
 
     def _write_trace(self, plan: StepPlan, queues: tuple[int, int, int], seconds: float) -> None:
         """One JSON line per step; running, waiting and KV blocks in use are counted as the step
