@@ -123,18 +123,12 @@ class ModelRunner:
         decode_blocks = decode_bias = None
         if decodes:
             contexts = np.asarray([c.start_position + 1 for c in decodes], dtype=np.int64)
-            num_blocks = -(-contexts // self.block_size)
-            padded = np.zeros((len(decodes), int(num_blocks.max())), dtype=np.int64)
-            for i, chunk in enumerate(decodes):
-                padded[i, : num_blocks[i]] = chunk.block_table[: num_blocks[i]]
-                ids.append(chunk.token_ids[0])
+            padded, decode_bias = self._padded_blocks(decodes, 0, contexts)
+            ids.extend(chunk.token_ids[0] for chunk in decodes)
             last = contexts - 1
             positions.append(last)
             slot_parts.append(padded[np.arange(len(decodes)), last // self.block_size] * self.block_size + last % self.block_size)
             decode_blocks = torch.from_numpy(padded.reshape(-1))
-            width = padded.shape[1] * self.block_size
-            mask = np.arange(width)[None, :] < contexts[:, None]
-            decode_bias = additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
 
         prefill_chunks: list[PrefillChunk] = []
         row = len(decodes)
@@ -178,6 +172,20 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long)
         return input_ids, torch.from_numpy(np.concatenate(positions)), slot_mapping, metadata
 
+    def _padded_blocks(
+        self, decodes: list[ScheduledChunk], first_block: int, lengths: np.ndarray
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Single-query chunks' keys as one padded batch: the blocks holding each one's `lengths`
+        keys from block `first_block` of its table on ([S, max_blocks], padded with block 0), and
+        the additive bias that hides the padding ([S, 1, 1, max_blocks * block_size])."""
+        num_blocks = -(-lengths // self.block_size)
+        padded = np.zeros((len(decodes), int(num_blocks.max())), dtype=np.int64)
+        for i, chunk in enumerate(decodes):
+            padded[i, : num_blocks[i]] = chunk.block_table[first_block : first_block + num_blocks[i]]
+        width = padded.shape[1] * self.block_size
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        return padded, additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
+
     def _cascade_group(self, members: list[ScheduledChunk], first_row: int) -> CascadeGroup:
         """Members laid out from `first_row`, single-query chunks first (see _split_cascades)."""
         size = self.block_size
@@ -188,14 +196,8 @@ class ModelRunner:
         suffix_blocks = suffix_bias = None
         if decodes:
             lengths = np.asarray([c.start_position + 1 - shared for c in decodes], dtype=np.int64)
-            num_blocks = -(-lengths // size)
-            padded = np.zeros((len(decodes), int(num_blocks.max())), dtype=np.int64)
-            for i, chunk in enumerate(decodes):
-                padded[i, : num_blocks[i]] = chunk.block_table[first_own : first_own + num_blocks[i]]
-            width = padded.shape[1] * size
+            padded, suffix_bias = self._padded_blocks(decodes, first_own, lengths)
             suffix_blocks = torch.from_numpy(padded.reshape(-1))
-            mask = np.arange(width)[None, :] < lengths[:, None]
-            suffix_bias = additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
         chunks = []
         for chunk in members[len(decodes) :]:
             start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
