@@ -229,6 +229,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else None
     saved = json_path_for(out, results_dir, f"{stamp}-{'_'.join(workloads)}")
+    saved.parent.mkdir(parents=True, exist_ok=True)  # a scratch --out may name a new folder
     saved.write_text(json.dumps(record, indent=2) + "\n")
     print(f"results: {saved}", file=sys.stderr)
 

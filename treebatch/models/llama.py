@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from treebatch.config import ModelConfig
+from treebatch.models.linear import HEAD_PACKED_MAX_ROWS, Linear
 from treebatch.runtime.attention import AttentionMetadata, paged_attention
 
 
@@ -48,19 +49,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-# Below this many rows, MKL's float32 GEMM runs W @ x^T markedly faster than x @ W^T on the
-# CPUs we measured (1.7x for the 576 -> 3072 MLP projection at 12-64 rows); above, F.linear wins.
-_SMALL_BATCH_ROWS = 128
-
-
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias), in whichever orientation is faster for this many rows."""
-    if x.shape[0] <= _SMALL_BATCH_ROWS:
-        out = torch.matmul(weight, x.t()).t()
-        return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, D]; cos, signed_sin: [T, 1, D]. The half-split (rotate_half) layout of HF
     weights: rotate_half(x) * sin == roll(x, D/2) * signed_sin, with signed_sin = (-sin, sin) over
@@ -69,7 +57,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class _Layer:
-    __slots__ = ("input_norm", "qkv", "qkv_bias", "o_proj", "post_norm", "gate_up", "down")
+    __slots__ = ("input_norm", "qkv", "o_proj", "post_norm", "gate_up", "down")
 
 
 class LlamaForCausalLM:
@@ -90,6 +78,7 @@ class LlamaForCausalLM:
 
         self.embed = take("model.embed_tokens.weight")
         self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.head = Linear(self.lm_head, packed_max_rows=HEAD_PACKED_MAX_ROWS)
         self.final_norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):
@@ -99,15 +88,14 @@ class LlamaForCausalLM:
             layer.post_norm = take(prefix + "post_attention_layernorm.weight")
             attn = prefix + "self_attn."
             # One matmul for q, k and v; one for gate and up.
-            layer.qkv = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]).contiguous()
+            qkv_bias = None
             if config.attention_bias:
-                layer.qkv_bias = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
-            else:
-                layer.qkv_bias = None
-            layer.o_proj = take(attn + "o_proj.weight")
+                qkv_bias = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
+            layer.qkv = Linear(torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]), qkv_bias)
+            layer.o_proj = Linear(take(attn + "o_proj.weight"))
             mlp = prefix + "mlp."
-            layer.gate_up = torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
-            layer.down = take(mlp + "down_proj.weight")
+            layer.gate_up = Linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
+            layer.down = Linear(take(mlp + "down_proj.weight"))
             self.layers.append(layer)
 
         num_positions = max_positions or config.max_position_embeddings
@@ -139,7 +127,7 @@ class LlamaForCausalLM:
         hidden = F.embedding(input_ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            qkv = project(x, layer.qkv, layer.qkv_bias).contiguous()
+            qkv = layer.qkv(x).contiguous()
             # Queries and keys rotate together: one rotation for all their heads.
             qk = apply_rope(qkv[:, : q_size + kv_size].view(num_tokens, num_qk_heads, cfg.head_dim), cos, sin)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
@@ -148,14 +136,12 @@ class LlamaForCausalLM:
             k_cache.index_copy_(0, metadata.slot_mapping, k)
             v_cache.index_copy_(0, metadata.slot_mapping, v)
             attn = paged_attention(q, k_cache, v_cache, metadata, self.scale)
-            hidden = hidden + project(attn.reshape(num_tokens, q_size), layer.o_proj)
+            hidden = hidden + layer.o_proj(attn.reshape(num_tokens, q_size))
 
             x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = project(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + project(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
 
         last = hidden.index_select(0, logits_indices)
         last = rms_norm(last, self.final_norm, cfg.rms_norm_eps)
-        # (W @ x^T)^T: with few rows, MKL runs this orientation of the vocabulary projection
-        # about twice as fast as x @ W^T on this kind of CPU (measured; see BENCHMARKS.md).
-        return torch.matmul(self.lm_head, last.t()).t().float()
+        return self.head(last).float()

@@ -38,7 +38,7 @@ _DECODE_BATCH = 16
 _DECODE_CONTEXTS = (64, 1024)
 _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
-_CODE_FILES = ("runtime/model_runner.py", "runtime/attention.py", "models/llama.py")
+_CODE_FILES = ("runtime/model_runner.py", "runtime/attention.py", "models/llama.py", "models/linear.py")
 
 Timer = Callable[[], float]
 
@@ -152,15 +152,15 @@ def _sample_seconds(runner: Any, timer: Timer, rows: int = _DECODE_BATCH) -> flo
     """What sampling one token adds to a step: the vocabulary projection of its row and a greedy
     pick (about a fifth of a small decode step for a 135M model with a 49k vocabulary)."""
     model = getattr(runner, "model", None)
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, torch.Tensor):
+    head = getattr(model, "head", None)
+    if head is None:
         return 0.0
-    hidden = torch.randn(rows, head.shape[1], dtype=head.dtype)
+    hidden = torch.randn(rows, head.weight.shape[1], dtype=head.weight.dtype)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(3):
             start = timer()
-            torch.matmul(head, hidden.t()).t().float().argmax(dim=-1)
+            head(hidden).float().argmax(dim=-1)
             best = min(best, timer() - start)
     return best / rows
 
