@@ -106,12 +106,64 @@ def test_shared_prefix_attention_equals_plain_paged_attention():
     decodes = [c for c in rest if c.num_tokens == 1]
     prefills = [c for c in rest if c.num_tokens > 1]
     _, _, slots, meta = runner._prepare(decodes, prefills, cascades)
-    order = decodes + prefills + cascades[0]
+    order = decodes + prefills + cascades[0][1]
     rows = _rows_by_request(order)
     q = torch.empty_like(q_plain)
     for chunk in order:  # the same queries, in the cascade layout
         q[rows[chunk.request_id]] = q_plain[plain_rows[chunk.request_id]]
     out = paged_attention(q, k_cache, v_cache, meta, scale)
+    assert sorted(slots.tolist()) == sorted(plain_slots.tolist())
+    for chunk in order:
+        torch.testing.assert_close(
+            out[rows[chunk.request_id]], expected[plain_rows[chunk.request_id]], atol=1e-4, rtol=1e-4
+        )
+
+
+def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
+    """Group 0 shares 8 tokens; subgroups 1 and 2 continue it to 12 shared tokens each. With
+    four queries needed, subgroup 2 (4 queries) reads its own 12-token prefix once, subgroup 1
+    (2 queries) hands its decodes up to group 0, which reads 8 tokens once for them and its own
+    member. Every row equals plain paged attention."""
+    torch.manual_seed(3)
+    num_blocks = 40
+    k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
+    v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.block_size = BLOCK
+    runner._offsets = np.arange(BLOCK)
+    runner.cascade_min_queries = 4
+    layout = [  # (request, group, shared tokens, enclosing, start, new tokens, blocks)
+        ("a1", 1, 12, ((0, 8),), 13, 1, [7, 3, 5, 10]),
+        ("a2", 1, 12, ((0, 8),), 14, 1, [7, 3, 5, 11]),
+        ("b1", 2, 12, ((0, 8),), 12, 3, [7, 3, 6, 12]),
+        ("b2", 2, 12, ((0, 8),), 15, 1, [7, 3, 6, 13]),
+        ("m", 0, 8, (), 8, 2, [7, 3, 14]),
+    ]
+    chunks = [
+        ScheduledChunk(r, [0] * n, start, blocks, True, 1, group_id=g, num_shared_tokens=sh, enclosing=enc)
+        for r, g, sh, enc, start, n, blocks in layout
+    ]
+    rest, cascades = runner._split_cascades(chunks)
+    assert rest == []
+    assert [(shared, sorted(c.request_id for c in members)) for shared, members in cascades] == [
+        (12, ["b1", "b2"]),
+        (8, ["a1", "a2", "m"]),
+    ]
+    plain = [ScheduledChunk(c.request_id, c.token_ids, c.start_position, c.block_table, True, 1) for c in chunks]
+    plain_decodes = [c for c in plain if c.num_tokens == 1]
+    plain_prefills = [c for c in plain if c.num_tokens > 1]
+    _, _, plain_slots, plain_meta = runner._prepare(plain_decodes, plain_prefills)
+    q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)
+    expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, DIM**-0.5)
+    plain_rows = _rows_by_request(plain_decodes + plain_prefills)
+
+    _, _, slots, meta = runner._prepare([], [], cascades)
+    order = [c for _, members in cascades for c in members]
+    rows = _rows_by_request(order)
+    q = torch.empty_like(q_plain)
+    for chunk in order:
+        q[rows[chunk.request_id]] = q_plain[plain_rows[chunk.request_id]]
+    out = paged_attention(q, k_cache, v_cache, meta, DIM**-0.5)
     assert sorted(slots.tolist()) == sorted(plain_slots.tolist())
     for chunk in order:
         torch.testing.assert_close(

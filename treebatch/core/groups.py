@@ -35,6 +35,7 @@ class GroupManager:
     def __init__(self, kv: KVCacheManager) -> None:
         self.kv = kv
         self.groups: dict[int, GroupState] = {}
+        self._enclosing: dict[int, tuple[tuple[int, int], ...]] = {}
 
     def add_group(
         self, group_id: int, parent: int | None, prefix_end: int, num_pending: int, estimated_blocks: int
@@ -55,6 +56,22 @@ class GroupManager:
             return 0
         prefix_end = self.groups[group_id].prefix_end
         return prefix_end - prefix_end % self.kv.block_size
+
+    def enclosing(self, group_id: int | None) -> tuple[tuple[int, int], ...]:
+        """(group id, shared tokens) of the groups that enclose `group_id`, nearest first, up to
+        the first without a full block. A member's block table begins with each one's shared
+        blocks (a child group's prefix was computed on top of its parent's KV)."""
+        if group_id is None:
+            return ()
+        levels = self._enclosing.get(group_id)
+        if levels is None:
+            found = []
+            parent = self.groups[group_id].parent
+            while parent is not None and self.num_shared_tokens(parent) > 0:
+                found.append((parent, self.num_shared_tokens(parent)))
+                parent = self.groups[parent].parent
+            levels = self._enclosing[group_id] = tuple(found)
+        return levels
 
     def attach(self, request: Request) -> tuple[int, int, int] | None:
         """Start `request` from its group's KV. Returns the block copy to do, if any, or raises

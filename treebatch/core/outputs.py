@@ -36,6 +36,9 @@ class ScheduledChunk:
     # leading positions lie in the group's shared full blocks (identical for all its members).
     group_id: int | None = None
     num_shared_tokens: int = 0
+    # The groups around that one, nearest first, as (group id, shared tokens): their shared blocks
+    # begin the table too, so a step with too few queries of one group can read a wider prefix once.
+    enclosing: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -221,6 +221,7 @@ class Scheduler:
             num_output_tokens=request.num_output_tokens,
             group_id=request.group_id,
             num_shared_tokens=self.groups.num_shared_tokens(request.group_id),
+            enclosing=self.groups.enclosing(request.group_id),
         )
 
     def _preempt(self, request: Request) -> None:

@@ -56,7 +56,7 @@ class ModelRunner:
         decodes = [c for c in plain if c.is_single_query]
         prefills = [c for c in plain if not c.is_single_query]
         input_ids, positions, slot_mapping, metadata = self._prepare(decodes, prefills, cascades)
-        ordered = decodes + prefills + [c for group in cascades for c in group]
+        ordered = decodes + prefills + [c for _, members in cascades for c in members]
 
         sample_rows: list[int] = []
         sample_ids: list[str] = []
@@ -74,22 +74,43 @@ class ModelRunner:
         tokens, logprobs = self.sampler.sample(logits, sample_ids)
         return StepResult(dict(zip(sample_ids, tokens)), logprobs)
 
-    def _split_cascades(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[list[ScheduledChunk]]]:
-        """Chunks of groups with enough queries to gain from reading the prefix once, each group's
-        single-query chunks first; the rest take the plain paged path."""
+    def _split_cascades(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[list[ScheduledChunk], list[tuple[int, list[ScheduledChunk]]]]:
+        """Chunks that read a shared prefix once, as (shared tokens, members) per group, each
+        group's single-query chunks first; the rest take the plain paged path.
+
+        Groups are settled deepest first: one with enough queries in this step (its members' and
+        those handed up from groups below it) is read once; one with too few hands its chunks up
+        to the group around it, whose shared blocks are a shorter prefix of theirs. So a group
+        split into small subgroups (questions that share their first words) still reads the
+        document once per step."""
         if self.cascade_min_queries is None:
             return list(chunks), []
-        by_group: dict[int, list[ScheduledChunk]] = defaultdict(list)
         plain: list[ScheduledChunk] = []
+        waiting: dict[int, list[ScheduledChunk]] = defaultdict(list)
+        shared: dict[int, int] = {}
+        parent: dict[int, int | None] = {}
+        depth: dict[int, int] = {}
         for chunk in chunks:
-            if chunk.group_id is not None and chunk.num_shared_tokens > 0:
-                by_group[chunk.group_id].append(chunk)
-            else:
+            if chunk.group_id is None or chunk.num_shared_tokens == 0:
                 plain.append(chunk)
+                continue
+            levels = ((chunk.group_id, chunk.num_shared_tokens), *chunk.enclosing)
+            for index, (group, tokens) in enumerate(levels):
+                shared[group] = tokens
+                parent[group] = levels[index + 1][0] if index + 1 < len(levels) else None
+                depth[group] = len(levels) - index
+            waiting[chunk.group_id].append(chunk)
         cascades = []
-        for members in by_group.values():
+        for group in sorted(shared, key=depth.__getitem__, reverse=True):
+            members = waiting.pop(group, [])
+            if not members:
+                continue
             if sum(c.num_tokens for c in members) >= self.cascade_min_queries:
-                cascades.append(sorted(members, key=lambda c: not c.is_single_query))
+                cascades.append((shared[group], sorted(members, key=lambda c: not c.is_single_query)))
+            elif parent[group] is not None:
+                waiting[parent[group]].extend(members)
             else:
                 plain.extend(members)
         return plain, cascades
@@ -114,7 +135,7 @@ class ModelRunner:
         self,
         decodes: list[ScheduledChunk],
         prefills: list[ScheduledChunk],
-        cascades: list[list[ScheduledChunk]] = (),
+        cascades: list[tuple[int, list[ScheduledChunk]]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -150,13 +171,13 @@ class ModelRunner:
             row += chunk.num_tokens
 
         cascade_groups = []
-        for members in cascades:
+        for shared, members in cascades:
             for chunk in members:
                 start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
                 ids.extend(chunk.token_ids)
                 positions.append(np.arange(start, stop, dtype=np.int64))
                 slot_parts.append(self._slots(chunk.block_table, start, stop))
-            cascade_groups.append(self._cascade_group(members, row))
+            cascade_groups.append(self._cascade_group(members, row, shared))
             row += sum(c.num_tokens for c in members)
 
         slot_mapping = torch.from_numpy(np.concatenate(slot_parts))
@@ -186,11 +207,11 @@ class ModelRunner:
         mask = np.arange(width)[None, :] < lengths[:, None]
         return padded, additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
 
-    def _cascade_group(self, members: list[ScheduledChunk], first_row: int) -> CascadeGroup:
-        """Members laid out from `first_row`, single-query chunks first (see _split_cascades)."""
+    def _cascade_group(self, members: list[ScheduledChunk], first_row: int, shared: int) -> CascadeGroup:
+        """Members laid out from `first_row`, single-query chunks first (see _split_cascades),
+        reading positions [0, shared) once: full blocks every member's table begins with."""
         size = self.block_size
-        shared = members[0].num_shared_tokens
-        assert shared % size == 0 and all(c.num_shared_tokens == shared for c in members)
+        assert shared % size == 0 and all(c.num_shared_tokens >= shared for c in members)
         first_own = shared // size
         decodes = [c for c in members if c.is_single_query]
         suffix_blocks = suffix_bias = None
