@@ -36,7 +36,7 @@ def fake():
 def test_measure_finds_the_knee_and_the_attention_cost():
     runner, timer = fake()
     table = measure(runner, {"model": "m"}, timer)
-    assert table.token_budget == 128 and table.is_complete
+    assert table.token_budget == 256 and table.is_complete  # knee 128, floor 256
     assert max(table.forward_seconds) == 512  # stopped once two sizes gained nothing
     assert abs(table.seconds_per_context_pair - 1e-6) < 1e-9
     assert runner.kv_cache.abs().sum() == 0  # scratch KV zeroed again
@@ -65,8 +65,17 @@ def test_cut_short_measurement_falls_back_and_is_not_cached(tmp_path):
 
 
 def test_choose_token_budget_is_the_smallest_size_near_the_best_rate():
-    assert choose_token_budget({32: 0.032, 64: 0.040, 128: 0.060, 256: 0.115, 512: 0.23}) == 128
-    assert choose_token_budget({32: 0.01, 64: 0.04}) == 32
+    curve = {32: 0.032, 64: 0.040, 128: 0.060, 256: 0.115, 512: 0.23}
+    assert choose_token_budget(curve, floor=0) == 128
+    assert choose_token_budget({32: 0.01, 64: 0.04}, floor=0) == 32
+
+
+def test_token_budget_has_a_floor_capped_by_the_curve():
+    curve = {32: 0.032, 64: 0.040, 128: 0.060, 256: 0.115, 512: 0.23}
+    assert choose_token_budget(curve) == 256  # the knee (128) is below the floor
+    assert choose_token_budget(curve, floor=100) == 128
+    assert choose_token_budget({32: 0.01, 64: 0.04}) == 64  # never past the largest size measured
+    assert choose_token_budget({128: 0.5, 256: 0.6, 512: 0.7}) == 512  # a knee above the floor stays
 
 
 def test_table_interpolates_and_extrapolates():

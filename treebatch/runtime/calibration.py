@@ -31,7 +31,7 @@ import torch
 from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 
-FORMAT = 4  # bump when what is measured changes, so stale files are not reused
+FORMAT = 5  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _SEQUENCE_LEN = 256  # a prefill step is made of prompts this long (attention stays moderate)
 _DECODE_BATCH = 16
