@@ -48,6 +48,7 @@ def main() -> None:
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 1
+    runner.prefix_store = None  # gather every call: the per-step cost of a group's first step
     prefix = list(range(prefix_blocks))
     print(f"prefix {args.prefix} tokens, suffix {args.suffix}, threads {torch.get_num_threads()}")
     print("members  plain_ms  cascade_ms  speedup")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
+from treebatch.runtime import native
 from treebatch.runtime.attention import paged_attention
 from treebatch.runtime.model_runner import ModelRunner
 
@@ -27,7 +30,13 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
     return out
 
 
-def test_decodes_and_chunks_match_reference():
+def test_decode_kernel_is_built_where_there_is_a_compiler():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.paged_decode_kernel() is not None
+
+
+@pytest.mark.parametrize("native_decode", [True, False])
+def test_decodes_and_chunks_match_reference(native_decode: bool):
     torch.manual_seed(0)
     num_blocks = 32
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
@@ -43,6 +52,7 @@ def test_decodes_and_chunks_match_reference():
         for i, (start, n, table) in enumerate(layout)
     ]
     _, _, slot_mapping, metadata = runner._prepare(chunks[:2], chunks[2:])
+    metadata.native_decode = native_decode  # the C kernel, or gathered blocks + torch's kernel
     q = torch.randn(slot_mapping.numel(), HEADS, DIM)
     out = paged_attention(q, k_cache, v_cache, metadata, DIM**-0.5)
 
@@ -65,7 +75,8 @@ def _rows_by_request(chunks_in_order):
     return rows
 
 
-def test_shared_prefix_attention_equals_plain_paged_attention():
+@pytest.mark.parametrize("native_decode", [True, False])
+def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: bool):
     """Ragged group: decodes with different suffix lengths and prefill chunks of several sizes,
     all continuing one 8-token (2-block) shared prefix; plus a plain request beside them."""
     torch.manual_seed(1)
@@ -76,6 +87,7 @@ def test_shared_prefix_attention_equals_plain_paged_attention():
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 2
+    runner.prefix_store = None
     prefix = [7, 3]
     layout = [  # (request, start, new tokens, own blocks)
         ("d1", 9, 1, [10]),
@@ -106,7 +118,8 @@ def test_shared_prefix_attention_equals_plain_paged_attention():
     decodes = [c for c in rest if c.num_tokens == 1]
     prefills = [c for c in rest if c.num_tokens > 1]
     _, _, slots, meta = runner._prepare(decodes, prefills, cascades)
-    order = decodes + prefills + cascades[0][1]
+    plain_meta.native_decode = meta.native_decode = native_decode
+    order = decodes + prefills + cascades[0][2]
     rows = _rows_by_request(order)
     q = torch.empty_like(q_plain)
     for chunk in order:  # the same queries, in the cascade layout
@@ -132,6 +145,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 4
+    runner.prefix_store = None
     layout = [  # (request, group, shared tokens, enclosing, start, new tokens, blocks)
         ("a1", 1, 12, ((0, 8),), 13, 1, [7, 3, 5, 10]),
         ("a2", 1, 12, ((0, 8),), 14, 1, [7, 3, 5, 11]),
@@ -145,7 +159,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     ]
     rest, cascades = runner._split_cascades(chunks)
     assert rest == []
-    assert [(shared, sorted(c.request_id for c in members)) for shared, members in cascades] == [
+    assert [(shared, sorted(c.request_id for c in members)) for _, shared, members in cascades] == [
         (12, ["b1", "b2"]),
         (8, ["a1", "a2", "m"]),
     ]
@@ -158,7 +172,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     plain_rows = _rows_by_request(plain_decodes + plain_prefills)
 
     _, _, slots, meta = runner._prepare([], [], cascades)
-    order = [c for _, members in cascades for c in members]
+    order = [c for _, _, members in cascades for c in members]
     rows = _rows_by_request(order)
     q = torch.empty_like(q_plain)
     for chunk in order:

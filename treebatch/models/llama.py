@@ -135,7 +135,7 @@ class LlamaForCausalLM:
             k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
             k_cache.index_copy_(0, metadata.slot_mapping, k)
             v_cache.index_copy_(0, metadata.slot_mapping, v)
-            attn = paged_attention(q, k_cache, v_cache, metadata, self.scale)
+            attn = paged_attention(q, k_cache, v_cache, metadata, self.scale, index)
             hidden = hidden + layer.o_proj(attn.reshape(num_tokens, q_size))
 
             x = rms_norm(hidden, layer.post_norm, cfg.rms_norm_eps)

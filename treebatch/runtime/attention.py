@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from treebatch.runtime import native
+
 
 @dataclass(slots=True)
 class PrefillChunk:
@@ -50,6 +52,10 @@ class CascadeGroup:
     decode_suffix_blocks: torch.Tensor | None  # [num_decodes * max_blocks], padded with block 0
     decode_suffix_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive
     chunks: list[SuffixChunk] = field(default_factory=list)
+    decode_suffix_lengths: torch.Tensor | None = None  # [num_decodes] suffix keys of each decode
+    # Per layer, the prefix's gathered (K, V), kept by the runner across steps (see
+    # prefix_store.py) and filled here at first use; None: gather every step.
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +67,10 @@ class AttentionMetadata:
     decode_bias: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] additive
     prefills: list[PrefillChunk] = field(default_factory=list)
     cascades: list[CascadeGroup] = field(default_factory=list)
+    decode_lengths: torch.Tensor | None = None  # [num_decodes] keys of each decode
+    # Single-query rows read the paged cache in place with the C kernel (native.py) when it is
+    # built; False, or no kernel: gather the padded blocks and use torch's fused attention.
+    native_decode: bool = True
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -92,8 +102,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    layer: int = 0,
 ) -> torch.Tensor:
-    """q: [T, heads, D] -> [T, heads, D]. Keys and values must already be written to the cache."""
+    """q: [T, heads, D] -> [T, heads, D]. Keys and values must already be written to the cache
+    (`layer`: which layer's cache this is, for the prefixes kept across steps)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -102,7 +114,10 @@ def paged_attention(
     parts: list[torch.Tensor] = []  # the step's rows in order: decodes, prefill chunks, groups
 
     num_decodes = metadata.num_decodes
-    if num_decodes:
+    native = _native_decode(q[:num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks, metadata.decode_lengths, scale) if num_decodes else None
+    if native is not None:
+        parts.append(native[0])
+    elif num_decodes:
         # Grouped-query heads fold into the query dimension: [S, kv_heads, group, D].
         queries = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
         keys = gather_blocks(k_rows, metadata.decode_blocks, num_kv_heads, head_dim)
@@ -131,8 +146,24 @@ def paged_attention(
         parts.append(attended.squeeze(0).transpose(0, 1))
 
     for cascade in metadata.cascades:
-        parts.append(_cascade_attention(q, k_rows, v_rows, cascade, scale, num_kv_heads))
+        parts.append(_cascade_attention(q, k_cache, v_cache, metadata, cascade, scale, layer))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _native_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    padded_blocks: torch.Tensor,
+    lengths: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Single-query rows by the in-place C kernel, or None for the torch path."""
+    if not metadata.native_decode or lengths is None:
+        return None
+    tables = padded_blocks.view(q.shape[0], -1)
+    return native.paged_decode_attention(q, k_cache, v_cache, tables, lengths, metadata.block_size, scale)
 
 
 def _as(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
@@ -144,23 +175,35 @@ def _as(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
 
 def _cascade_attention(
     q: torch.Tensor,
-    k_rows: torch.Tensor,
-    v_rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
     cascade: CascadeGroup,
     scale: float,
-    num_kv_heads: int,
+    layer: int,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
+    k_rows = k_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
+    v_rows = v_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
     queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
-    prefix_k = gather_blocks(k_rows, cascade.prefix_blocks, num_kv_heads, head_dim)
-    prefix_v = gather_blocks(v_rows, cascade.prefix_blocks, num_kv_heads, head_dim)
+    prefix_k, prefix_v = _prefix_kv(k_rows, v_rows, cascade, layer, num_kv_heads, head_dim)
     prefix_out, prefix_lse = shared_prefix_attention(queries, prefix_k, prefix_v, scale)
 
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     num_decodes = cascade.num_decodes
+    native = None
     if num_decodes:
+        native = _native_decode(
+            queries[:num_decodes], k_cache, v_cache, metadata, cascade.decode_suffix_blocks,
+            cascade.decode_suffix_lengths, scale,
+        )
+    if native is not None:
+        outs.append(native[0])
+        lses.append(native[1])
+    elif num_decodes:
         folded = queries[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
         keys = gather_blocks(k_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
         values = gather_blocks(v_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
@@ -182,6 +225,23 @@ def _cascade_attention(
     suffix_out = outs[0] if len(outs) == 1 else torch.cat(outs)
     suffix_lse = lses[0] if len(lses) == 1 else torch.cat(lses)
     return merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
+
+
+def _prefix_kv(
+    k_rows: torch.Tensor, v_rows: torch.Tensor, cascade: CascadeGroup, layer: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group prefix's K and V as [P, kv_heads, D]: kept from an earlier step, or gathered
+    (and kept, in the [kv_heads, P, D] memory order the kernel reads, when there is a store)."""
+    kept = cascade.prefix_kv
+    if kept is not None and kept[layer] is not None:
+        return kept[layer]
+    keys = gather_blocks(k_rows, cascade.prefix_blocks, num_kv_heads, head_dim)
+    values = gather_blocks(v_rows, cascade.prefix_blocks, num_kv_heads, head_dim)
+    if kept is not None:
+        keys = keys.transpose(0, 1).contiguous().transpose(0, 1)
+        values = values.transpose(0, 1).contiguous().transpose(0, 1)
+        kept[layer] = (keys, values)
+    return keys, values
 
 
 # PyTorch's fused CPU attention kernel also returns the log-sum-exp we need for merging; about

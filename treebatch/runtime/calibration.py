@@ -38,7 +38,14 @@ _DECODE_BATCH = 16
 _DECODE_CONTEXTS = (64, 1024)
 _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
-_CODE_FILES = ("runtime/model_runner.py", "runtime/attention.py", "models/llama.py", "models/linear.py")
+_CODE_FILES = (
+    "runtime/model_runner.py",
+    "runtime/attention.py",
+    "runtime/native.py",
+    "runtime/kernels/paged_decode.c",
+    "models/llama.py",
+    "models/linear.py",
+)
 
 Timer = Callable[[], float]
 

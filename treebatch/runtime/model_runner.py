@@ -22,7 +22,10 @@ from treebatch.runtime.attention import (
     additive_mask,
     causal_mask,
 )
+from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
+
+DEFAULT_PREFIX_STORE_BYTES = 256 << 20
 
 
 class ModelRunner:
@@ -33,13 +36,21 @@ class ModelRunner:
         block_size: int,
         eos_token_ids: tuple[int, ...],
         cascade_min_queries: int | None = 4,
+        prefix_store_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
     ) -> None:
         """`cascade_min_queries`: a group needs this many queries in a step for shared-prefix
-        attention; None turns it off."""
+        attention; None turns it off. `prefix_store_bytes`: memory for group prefixes' K and V
+        gathered once and reused across steps (0: gather every step)."""
         self.model = model
         self.cascade_min_queries = cascade_min_queries
         self.kv_cache = kv_cache
         self.block_size = block_size
+        num_layers, _, _, num_kv_heads, head_dim = kv_cache.shape
+        self.prefix_store = (
+            PrefixKVStore(num_layers, 2 * num_kv_heads * head_dim * kv_cache.element_size(), prefix_store_bytes)
+            if prefix_store_bytes > 0
+            else None
+        )
         self.sampler = Sampler(model.config.vocab_size, eos_token_ids)
         self._offsets = np.arange(block_size, dtype=np.int64)
 
@@ -56,7 +67,7 @@ class ModelRunner:
         decodes = [c for c in plain if c.is_single_query]
         prefills = [c for c in plain if not c.is_single_query]
         input_ids, positions, slot_mapping, metadata = self._prepare(decodes, prefills, cascades)
-        ordered = decodes + prefills + [c for _, members in cascades for c in members]
+        ordered = decodes + prefills + [c for _, _, members in cascades for c in members]
 
         sample_rows: list[int] = []
         sample_ids: list[str] = []
@@ -76,8 +87,8 @@ class ModelRunner:
 
     def _split_cascades(
         self, chunks: list[ScheduledChunk]
-    ) -> tuple[list[ScheduledChunk], list[tuple[int, list[ScheduledChunk]]]]:
-        """Chunks that read a shared prefix once, as (shared tokens, members) per group, each
+    ) -> tuple[list[ScheduledChunk], list[tuple[int, int, list[ScheduledChunk]]]]:
+        """Chunks that read a shared prefix once, as (group, shared tokens, members), each
         group's single-query chunks first; the rest take the plain paged path.
 
         Groups are settled deepest first: one with enough queries in this step (its members' and
@@ -108,7 +119,7 @@ class ModelRunner:
             if not members:
                 continue
             if sum(c.num_tokens for c in members) >= self.cascade_min_queries:
-                cascades.append((shared[group], sorted(members, key=lambda c: not c.is_single_query)))
+                cascades.append((group, shared[group], sorted(members, key=lambda c: not c.is_single_query)))
             elif parent[group] is not None:
                 waiting[parent[group]].extend(members)
             else:
@@ -135,7 +146,7 @@ class ModelRunner:
         self,
         decodes: list[ScheduledChunk],
         prefills: list[ScheduledChunk],
-        cascades: list[tuple[int, list[ScheduledChunk]]] = (),
+        cascades: list[tuple[int, int, list[ScheduledChunk]]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -171,13 +182,13 @@ class ModelRunner:
             row += chunk.num_tokens
 
         cascade_groups = []
-        for shared, members in cascades:
+        for group, shared, members in cascades:
             for chunk in members:
                 start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
                 ids.extend(chunk.token_ids)
                 positions.append(np.arange(start, stop, dtype=np.int64))
                 slot_parts.append(self._slots(chunk.block_table, start, stop))
-            cascade_groups.append(self._cascade_group(members, row, shared))
+            cascade_groups.append(self._cascade_group(members, row, shared, group))
             row += sum(c.num_tokens for c in members)
 
         slot_mapping = torch.from_numpy(np.concatenate(slot_parts))
@@ -187,6 +198,7 @@ class ModelRunner:
             num_decodes=len(decodes),
             decode_blocks=decode_blocks,
             decode_bias=decode_bias,
+            decode_lengths=torch.from_numpy(contexts) if decodes else None,
             prefills=prefill_chunks,
             cascades=cascade_groups,
         )
@@ -207,14 +219,16 @@ class ModelRunner:
         mask = np.arange(width)[None, :] < lengths[:, None]
         return padded, additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
 
-    def _cascade_group(self, members: list[ScheduledChunk], first_row: int, shared: int) -> CascadeGroup:
+    def _cascade_group(
+        self, members: list[ScheduledChunk], first_row: int, shared: int, group: int
+    ) -> CascadeGroup:
         """Members laid out from `first_row`, single-query chunks first (see _split_cascades),
         reading positions [0, shared) once: full blocks every member's table begins with."""
         size = self.block_size
         assert shared % size == 0 and all(c.num_shared_tokens >= shared for c in members)
         first_own = shared // size
         decodes = [c for c in members if c.is_single_query]
-        suffix_blocks = suffix_bias = None
+        suffix_blocks = suffix_bias = lengths = None
         if decodes:
             lengths = np.asarray([c.start_position + 1 - shared for c in decodes], dtype=np.int64)
             padded, suffix_bias = self._padded_blocks(decodes, first_own, lengths)
@@ -241,5 +255,7 @@ class ModelRunner:
             decode_suffix_blocks=suffix_blocks,
             decode_suffix_bias=suffix_bias,
             chunks=chunks,
+            decode_suffix_lengths=None if lengths is None else torch.from_numpy(lengths),
+            prefix_kv=None if self.prefix_store is None else self.prefix_store.get(group, shared),
         )
 

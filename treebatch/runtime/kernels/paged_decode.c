@@ -1,0 +1,141 @@
+/* Single-query attention read straight out of the paged KV cache.
+ *
+ * Each of S sequences has one query per head and attends to `lengths[s]` keys whose slots its
+ * block table names: key t lives in slot table[s][t / block_size] * block_size + t % block_size.
+ * Nothing is gathered: every (sequence, KV head) pair is one work item that walks its blocks
+ * once, scores the group of query heads that share the KV head, and keeps a running softmax
+ * (max, sum, weighted values) per query head, rescaled block by block. Besides the output it
+ * returns each query's log-sum-exp, so a result over part of the keys can be merged exactly.
+ *
+ * Layouts (float32, row-major, contiguous):
+ *   q [S, H, D]; k, v [num_slots, KVH, D]; tables [S, width] (int64); lengths [S] (int64)
+ *   out [S, H, D]; lse [S, H]. Query head h reads KV head h / (H / KVH).
+ * A sequence with no key gets out 0 and lse -inf.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_GROUP 32
+#define MAX_DIM 256
+#define MAX_BLOCK 128
+#define EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
+
+/* e^x for x <= 0 (scores minus their running max), vectorizable: x = n ln2 + r with |r| <=
+ * ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error under 2e-7), times 2^n built in
+ * the exponent bits. Below -87 the result is 0, as float e^x underflows there anyway. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return x <= -87.0f ? 0.0f : p * scale.f;
+}
+
+static inline __attribute__((always_inline)) void attend_one(const float *restrict q, const float *restrict k, const float *restrict v,
+                       const int64_t *restrict table, int64_t length, int64_t kv_heads, int64_t head,
+                       int64_t group, int64_t dim, int64_t block_size, float scale,
+                       float *restrict out, float *restrict lse) {
+    float maxes[MAX_GROUP], sums[MAX_GROUP];
+    float acc[MAX_GROUP * MAX_DIM];
+    float scores[MAX_GROUP * MAX_BLOCK];
+    for (int64_t g = 0; g < group; ++g) {
+        maxes[g] = EMPTY_MAX;
+        sums[g] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * group * dim);
+
+    for (int64_t start = 0; start < length; start += block_size) {
+        const int64_t n = length - start < block_size ? length - start : block_size;
+        const int64_t first_slot = table[start / block_size] * block_size;
+        const int64_t stride = kv_heads * dim; /* from one slot's row of this head to the next */
+        const float *restrict keys = k + (first_slot * kv_heads + head) * dim;
+        const float *restrict values = v + (first_slot * kv_heads + head) * dim;
+        for (int64_t j = 0; j < n; ++j) {
+            const float *restrict key = keys + j * stride;
+            for (int64_t g = 0; g < group; ++g) {
+                const float *restrict query = q + g * dim;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+                scores[g * block_size + j] = dot * scale;
+            }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+            float *restrict row = scores + g * block_size;
+            float block_max = row[0];
+            for (int64_t j = 1; j < n; ++j) block_max = row[j] > block_max ? row[j] : block_max;
+            const float new_max = block_max > maxes[g] ? block_max : maxes[g];
+            const float correction = exp_nonpositive(maxes[g] - new_max); /* 0 on the first block */
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < n; ++j) {
+                row[j] = exp_nonpositive(row[j] - new_max);
+                sum += row[j];
+            }
+            sums[g] = sums[g] * correction + sum;
+            maxes[g] = new_max;
+            if (correction != 1.0f) {
+                float *restrict a = acc + g * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
+            }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            const float *restrict value = values + j * stride;
+            for (int64_t g = 0; g < group; ++g) {
+                const float p = scores[g * block_size + j];
+                float *restrict a = acc + g * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) a[d] += p * value[d];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float *restrict o = out + g * dim;
+        if (sums[g] > 0.0f) {
+            const float inverse = 1.0f / sums[g];
+            for (int64_t d = 0; d < dim; ++d) o[d] = acc[g * dim + d] * inverse;
+            lse[g] = maxes[g] + logf(sums[g]);
+        } else {
+            memset(o, 0, sizeof(float) * dim);
+            lse[g] = -INFINITY;
+        }
+    }
+}
+
+/* Returns 0, or -1 when a size is beyond the fixed scratch buffers (the caller falls back). */
+int paged_decode_attention(const float *q, const float *k, const float *v, const int64_t *tables,
+                           int64_t width, const int64_t *lengths, int64_t num_seqs, int64_t num_heads,
+                           int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float *out,
+                           float *lse, int num_threads) {
+    const int64_t group = num_heads / kv_heads;
+    if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
+        return -1;
+    const int64_t items = num_seqs * kv_heads;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t s = item / kv_heads, head = item % kv_heads;
+        const int64_t first_head = head * group;
+        const float *query = q + (s * num_heads + first_head) * dim;
+        const int64_t *table = tables + s * width;
+        float *o = out + (s * num_heads + first_head) * dim, *l = lse + s * num_heads + first_head;
+        /* Constant head sizes let the compiler unroll the inner loops into whole vectors. */
+        if (dim == 64 && block_size == 16)
+            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, 64, 16, scale, o, l);
+        else if (dim == 64)
+            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, 64, block_size, scale, o, l);
+        else if (dim == 128)
+            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, 128, block_size, scale, o, l);
+        else
+            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, dim, block_size, scale, o, l);
+    }
+    return 0;
+}
