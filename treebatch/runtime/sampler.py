@@ -50,7 +50,9 @@ class Sampler:
         tokens = torch.empty(len(states), dtype=torch.long)
         greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
         random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
-        if greedy_rows:
+        if len(greedy_rows) == len(states):  # all greedy: no copy of the rows
+            tokens = logits.argmax(dim=-1)
+        elif greedy_rows:
             index = torch.tensor(greedy_rows)
             tokens[index] = logits[index].argmax(dim=-1)
         if random_rows:
