@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
-from treebatch.runtime import native
 from treebatch.runtime.attention import paged_attention
 from treebatch.runtime.model_runner import ModelRunner
 
@@ -28,11 +26,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
             weights = (keys @ q[i, h] / math.sqrt(DIM)).softmax(0)
             out[i, h] = weights @ v[: start + i + 1, h // group]
     return out
-
-
-def test_decode_kernel_is_built_where_there_is_a_compiler():
-    if shutil.which("cc") or shutil.which("gcc"):
-        assert native.paged_decode_kernel() is not None
 
 
 @pytest.mark.parametrize("native_decode", [True, False])
@@ -87,6 +80,7 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 2
+    runner.cascade_min_decodes = 1
     runner.prefix_store = None
     prefix = [7, 3]
     layout = [  # (request, start, new tokens, own blocks)
@@ -145,6 +139,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 4
+    runner.cascade_min_decodes = 1
     runner.prefix_store = None
     layout = [  # (request, group, shared tokens, enclosing, start, new tokens, blocks)
         ("a1", 1, 12, ((0, 8),), 13, 1, [7, 3, 5, 10]),
@@ -183,6 +178,24 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
         torch.testing.assert_close(
             out[rows[chunk.request_id]], expected[plain_rows[chunk.request_id]], atol=1e-4, rtol=1e-4
         )
+
+
+def test_a_group_with_few_decodes_sends_them_to_the_plain_path():
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.block_size = BLOCK
+    runner.cascade_min_queries = 2
+    runner.cascade_min_decodes = 3
+    chunks = [
+        ScheduledChunk("d1", [0], 9, [7, 3, 10], True, 1, group_id=0, num_shared_tokens=8),
+        ScheduledChunk("d2", [0], 10, [7, 3, 11], True, 1, group_id=0, num_shared_tokens=8),
+        ScheduledChunk("c1", [0] * 3, 8, [7, 3, 12], True, 1, group_id=0, num_shared_tokens=8),
+    ]
+    plain, cascades = runner._split_cascades(chunks)
+    assert [c.request_id for c in plain] == ["d1", "d2"]
+    assert [(g, shared, [c.request_id for c in m]) for g, shared, m in cascades] == [(0, 8, ["c1"])]
+    runner.cascade_min_decodes = 2
+    plain, cascades = runner._split_cascades(chunks)
+    assert plain == [] and [c.request_id for c in cascades[0][2]] == ["d1", "d2", "c1"]
 
 
 def test_fused_attention_with_lse_equals_reference():

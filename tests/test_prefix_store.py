@@ -33,6 +33,7 @@ def test_kept_prefix_is_reused_across_steps_and_equals_gathering():
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 2
+    runner.cascade_min_decodes = 1
     runner.prefix_store = PrefixKVStore(num_layers, 2 * KV_HEADS * DIM * 4, 1 << 20)
     prefix = [9, 2, 5]  # 12 shared tokens in three scattered blocks
     chunks = [

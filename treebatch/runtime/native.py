@@ -36,9 +36,23 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def _cpu_flags() -> str:
+    """The CPU's instruction set extensions: `-march=native` code must not meet a CPU without them
+    (virtual machines often report one model name for several generations)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
-    digest = hashlib.blake2b(source + " ".join([compiler, *_FLAGS, _cpu_model()]).encode(), digest_size=10)
+    facts = " ".join([compiler, *_FLAGS, _cpu_model(), _cpu_flags()])
+    digest = hashlib.blake2b(source + facts.encode(), digest_size=10)
     target = _cache_dir() / f"paged_decode-{digest.hexdigest()}.so"
     if target.is_file():
         return target

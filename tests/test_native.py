@@ -1,0 +1,71 @@
+"""The in-place decode attention kernel against the explicit softmax."""
+
+import shutil
+
+import pytest
+import torch
+
+from treebatch.runtime import native
+from treebatch.runtime.attention import attention_with_lse_reference
+
+needs_kernel = pytest.mark.skipif(native.paged_decode_kernel() is None, reason="no C compiler here")
+
+
+def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale):
+    num_seqs, num_heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    outs, lses = [], []
+    for s in range(num_seqs):
+        length = int(lengths[s])
+        slots = [int(tables[s, t // block_size]) * block_size + t % block_size for t in range(length)]
+        keys = k_cache[slots].repeat_interleave(num_heads // kv_heads, dim=1).transpose(0, 1)  # [H, L, D]
+        values = v_cache[slots].repeat_interleave(num_heads // kv_heads, dim=1).transpose(0, 1)
+        out, lse = attention_with_lse_reference(q[s].unsqueeze(1), keys, values, scale)
+        outs.append(out.squeeze(1))
+        lses.append(lse.squeeze(1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "num_heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 16), (6, 3, 40, 4)]
+)
+def test_kernel_equals_explicit_softmax(num_heads, kv_heads, dim, block_size):
+    torch.manual_seed(num_heads * dim + block_size)
+    num_blocks = 40
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim)
+    lengths = torch.tensor([1, block_size, block_size + 1, 5 * block_size - 3, 7], dtype=torch.int64)
+    width = int(-(-lengths.max() // block_size))
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lengths])  # scattered blocks
+    q = torch.randn(len(lengths), num_heads, dim)
+    got = native.paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size, 0.3)
+    assert got is not None
+    expected = _reference(q, k_cache, v_cache, tables, lengths, block_size, 0.3)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_sequence_without_keys_gets_zero_and_minus_infinity():
+    k_cache = torch.randn(32, 2, 16)
+    q = torch.randn(2, 4, 16)
+    out, lse = native.paged_decode_attention(
+        q, k_cache, k_cache.clone(), torch.zeros(2, 1, dtype=torch.int64), torch.tensor([0, 3]), 16, 0.25
+    )
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    assert torch.isfinite(lse[1]).all()
+
+
+def test_other_dtypes_and_the_switch_fall_back(monkeypatch):
+    k_cache = torch.randn(16, 1, 8, dtype=torch.bfloat16)
+    q = torch.randn(1, 1, 8, dtype=torch.bfloat16)
+    table, lengths = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([4])
+    assert native.paged_decode_attention(q, k_cache, k_cache, table, lengths, 16, 1.0) is None
+    monkeypatch.setenv("TREEBATCH_NATIVE", "0")
+    assert native.paged_decode_kernel.__wrapped__() is None
+
+
+def test_the_kernel_builds_where_there_is_a_compiler():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.paged_decode_kernel() is not None
