@@ -1,10 +1,12 @@
 """Where shared-prefix attention starts to pay: plain paged attention vs the cascade form for one
 group of N decoding members over a shared prefix, on the default model's attention shape.
 
-    .venv/bin/python benchmarks/cascade_threshold.py [--prefix 448] [--suffix 48]
+    .venv/bin/python benchmarks/cascade_threshold.py [--prefix 448] [--suffix 48] [--gather-prefix]
 
 Prints the time per layer call of each path for N = 1..32 and the smallest N where the cascade
-is faster; the engine's `shared_prefix_attention_min_queries` default comes from this.
+is faster; the runner's `cascade_min_decodes` default comes from this. Plain decodes go through
+the in-place C kernel when it is built. The cascade reads the prefix K/V kept across steps (the
+steady state of a running group); `--gather-prefix` gathers it every call (a group's first step).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from treebatch.core.outputs import ScheduledChunk
 from treebatch.runtime.attention import paged_attention
 from treebatch.runtime.model_runner import ModelRunner
+from treebatch.runtime.prefix_store import PrefixKVStore
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
 
@@ -36,6 +39,7 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=448, help="shared prefix tokens (multiple of 16)")
     parser.add_argument("--suffix", type=int, default=48, help="each member's own tokens so far")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--gather-prefix", action="store_true", help="no prefix store: gather every call")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     prefix_blocks = args.prefix // BLOCK
@@ -48,7 +52,9 @@ def main() -> None:
     runner.block_size = BLOCK
     runner._offsets = np.arange(BLOCK)
     runner.cascade_min_queries = 1
-    runner.prefix_store = None  # gather every call: the per-step cost of a group's first step
+    runner.cascade_min_decodes = 1
+    bytes_per_token = 2 * KV_HEADS * DIM * 4
+    runner.prefix_store = None if args.gather_prefix else PrefixKVStore(1, bytes_per_token, 1 << 30)
     prefix = list(range(prefix_blocks))
     print(f"prefix {args.prefix} tokens, suffix {args.suffix}, threads {torch.get_num_threads()}")
     print("members  plain_ms  cascade_ms  speedup")

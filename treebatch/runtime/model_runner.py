@@ -22,10 +22,15 @@ from treebatch.runtime.attention import (
     additive_mask,
     causal_mask,
 )
+from treebatch.runtime import native
 from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
 
 DEFAULT_PREFIX_STORE_BYTES = 256 << 20
+# With decodes read in place by the C kernel, a group's decodes gain from reading the prefix once
+# only from about this many in a step (benchmarks/cascade_threshold.py: 448-token prefix, kept
+# prefix K/V, 2 cores).
+DEFAULT_CASCADE_MIN_DECODES = 8
 
 
 class ModelRunner:
@@ -37,12 +42,19 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...],
         cascade_min_queries: int | None = 4,
         prefix_store_bytes: int = DEFAULT_PREFIX_STORE_BYTES,
+        cascade_min_decodes: int | None = None,
     ) -> None:
         """`cascade_min_queries`: a group needs this many queries in a step for shared-prefix
-        attention; None turns it off. `prefix_store_bytes`: memory for group prefixes' K and V
-        gathered once and reused across steps (0: gather every step)."""
+        attention; None turns it off. `cascade_min_decodes`: and this many single-query rows for
+        its decodes to join (fewer read their whole context in place, which is cheaper; default:
+        `DEFAULT_CASCADE_MIN_DECODES` where the in-place kernel is built, else no extra bound).
+        `prefix_store_bytes`: memory for group prefixes' K and V gathered once and reused across
+        steps (0: gather every step)."""
         self.model = model
         self.cascade_min_queries = cascade_min_queries
+        if cascade_min_decodes is None:
+            cascade_min_decodes = DEFAULT_CASCADE_MIN_DECODES if native.paged_decode_kernel() is not None else 1
+        self.cascade_min_decodes = cascade_min_decodes
         self.kv_cache = kv_cache
         self.block_size = block_size
         num_layers, _, _, num_kv_heads, head_dim = kv_cache.shape
@@ -119,7 +131,12 @@ class ModelRunner:
             if not members:
                 continue
             if sum(c.num_tokens for c in members) >= self.cascade_min_queries:
-                cascades.append((group, shared[group], sorted(members, key=lambda c: not c.is_single_query)))
+                decodes = [c for c in members if c.is_single_query]
+                if len(decodes) < self.cascade_min_decodes:
+                    plain.extend(decodes)
+                    members = [c for c in members if not c.is_single_query]
+                if members:
+                    cascades.append((group, shared[group], sorted(members, key=lambda c: not c.is_single_query)))
             elif parent[group] is not None:
                 waiting[parent[group]].extend(members)
             else:
