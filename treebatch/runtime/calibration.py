@@ -43,6 +43,7 @@ _CODE_FILES = (
     "runtime/attention.py",
     "runtime/native.py",
     "runtime/kernels/paged_decode.c",
+    "runtime/kernels/fast_exp.h",
     "models/llama.py",
     "models/linear.py",
 )

@@ -1,14 +1,16 @@
-"""The C kernel in `kernels/`, compiled on first use on this machine and loaded with ctypes.
+"""The C kernels in `kernels/`, compiled on first use on this machine and loaded with ctypes.
 
-It is plain C (no torch headers), so a build takes about a second with the system compiler;
-the shared object is cached under `<cache root>/kernels/`, named by a hash of the source, the
-compiler flags and the CPU, and is rebuilt when any of them changes. It is linked against
-OpenMP: loaded into a process where torch has already loaded `libgomp.so.1`, it shares torch's
-thread pool. Where there is no compiler, or the build or load fails, `paged_decode_kernel()`
-returns None once with a warning, and callers keep the torch path (gather + fused attention),
-which the kernel is tested to equal.
+- `paged_decode.c`: single-query attention that reads the paged KV cache in place.
 
-Set TREEBATCH_NATIVE=0 to turn the kernel off.
+They are plain C (no torch headers), so a build takes about a second with the system compiler;
+each shared object is cached under `<cache root>/kernels/`, named by a hash of its source, the
+shared headers, the compiler flags and the CPU, and is rebuilt when any of them changes. They are
+linked against OpenMP: loaded into a process where torch has already loaded `libgomp.so.1`, they
+share torch's thread pool. Where there is no compiler, or a build or load fails, `library()`
+returns None once with a warning, and every caller keeps its torch path, which each kernel is
+tested to equal.
+
+Set TREEBATCH_NATIVE=0 to turn the kernels off.
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ import torch
 from treebatch.models.loader import cache_root
 from treebatch.runtime.calibration import _cpu_model
 
-_SOURCE = Path(__file__).resolve().parent / "kernels" / "paged_decode.c"
+_KERNELS = Path(__file__).resolve().parent / "kernels"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_POINTER, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# Each library: its source in kernels/ and the C signatures of the functions it exports.
+_SIGNATURES = {
+    "paged_decode": {
+        "paged_decode_attention": [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64,
+                                   _I64, _F32, _POINTER, _POINTER, _INT],
+    },
+}
 
 
 def _cache_dir() -> Path:
@@ -49,18 +59,20 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
+def _build(name: str, compiler: str) -> Path:
+    source = _KERNELS / f"{name}.c"
+    text = source.read_bytes() + b"".join(header.read_bytes() for header in sorted(_KERNELS.glob("*.h")))
     facts = " ".join([compiler, *_FLAGS, _cpu_model(), _cpu_flags()])
-    digest = hashlib.blake2b(source + facts.encode(), digest_size=10)
-    target = _cache_dir() / f"paged_decode-{digest.hexdigest()}.so"
+    digest = hashlib.blake2b(text + facts.encode(), digest_size=10)
+    target = _cache_dir() / f"{name}-{digest.hexdigest()}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        command = [compiler, *_FLAGS, f"-I{_KERNELS}", str(source), "-o", tmp, "-lm"]
+        subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(tmp, target)  # atomic: a concurrent build never sees half a file
     finally:
         if os.path.exists(tmp):
@@ -69,25 +81,28 @@ def _build(compiler: str) -> Path:
 
 
 @cache
-def paged_decode_kernel() -> ctypes.CDLL | None:
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled kernels/`name`.c, or None (with one warning) where it cannot be had."""
     if os.environ.get("TREEBATCH_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        warnings.warn("treebatch: no C compiler found; decode attention gathers KV blocks instead", stacklevel=2)
+        warnings.warn(f"treebatch: no C compiler found; {name} runs as torch ops instead", stacklevel=2)
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        loaded = ctypes.CDLL(str(_build(name, compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        warnings.warn(f"treebatch: the decode kernel did not build ({detail.strip()[:300]}); gathering KV instead", stacklevel=2)
+        warnings.warn(f"treebatch: {name} did not build ({detail.strip()[:300]}); torch ops instead", stacklevel=2)
         return None
-    function = library.paged_decode_attention
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64, i64,
-                         ctypes.c_float, pointer, pointer, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return library
+    for function, argtypes in _SIGNATURES[name].items():
+        getattr(loaded, function).argtypes = argtypes
+        getattr(loaded, function).restype = ctypes.c_int
+    return loaded
+
+
+def paged_decode_kernel() -> ctypes.CDLL | None:
+    return library("paged_decode")
 
 
 def paged_decode_attention(
@@ -105,8 +120,8 @@ def paged_decode_attention(
     int64 (unused entries may hold any valid block); lengths: [S] int64 keys per sequence.
     Returns out [S, H, D] and lse [S, H], or None where the kernel is unavailable or does not
     take these arguments (the caller then uses the torch path)."""
-    library = paged_decode_kernel()
-    if library is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    kernel = paged_decode_kernel()
+    if kernel is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
         return None
     q = q.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -116,9 +131,10 @@ def paged_decode_attention(
     num_seqs, num_heads, dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32)
-    status = library.paged_decode_attention(
+    status = kernel.paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         lengths.data_ptr(), num_seqs, num_heads, k_cache.shape[1], dim, block_size, scale,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
     )
     return (out, lse) if status == 0 else None
+

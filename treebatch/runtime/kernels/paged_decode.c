@@ -16,28 +16,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define MAX_GROUP 32
 #define MAX_DIM 256
 #define MAX_BLOCK 128
 #define EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
-
-/* e^x for x <= 0 (scores minus their running max), vectorizable: x = n ln2 + r with |r| <=
- * ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error under 2e-7), times 2^n built in
- * the exponent bits. Below -87 the result is 0, as float e^x underflows there anyway. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return x <= -87.0f ? 0.0f : p * scale.f;
-}
 
 static inline __attribute__((always_inline)) void attend_one(const float *restrict q, const float *restrict k, const float *restrict v,
                        const int64_t *restrict table, int64_t length, int64_t kv_heads, int64_t head,

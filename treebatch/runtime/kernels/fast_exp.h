@@ -1,0 +1,27 @@
+/* A vectorizable e^x for x <= 0, shared by the kernels. */
+#ifndef TREEBATCH_FAST_EXP_H
+#define TREEBATCH_FAST_EXP_H
+
+#include <stdint.h>
+
+/* e^x for x <= 0 (scores minus their running max), vectorizable: x = n ln2 + r with |r| <=
+ * ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error under 2e-7), times 2^n built in
+ * the exponent bits. Below -87 the result is 0, as float e^x underflows there anyway. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    /* Round to the nearest integer by the float-adding trick (|x log2 e| < 2^22 here): plain
+     * arithmetic, so the loop around it vectorizes; a libm rounding call would not. */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return x <= -87.0f ? 0.0f : p * scale.f;
+}
+
+#endif
