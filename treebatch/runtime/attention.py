@@ -50,9 +50,11 @@ class CascadeGroup:
     num_rows: int
     num_decodes: int  # its first num_decodes rows are single-query decodes, then the chunks
     decode_suffix_blocks: torch.Tensor | None  # [num_decodes * max_blocks], padded with block 0
-    decode_suffix_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive
+    decode_suffix_lengths: torch.Tensor | None  # [num_decodes] suffix keys of each decode
     chunks: list[SuffixChunk] = field(default_factory=list)
-    decode_suffix_lengths: torch.Tensor | None = None  # [num_decodes] suffix keys of each decode
+    # The additive bias hiding the padding, [num_decodes, 1, 1, max_blocks * block_size]: made at
+    # first use by the gathering path only (the in-place kernel reads the lengths).
+    decode_suffix_bias: torch.Tensor | None = None
     # Per layer, the prefix's gathered (K, V), kept by the runner across steps (see
     # prefix_store.py) and filled here at first use; None: gather every step.
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
@@ -64,10 +66,11 @@ class AttentionMetadata:
     block_size: int
     num_decodes: int = 0  # rows [0, num_decodes) are single-query decodes
     decode_blocks: torch.Tensor | None = None  # [num_decodes * max_blocks] (padded with block 0)
-    decode_bias: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] additive
+    decode_lengths: torch.Tensor | None = None  # [num_decodes] keys of each decode
     prefills: list[PrefillChunk] = field(default_factory=list)
     cascades: list[CascadeGroup] = field(default_factory=list)
-    decode_lengths: torch.Tensor | None = None  # [num_decodes] keys of each decode
+    # As CascadeGroup.decode_suffix_bias, for the plain decodes; made at first use.
+    decode_bias: torch.Tensor | None = None
     # Single-query rows read the paged cache in place with the C kernel (native.py) when it is
     # built; False, or no kernel: gather the padded blocks and use torch's fused attention.
     native_decode: bool = True
@@ -114,9 +117,11 @@ def paged_attention(
     parts: list[torch.Tensor] = []  # the step's rows in order: decodes, prefill chunks, groups
 
     num_decodes = metadata.num_decodes
-    native = _native_decode(q[:num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks, metadata.decode_lengths, scale) if num_decodes else None
-    if native is not None:
-        parts.append(native[0])
+    in_place = None
+    if num_decodes:
+        in_place = _native_decode(q[:num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks, metadata.decode_lengths, scale)
+    if in_place is not None:
+        parts.append(in_place[0])
     elif num_decodes:
         # Grouped-query heads fold into the query dimension: [S, kv_heads, group, D].
         queries = q[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
@@ -124,9 +129,9 @@ def paged_attention(
         values = gather_blocks(v_rows, metadata.decode_blocks, num_kv_heads, head_dim)
         keys = keys.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)  # [S, kv_heads, L, D]
         values = values.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-        decoded = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=_as(metadata.decode_bias, q), scale=scale
-        )
+        if metadata.decode_bias is None:  # once per step, reused by every layer
+            metadata.decode_bias = padding_bias(metadata.decode_lengths, keys.shape[2], q.dtype)
+        decoded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.decode_bias, scale=scale)
         parts.append(decoded.reshape(num_decodes, num_heads, head_dim))
 
     for chunk in metadata.prefills:
@@ -160,10 +165,16 @@ def _native_decode(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Single-query rows by the in-place C kernel, or None for the torch path."""
-    if not metadata.native_decode or lengths is None:
+    if not metadata.native_decode:
         return None
     tables = padded_blocks.view(q.shape[0], -1)
     return native.paged_decode_attention(q, k_cache, v_cache, tables, lengths, metadata.block_size, scale)
+
+
+def padding_bias(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[S, 1, 1, width] additive bias letting row s see its first lengths[s] keys of a padded batch."""
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    return additive_mask(mask, dtype).view(len(lengths), 1, 1, width)
 
 
 def _as(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
@@ -194,22 +205,24 @@ def _cascade_attention(
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     num_decodes = cascade.num_decodes
-    native = None
+    in_place = None
     if num_decodes:
-        native = _native_decode(
+        in_place = _native_decode(
             queries[:num_decodes], k_cache, v_cache, metadata, cascade.decode_suffix_blocks,
             cascade.decode_suffix_lengths, scale,
         )
-    if native is not None:
-        outs.append(native[0])
-        lses.append(native[1])
+    if in_place is not None:
+        outs.append(in_place[0])
+        lses.append(in_place[1])
     elif num_decodes:
         folded = queries[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
         keys = gather_blocks(k_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
         values = gather_blocks(v_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
         keys = keys.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
         values = values.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-        out, lse = attention_with_lse(folded, keys, values, scale, _as(cascade.decode_suffix_bias, q))
+        if cascade.decode_suffix_bias is None:  # once per step, reused by every layer
+            cascade.decode_suffix_bias = padding_bias(cascade.decode_suffix_lengths, keys.shape[2], q.dtype)
+        out, lse = attention_with_lse(folded, keys, values, scale, cascade.decode_suffix_bias)
         outs.append(out.reshape(num_decodes, num_heads, head_dim))
         lses.append(lse.reshape(num_decodes, num_heads))
     row = num_decodes

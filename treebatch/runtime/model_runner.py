@@ -14,15 +14,14 @@ import torch
 
 from treebatch.core.outputs import ScheduledChunk, StepPlan, StepResult
 from treebatch.models.llama import LlamaForCausalLM
+from treebatch.runtime import native
 from treebatch.runtime.attention import (
     AttentionMetadata,
     CascadeGroup,
     PrefillChunk,
     SuffixChunk,
-    additive_mask,
     causal_mask,
 )
-from treebatch.runtime import native
 from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
 
@@ -169,10 +168,11 @@ class ModelRunner:
         positions: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
 
-        decode_blocks = decode_bias = None
+        decode_blocks = decode_lengths = None
         if decodes:
             contexts = np.asarray([c.start_position + 1 for c in decodes], dtype=np.int64)
-            padded, decode_bias = self._padded_blocks(decodes, 0, contexts)
+            padded = self._padded_blocks(decodes, 0, contexts)
+            decode_lengths = torch.from_numpy(contexts)
             ids.extend(chunk.token_ids[0] for chunk in decodes)
             last = contexts - 1
             positions.append(last)
@@ -214,8 +214,7 @@ class ModelRunner:
             block_size=self.block_size,
             num_decodes=len(decodes),
             decode_blocks=decode_blocks,
-            decode_bias=decode_bias,
-            decode_lengths=torch.from_numpy(contexts) if decodes else None,
+            decode_lengths=decode_lengths,
             prefills=prefill_chunks,
             cascades=cascade_groups,
         )
@@ -224,17 +223,14 @@ class ModelRunner:
 
     def _padded_blocks(
         self, decodes: list[ScheduledChunk], first_block: int, lengths: np.ndarray
-    ) -> tuple[np.ndarray, torch.Tensor]:
+    ) -> np.ndarray:
         """Single-query chunks' keys as one padded batch: the blocks holding each one's `lengths`
-        keys from block `first_block` of its table on ([S, max_blocks], padded with block 0), and
-        the additive bias that hides the padding ([S, 1, 1, max_blocks * block_size])."""
+        keys from block `first_block` of its table on ([S, max_blocks], padded with block 0)."""
         num_blocks = -(-lengths // self.block_size)
         padded = np.zeros((len(decodes), int(num_blocks.max())), dtype=np.int64)
         for i, chunk in enumerate(decodes):
             padded[i, : num_blocks[i]] = chunk.block_table[first_block : first_block + num_blocks[i]]
-        width = padded.shape[1] * self.block_size
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        return padded, additive_mask(torch.from_numpy(mask)).view(len(decodes), 1, 1, width)
+        return padded
 
     def _cascade_group(
         self, members: list[ScheduledChunk], first_row: int, shared: int, group: int
@@ -245,11 +241,11 @@ class ModelRunner:
         assert shared % size == 0 and all(c.num_shared_tokens >= shared for c in members)
         first_own = shared // size
         decodes = [c for c in members if c.is_single_query]
-        suffix_blocks = suffix_bias = lengths = None
+        suffix_blocks = suffix_lengths = None
         if decodes:
             lengths = np.asarray([c.start_position + 1 - shared for c in decodes], dtype=np.int64)
-            padded, suffix_bias = self._padded_blocks(decodes, first_own, lengths)
-            suffix_blocks = torch.from_numpy(padded.reshape(-1))
+            suffix_blocks = torch.from_numpy(self._padded_blocks(decodes, first_own, lengths).reshape(-1))
+            suffix_lengths = torch.from_numpy(lengths)
         chunks = []
         for chunk in members[len(decodes) :]:
             start, stop = chunk.start_position, chunk.start_position + chunk.num_tokens
@@ -270,9 +266,8 @@ class ModelRunner:
             num_rows=sum(c.num_tokens for c in members),
             num_decodes=len(decodes),
             decode_suffix_blocks=suffix_blocks,
-            decode_suffix_bias=suffix_bias,
+            decode_suffix_lengths=suffix_lengths,
             chunks=chunks,
-            decode_suffix_lengths=None if lengths is None else torch.from_numpy(lengths),
             prefix_kv=None if self.prefix_store is None else self.prefix_store.get(group, shared),
         )
 
