@@ -15,7 +15,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
@@ -48,13 +47,8 @@ def main() -> None:
     num_blocks = prefix_blocks + own_blocks * max(sizes) + 1
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.block_size = BLOCK
-    runner._offsets = np.arange(BLOCK)
-    runner.cascade_min_queries = 1
-    runner.cascade_min_decodes = 1
-    bytes_per_token = 2 * KV_HEADS * DIM * 4
-    runner.prefix_store = None if args.gather_prefix else PrefixKVStore(1, bytes_per_token, 1 << 30)
+    store = None if args.gather_prefix else PrefixKVStore(1, 2 * KV_HEADS * DIM * 4, 1 << 30)
+    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=1, prefix_store=store)
     prefix = list(range(prefix_blocks))
     print(f"prefix {args.prefix} tokens, suffix {args.suffix}, threads {torch.get_num_threads()}")
     print("members  plain_ms  cascade_ms  speedup")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,9 +33,7 @@ def test_decodes_and_chunks_match_reference(native_decode: bool):
     num_blocks = 32
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.__new__(ModelRunner)  # only its input preparation is exercised
-    runner.block_size = BLOCK
-    runner._offsets = np.arange(BLOCK)
+    runner = ModelRunner.for_layout(BLOCK)
     # (start position, new tokens, block table): two decodes with ragged contexts, a fresh
     # prompt, and a later chunk of a prompt whose context ends mid-block.
     layout = [(6, 1, [3, 9]), (12, 1, [1, 2, 5, 7]), (0, 7, [11, 12]), (5, 6, [20, 4, 30])]
@@ -76,12 +73,7 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
     num_blocks = 40
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.block_size = BLOCK
-    runner._offsets = np.arange(BLOCK)
-    runner.cascade_min_queries = 2
-    runner.cascade_min_decodes = 1
-    runner.prefix_store = None
+    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=2)
     prefix = [7, 3]
     layout = [  # (request, start, new tokens, own blocks)
         ("d1", 9, 1, [10]),
@@ -135,12 +127,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     num_blocks = 40
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.block_size = BLOCK
-    runner._offsets = np.arange(BLOCK)
-    runner.cascade_min_queries = 4
-    runner.cascade_min_decodes = 1
-    runner.prefix_store = None
+    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=4)
     layout = [  # (request, group, shared tokens, enclosing, start, new tokens, blocks)
         ("a1", 1, 12, ((0, 8),), 13, 1, [7, 3, 5, 10]),
         ("a2", 1, 12, ((0, 8),), 14, 1, [7, 3, 5, 11]),
@@ -181,10 +168,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
 
 
 def test_a_group_with_few_decodes_sends_them_to_the_plain_path():
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.block_size = BLOCK
-    runner.cascade_min_queries = 2
-    runner.cascade_min_decodes = 3
+    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=2, cascade_min_decodes=3)
     chunks = [
         ScheduledChunk("d1", [0], 9, [7, 3, 10], True, 1, group_id=0, num_shared_tokens=8),
         ScheduledChunk("d2", [0], 10, [7, 3, 11], True, 1, group_id=0, num_shared_tokens=8),

@@ -1,4 +1,3 @@
-import numpy as np
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
@@ -29,12 +28,8 @@ def test_kept_prefix_is_reused_across_steps_and_equals_gathering():
     torch.manual_seed(4)
     num_blocks, num_layers = 32, 2
     kv_cache = torch.randn(num_layers, 2, num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.block_size = BLOCK
-    runner._offsets = np.arange(BLOCK)
-    runner.cascade_min_queries = 2
-    runner.cascade_min_decodes = 1
-    runner.prefix_store = PrefixKVStore(num_layers, 2 * KV_HEADS * DIM * 4, 1 << 20)
+    store = PrefixKVStore(num_layers, 2 * KV_HEADS * DIM * 4, 1 << 20)
+    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=2, prefix_store=store)
     prefix = [9, 2, 5]  # 12 shared tokens in three scattered blocks
     chunks = [
         ScheduledChunk("d1", [0], 13, prefix + [20], True, 1, group_id=7, num_shared_tokens=12),

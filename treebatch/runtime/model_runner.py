@@ -65,6 +65,24 @@ class ModelRunner:
         self.sampler = Sampler(model.config.vocab_size, eos_token_ids)
         self._offsets = np.arange(block_size, dtype=np.int64)
 
+    @classmethod
+    def for_layout(
+        cls,
+        block_size: int,
+        cascade_min_queries: int | None = 4,
+        cascade_min_decodes: int = 1,
+        prefix_store: PrefixKVStore | None = None,
+    ) -> ModelRunner:
+        """A runner without model or cache that only lays steps out (`_split_cascades`,
+        `_prepare`): for attention tests and benchmarks that bring their own KV tensors."""
+        runner = cls.__new__(cls)
+        runner.block_size = block_size
+        runner._offsets = np.arange(block_size, dtype=np.int64)
+        runner.cascade_min_queries = cascade_min_queries
+        runner.cascade_min_decodes = cascade_min_decodes
+        runner.prefix_store = prefix_store
+        return runner
+
     def execute(self, plan: StepPlan) -> StepResult:
         for request_id in plan.finished_request_ids:
             self.sampler.remove_request(request_id)
