@@ -77,8 +77,8 @@ class LlamaForCausalLM:
             return weights[name].to(dtype).contiguous()
 
         self.embed = take("model.embed_tokens.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
-        self.head = Linear(self.lm_head, packed_max_rows=HEAD_PACKED_MAX_ROWS)
+        lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.head = Linear(lm_head, packed_max_rows=HEAD_PACKED_MAX_ROWS)
         self.final_norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):

@@ -25,14 +25,10 @@ class PrefixKVStore:
         self.bytes_per_token = bytes_per_token
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, int], list[LayerKV | None]] = OrderedDict()
+        self.num_bytes = 0  # what the entries take once all their layers are filled (an upper bound)
 
     def _entry_bytes(self, key: tuple[int, int]) -> int:
         return key[1] * self.bytes_per_token * self.num_layers
-
-    @property
-    def num_bytes(self) -> int:
-        """What the entries take once all their layers are filled (an upper bound)."""
-        return sum(self._entry_bytes(key) for key in self._entries)
 
     def get(self, group_id: int, shared_tokens: int) -> list[LayerKV | None] | None:
         """The per-layer slots of a prefix (None where not gathered yet), or None when the
@@ -46,8 +42,10 @@ class PrefixKVStore:
         if self._entry_bytes(key) > self.max_bytes:
             return None
         while self._entries and self.num_bytes + self._entry_bytes(key) > self.max_bytes:
-            self._entries.popitem(last=False)
+            oldest, _ = self._entries.popitem(last=False)
+            self.num_bytes -= self._entry_bytes(oldest)
         entry = self._entries[key] = [None] * self.num_layers
+        self.num_bytes += self._entry_bytes(key)
         return entry
 
     def __len__(self) -> int:
