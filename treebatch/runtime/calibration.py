@@ -75,7 +75,7 @@ def calibration_key(weights: dict[str, torch.Tensor], model_config: Any, dtype: 
         "dtype": dtype,
         "block_size": block_size,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "code": code.hexdigest(),
     }
@@ -205,15 +205,20 @@ def _decode_plan(batch: int, context: int, block_table: list[int]) -> StepPlan:
     return StepPlan(chunks)
 
 
-def _cpu_model() -> str:
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `names`, if any."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
+                if line.startswith(names):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _write_atomically(path: Path, text: str) -> None:

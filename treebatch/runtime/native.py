@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from treebatch.models.loader import cache_root
-from treebatch.runtime.calibration import _cpu_model
+from treebatch.runtime.calibration import cpu_model, cpuinfo_field
 
 _KERNELS = Path(__file__).resolve().parent / "kernels"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -46,23 +46,12 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _cpu_flags() -> str:
-    """The CPU's instruction set extensions: `-march=native` code must not meet a CPU without them
-    (virtual machines often report one model name for several generations)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _build(name: str, compiler: str) -> Path:
     source = _KERNELS / f"{name}.c"
     text = source.read_bytes() + b"".join(header.read_bytes() for header in sorted(_KERNELS.glob("*.h")))
-    facts = " ".join([compiler, *_FLAGS, _cpu_model(), _cpu_flags()])
+    # The CPU's instruction set extensions too: `-march=native` code must not meet a CPU without
+    # them (virtual machines often report one model name for several generations).
+    facts = " ".join([compiler, *_FLAGS, cpu_model(), cpuinfo_field("flags", "Features") or ""])
     digest = hashlib.blake2b(text + facts.encode(), digest_size=10)
     target = _cache_dir() / f"{name}-{digest.hexdigest()}.so"
     if target.is_file():
