@@ -18,7 +18,7 @@ import time
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
-from treebatch.runtime.attention import paged_attention
+from treebatch.layers.attention import paged_attention
 from treebatch.runtime.model_runner import ModelRunner
 from treebatch.runtime.prefix_store import PrefixKVStore
 

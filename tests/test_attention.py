@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
-from treebatch.runtime.attention import paged_attention
+from treebatch.layers.attention import paged_attention
 from treebatch.runtime.model_runner import ModelRunner
 
 BLOCK = 4
@@ -183,7 +183,7 @@ def test_a_group_with_few_decodes_sends_them_to_the_plain_path():
 
 
 def test_fused_attention_with_lse_equals_reference():
-    from treebatch.runtime.attention import attention_with_lse, attention_with_lse_reference, merge_attention
+    from treebatch.layers.attention import attention_with_lse, attention_with_lse_reference, merge_attention
 
     torch.manual_seed(2)
     q, k, v = torch.randn(5, 3, 7, DIM), torch.randn(5, 3, 11, DIM), torch.randn(5, 3, 11, DIM)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from treebatch.models.linear import LARGE_BATCH_ROWS, PACKED_MAX_ROWS, Linear
+from treebatch.layers.linear import LARGE_BATCH_ROWS, PACKED_MAX_ROWS, Linear
 
 ROWS = [1, 2, 7, 12, 15, 16, 17, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 47, 48, 100, 128, LARGE_BATCH_ROWS - 1, LARGE_BATCH_ROWS, 300]
 

@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from treebatch.runtime import native
-from treebatch.runtime.attention import attention_with_lse_reference
+from treebatch.layers import native
+from treebatch.layers.attention import attention_with_lse_reference
 
 needs_kernel = pytest.mark.skipif(native.paged_decode_kernel() is None, reason="no C compiler here")
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from treebatch.config import ModelConfig
-from treebatch.models.linear import HEAD_PACKED_MAX_ROWS, Linear
-from treebatch.runtime.attention import AttentionMetadata, paged_attention
+from treebatch.layers.attention import AttentionMetadata, paged_attention
+from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, Linear
 
 
 def rope_inverse_frequencies(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:

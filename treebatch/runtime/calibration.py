@@ -40,12 +40,12 @@ _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
 _CODE_FILES = (
     "runtime/model_runner.py",
-    "runtime/attention.py",
-    "runtime/native.py",
-    "runtime/kernels/paged_decode.c",
-    "runtime/kernels/fast_exp.h",
+    "layers/attention.py",
+    "layers/native.py",
+    "layers/kernels/paged_decode.c",
+    "layers/kernels/fast_exp.h",
     "models/llama.py",
-    "models/linear.py",
+    "layers/linear.py",
 )
 
 Timer = Callable[[], float]

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 
 from treebatch.core.outputs import ScheduledChunk, StepPlan, StepResult
-from treebatch.models.llama import LlamaForCausalLM
-from treebatch.runtime import native
-from treebatch.runtime.attention import (
+from treebatch.layers import native
+from treebatch.layers.attention import (
     AttentionMetadata,
     CascadeGroup,
     PrefillChunk,
     SuffixChunk,
     causal_mask,
 )
+from treebatch.models.llama import LlamaForCausalLM
 from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from treebatch.runtime import native
+from treebatch.layers import native
 
 
 @dataclass(slots=True)
