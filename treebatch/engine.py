@@ -17,8 +17,9 @@ from treebatch.core.outputs import StepPlan
 from treebatch.core.policies import WarmupSample
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
+from treebatch.host import cache_root
 from treebatch.models.llama import LlamaForCausalLM
-from treebatch.models.loader import cache_root, load_model
+from treebatch.models.loader import load_model
 from treebatch.runtime.calibration import calibration_key, load_or_measure
 from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
 from treebatch.runtime.model_runner import ModelRunner

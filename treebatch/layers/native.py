@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from treebatch.models.loader import cache_root
-from treebatch.runtime.calibration import cpu_model, cpuinfo_field
+from treebatch.host import cache_root, cpu_model, cpuinfo_field
 
 _KERNELS = Path(__file__).resolve().parent / "kernels"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]

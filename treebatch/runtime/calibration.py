@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 
 from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
+from treebatch.host import cpu_model
 
 FORMAT = 5  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -203,22 +203,6 @@ def _prefill_plan(num_tokens: int, sequence_len: int, block_table: list[int]) ->
 def _decode_plan(batch: int, context: int, block_table: list[int]) -> StepPlan:
     chunks = [ScheduledChunk(f"calibration-{i}", [100 + i], context, block_table, False, 0) for i in range(batch)]
     return StepPlan(chunks)
-
-
-def cpuinfo_field(*names: str) -> str | None:
-    """The value of the first /proc/cpuinfo line that starts with one of `names`, if any."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(names):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model() -> str:
-    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _write_atomically(path: Path, text: str) -> None:
