@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from treebatch.core.prefix_tree import PrefixTree, group_prompts
+from treebatch.core.grouping import group_prompts
+from treebatch.core.prefix_tree import PrefixTree
 
 # -- helpers -------------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from treebatch.batch.prompts import PreparedRequest, PromptTokenizer, prepare_window
 from treebatch.batch.reader import LineError, read_batch, windows, without_errors
-from treebatch.core.prefix_tree import PrefixTree, group_prompts
+from treebatch.core.grouping import group_prompts
+from treebatch.core.prefix_tree import PrefixTree
 
 MAX_LISTED_ERRORS = 20
 # (prompts, output tokens per prompt) -> the cost model's prediction for one window

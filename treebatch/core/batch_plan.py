@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from treebatch.core.groups import GroupManager
 from treebatch.core.kv_manager import num_blocks_for
+from treebatch.core.grouping import GroupPlan, group_prompts
 from treebatch.core.policies import OrderNode, order_siblings
-from treebatch.core.prefix_tree import GroupPlan, PrefixTree, group_prompts
+from treebatch.core.prefix_tree import PrefixTree
 from treebatch.core.request import Request
 from treebatch.sampling_params import SamplingParams
 
