@@ -7,6 +7,7 @@ A bad line becomes a `LineError` rather than an exception, so one typo in a
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,10 @@ def _parse_line(number: int, text: str, seen: set[str]) -> BatchEntry | LineErro
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         return error(f"not valid JSON ({exc.msg} at column {exc.colno})", code="invalid_json")
+    except RecursionError:
+        return error("JSON nests too deeply", code="invalid_json")
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits())
+        return error(f"not valid JSON (a number has more than {sys.get_int_max_str_digits()} digits)", code="invalid_json")
     if not isinstance(record, dict):
         return error(f"must be a JSON object, got {type(record).__name__}", code="invalid_json")
 
