@@ -42,7 +42,6 @@ class Request:
         "estimated_output_tokens",
         "num_computed_tokens",
         "num_cached_tokens",
-        "num_preemptions",
         "status",
         "stop_reason",
         "output_logprobs",
@@ -76,7 +75,6 @@ class Request:
         self.estimated_output_tokens: int = resolved
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
-        self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.output_logprobs: list[Any] = []  # filled only when sampling_params.logprobs is set

@@ -228,7 +228,6 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)  # shared blocks lose one reference; the group keeps them alive
         request.num_computed_tokens = request.num_cached_tokens = 0
-        request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
