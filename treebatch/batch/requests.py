@@ -7,6 +7,7 @@ Parsing needs no model, so a whole input file is checked before anything loads;
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 CHAT_DEFAULT_MAX_TOKENS_CAP = 4096
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
+_FLOAT_MAX = sys.float_info.max
 
 # Fields that change nothing for an offline batch: accepted and ignored.
 _IGNORED_FIELDS = frozenset(
@@ -301,6 +303,9 @@ def _float(body: dict[str, Any], name: str, lo: float | None, hi: float | None) 
         raise RequestError(f"{name}: must be a number, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise RequestError(f"{name}: must be {_range(lo, hi)}, got {value}")
+    if not -_FLOAT_MAX <= value <= _FLOAT_MAX:  # Infinity, 1e400, or an integer beyond any float
+        got = value if isinstance(value, float) else f"an integer of {len(str(abs(value)))} digits"
+        raise RequestError(f"{name}: must be a finite number, got {got}")
     return float(value)
 
 
