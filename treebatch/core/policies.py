@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from treebatch.core.prefix_tree import PrefixTree, group_prompts
+from treebatch.core.grouping import group_prompts
+from treebatch.core.prefix_tree import PrefixTree
 from treebatch.core.request import Request
 
 POLICIES = ("fcfs", "dfs", "ratio", "blend")
