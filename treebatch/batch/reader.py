@@ -7,6 +7,7 @@ A bad line becomes a `LineError` rather than an exception, so one typo in a
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from typing import TypeVar
 from treebatch.batch.requests import SUPPORTED_URLS, ParsedRequest, RequestError, parse_body
 
 T = TypeVar("T")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Where a decoded line can hold one: a \uD800-\uDFFF escape (or a raw one in a str line).
+_MAYBE_SURROGATE = re.compile("\\\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +132,15 @@ def _parse_line(number: int, text: str, seen: set[str]) -> BatchEntry | LineErro
         return error("custom_id: required", code="missing_custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return error(f"custom_id: must be a non-empty string, got {custom_id!r}", code="missing_custom_id")
+    if (found := _SURROGATE.search(custom_id)) is not None:
+        return error(f"custom_id: {_not_unicode(found.group())}", code="missing_custom_id")
     if custom_id in seen:
         return error(f"custom_id: duplicate {custom_id!r}", custom_id, code="duplicate_custom_id")
     # Claimed before the rest is checked: a later line reusing it is a duplicate even if this one fails.
     seen.add(custom_id)
+    # A lone surrogate (an unpaired \ud800 escape) is no text: the tokenizer and the output file refuse it.
+    if _MAYBE_SURROGATE.search(text) is not None and (where := _lone_surrogate(record)) is not None:
+        return error(where, custom_id)
 
     method = record.get("method")
     if method != "POST":
@@ -146,3 +156,27 @@ def _parse_line(number: int, text: str, seen: set[str]) -> BatchEntry | LineErro
     except RequestError as exc:
         return error(f"body.{exc.message}", custom_id, code=exc.code)
     return BatchEntry(number, custom_id, url, request)
+
+
+def _not_unicode(char: str) -> str:
+    return f"not valid Unicode (lone surrogate \\u{ord(char):04x})"
+
+
+def _lone_surrogate(record: dict) -> str | None:
+    """'field: not valid Unicode (...)' for the first string (key or value) holding a lone
+    surrogate, fields named as in `body.messages[0].content`; None when there is none."""
+    stack: list[tuple[str, object]] = [("", record)]
+    while stack:  # a loop, not recursion: json has already allowed the nesting depth
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if (found := _SURROGATE.search(value)) is not None:
+                return f"{where}: {_not_unicode(found.group())}"
+        elif isinstance(value, dict):
+            for key in value:
+                if (found := _SURROGATE.search(key)) is not None:
+                    name = key.encode("ascii", "backslashreplace").decode()
+                    return f"{where + ': ' if where else ''}key '{name}': {_not_unicode(found.group())}"
+            stack.extend((f"{where}.{key}" if where else key, item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
