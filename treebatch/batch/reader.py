@@ -84,11 +84,20 @@ def windows(
 
 
 def count_lines(path: str | Path) -> int:
-    """Non-blank lines of the file, counted in bytes without parsing (for a progress total)."""
+    """Lines of the file that `read_batch` yields a record for, counted without parsing JSON (for a
+    progress total): all but the blank ones, blank as `parse_lines` sees it (after UTF-8 decoding,
+    so a line of U+00A0 or U+2028 is blank, and a byte-order mark alone on line 1)."""
     count = 0
     with open(path, "rb") as f:
-        for raw in f:
-            if raw.strip():
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                count += 1  # its record is the "not valid UTF-8" error
+                continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if text.strip():
                 count += 1
     return count
 
