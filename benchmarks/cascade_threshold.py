@@ -4,7 +4,7 @@ group of N decoding members over a shared prefix, on the default model's attenti
     .venv/bin/python benchmarks/cascade_threshold.py [--prefix 448] [--suffix 48] [--gather-prefix]
 
 Prints the time per layer call of each path for N = 1..32 and the smallest N where the cascade
-is faster; the runner's `cascade_min_decodes` default comes from this. Plain decodes go through
+is faster; the runner's `CASCADE_MIN_DECODES_IN_PLACE` comes from this. Plain decodes go through
 the in-place C kernel when it is built. The cascade reads the prefix K/V kept across steps (the
 steady state of a running group); `--gather-prefix` gathers it every call (a group's first step).
 """
@@ -18,8 +18,9 @@ import time
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
+from treebatch.core.step_layout import StepLayout, layout_step
 from treebatch.layers.attention import paged_attention
-from treebatch.runtime.model_runner import ModelRunner
+from treebatch.runtime.step_inputs import build_step_inputs
 from treebatch.runtime.prefix_store import PrefixKVStore
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
@@ -48,7 +49,6 @@ def main() -> None:
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     store = None if args.gather_prefix else PrefixKVStore(1, 2 * KV_HEADS * DIM * 4, 1 << 30)
-    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=1, prefix_store=store)
     prefix = list(range(prefix_blocks))
     print(f"prefix {args.prefix} tokens, suffix {args.suffix}, threads {torch.get_num_threads()}")
     print("members  plain_ms  cascade_ms  speedup")
@@ -60,9 +60,8 @@ def main() -> None:
             start = args.prefix + args.suffix - 1
             chunks.append(ScheduledChunk(f"m{i}", [0], start, prefix + own, True, 1, 0, args.prefix))
         plain = [ScheduledChunk(c.request_id, c.token_ids, c.start_position, c.block_table, True, 1) for c in chunks]
-        _, _, _, plain_meta = runner._prepare(plain, [])
-        rest, cascades = runner._split_cascades(chunks)
-        _, _, _, cascade_meta = runner._prepare([], [], cascades)
+        _, _, _, plain_meta = build_step_inputs(StepLayout(plain, []), BLOCK)
+        _, _, _, cascade_meta = build_step_inputs(layout_step(chunks, min_queries=1, min_decodes=1), BLOCK, store)
         q = torch.randn(n, HEADS, DIM)
         plain_s = time_call(lambda: paged_attention(q, k_cache, v_cache, plain_meta, 0.125), args.repeats)
         cascade_s = time_call(lambda: paged_attention(q, k_cache, v_cache, cascade_meta, 0.125), args.repeats)

@@ -49,26 +49,15 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
 
 
 def predict_treebatch_seconds(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any] | None:
-    """treebatch's cost model (`treebatch.core.cost_model.predict_batch_time`) for this batch, from
-    the calibration the engine measured (or read from its cache) at start and with the engine's
-    own budget, policy and KV size: the "predicted s" column of treebatch rows. Called before the
-    timer; None (no column) if the cost model is missing or fails."""
+    """treebatch's cost model for this batch (`LLMEngine.predict`: the engine's calibration,
+    resolved budget, policy, runner thresholds and KV size): the "predicted s" column of
+    treebatch rows. Called before the timer; None (no column) if the prediction fails."""
     try:
-        from treebatch.core.cost_model import predict_batch_time
-    except ImportError:
-        return None
-    try:
-        engine, config = llm.engine, llm.config
-        scheduler = config.scheduler
-        prediction = predict_batch_time(
-            prompts, max_tokens, engine.calibration, token_budget=engine.token_budget,
-            block_size=config.cache.block_size, min_shared_prefix_tokens=scheduler.min_shared_prefix_tokens,
-            order_policy=getattr(engine, "order_policy", scheduler.order_policy), max_num_seqs=scheduler.max_num_seqs, num_kv_blocks=engine.num_blocks)
+        prediction = llm.engine.predict(prompts, [max_tokens] * len(prompts))
     except Exception as error:  # a prediction must never fail a benchmark run
         print(f"cost model: no prediction ({type(error).__name__}: {error})", flush=True)
         return None
-    key = "predicted_seconds" if scheduler.enable_prefix_sharing else "predicted_seconds_no_sharing"
-    return {"seconds": float(prediction[key]), **prediction}
+    return {"seconds": float(prediction["predicted_seconds"]), **prediction}
 
 
 def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int) -> list[list[int]]:

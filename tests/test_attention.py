@@ -9,7 +9,8 @@ import torch
 
 from treebatch.core.outputs import ScheduledChunk
 from treebatch.layers.attention import paged_attention
-from treebatch.runtime.model_runner import ModelRunner
+from treebatch.core.step_layout import StepLayout, layout_step
+from treebatch.runtime.step_inputs import build_step_inputs
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 6, 2, 8
@@ -33,7 +34,6 @@ def test_decodes_and_chunks_match_reference(native_decode: bool):
     num_blocks = 32
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.for_layout(BLOCK)
     # (start position, new tokens, block table): two decodes with ragged contexts, a fresh
     # prompt, and a later chunk of a prompt whose context ends mid-block.
     layout = [(6, 1, [3, 9]), (12, 1, [1, 2, 5, 7]), (0, 7, [11, 12]), (5, 6, [20, 4, 30])]
@@ -41,7 +41,7 @@ def test_decodes_and_chunks_match_reference(native_decode: bool):
         ScheduledChunk(f"r{i}", [0] * n, start, table, needs_sample=True, num_output_tokens=1)
         for i, (start, n, table) in enumerate(layout)
     ]
-    _, _, slot_mapping, metadata = runner._prepare(chunks[:2], chunks[2:])
+    _, _, slot_mapping, metadata = build_step_inputs(StepLayout(chunks[:2], chunks[2:]), BLOCK)
     metadata.native_decode = native_decode  # the C kernel, or gathered blocks + torch's kernel
     q = torch.randn(slot_mapping.numel(), HEADS, DIM)
     out = paged_attention(q, k_cache, v_cache, metadata, DIM**-0.5)
@@ -73,7 +73,6 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
     num_blocks = 40
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=2)
     prefix = [7, 3]
     layout = [  # (request, start, new tokens, own blocks)
         ("d1", 9, 1, [10]),
@@ -94,18 +93,16 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
     ]
     plain_decodes = [c for c in plain_chunks if c.num_tokens == 1]
     plain_prefills = [c for c in plain_chunks if c.num_tokens > 1]
-    _, _, plain_slots, plain_meta = runner._prepare(plain_decodes, plain_prefills)
+    _, _, plain_slots, plain_meta = build_step_inputs(StepLayout(plain_decodes, plain_prefills), BLOCK)
     q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)
     expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, scale)
     plain_rows = _rows_by_request(plain_decodes + plain_prefills)
 
-    rest, cascades = runner._split_cascades(chunks)
-    assert len(cascades) == 1 and [c.request_id for c in rest] == ["plain"]
-    decodes = [c for c in rest if c.num_tokens == 1]
-    prefills = [c for c in rest if c.num_tokens > 1]
-    _, _, slots, meta = runner._prepare(decodes, prefills, cascades)
+    layout = layout_step(chunks, min_queries=2, min_decodes=1)
+    assert len(layout.cascades) == 1 and [c.request_id for c in layout.decodes + layout.prefills] == ["plain"]
+    _, _, slots, meta = build_step_inputs(layout, BLOCK)
     plain_meta.native_decode = meta.native_decode = native_decode
-    order = decodes + prefills + cascades[0][2]
+    order = layout.ordered
     rows = _rows_by_request(order)
     q = torch.empty_like(q_plain)
     for chunk in order:  # the same queries, in the cascade layout
@@ -127,7 +124,6 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     num_blocks = 40
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
     v_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
-    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=4)
     layout = [  # (request, group, shared tokens, enclosing, start, new tokens, blocks)
         ("a1", 1, 12, ((0, 8),), 13, 1, [7, 3, 5, 10]),
         ("a2", 1, 12, ((0, 8),), 14, 1, [7, 3, 5, 11]),
@@ -139,22 +135,22 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
         ScheduledChunk(r, [0] * n, start, blocks, True, 1, group_id=g, num_shared_tokens=sh, enclosing=enc)
         for r, g, sh, enc, start, n, blocks in layout
     ]
-    rest, cascades = runner._split_cascades(chunks)
-    assert rest == []
-    assert [(shared, sorted(c.request_id for c in members)) for _, shared, members in cascades] == [
+    layout = layout_step(chunks, min_queries=4, min_decodes=1)
+    assert layout.decodes == layout.prefills == []
+    assert [(c.shared, sorted(m.request_id for m in c.members)) for c in layout.cascades] == [
         (12, ["b1", "b2"]),
         (8, ["a1", "a2", "m"]),
     ]
     plain = [ScheduledChunk(c.request_id, c.token_ids, c.start_position, c.block_table, True, 1) for c in chunks]
     plain_decodes = [c for c in plain if c.num_tokens == 1]
     plain_prefills = [c for c in plain if c.num_tokens > 1]
-    _, _, plain_slots, plain_meta = runner._prepare(plain_decodes, plain_prefills)
+    _, _, plain_slots, plain_meta = build_step_inputs(StepLayout(plain_decodes, plain_prefills), BLOCK)
     q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)
     expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, DIM**-0.5)
     plain_rows = _rows_by_request(plain_decodes + plain_prefills)
 
-    _, _, slots, meta = runner._prepare([], [], cascades)
-    order = [c for _, _, members in cascades for c in members]
+    _, _, slots, meta = build_step_inputs(layout, BLOCK)
+    order = layout.ordered
     rows = _rows_by_request(order)
     q = torch.empty_like(q_plain)
     for chunk in order:
@@ -168,18 +164,16 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
 
 
 def test_a_group_with_few_decodes_sends_them_to_the_plain_path():
-    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=2, cascade_min_decodes=3)
     chunks = [
         ScheduledChunk("d1", [0], 9, [7, 3, 10], True, 1, group_id=0, num_shared_tokens=8),
         ScheduledChunk("d2", [0], 10, [7, 3, 11], True, 1, group_id=0, num_shared_tokens=8),
         ScheduledChunk("c1", [0] * 3, 8, [7, 3, 12], True, 1, group_id=0, num_shared_tokens=8),
     ]
-    plain, cascades = runner._split_cascades(chunks)
-    assert [c.request_id for c in plain] == ["d1", "d2"]
-    assert [(g, shared, [c.request_id for c in m]) for g, shared, m in cascades] == [(0, 8, ["c1"])]
-    runner.cascade_min_decodes = 2
-    plain, cascades = runner._split_cascades(chunks)
-    assert plain == [] and [c.request_id for c in cascades[0][2]] == ["d1", "d2", "c1"]
+    layout = layout_step(chunks, min_queries=2, min_decodes=3)
+    assert [c.request_id for c in layout.decodes] == ["d1", "d2"]
+    assert [(c.group, c.shared, [m.request_id for m in c.members]) for c in layout.cascades] == [(0, 8, ["c1"])]
+    layout = layout_step(chunks, min_queries=2, min_decodes=2)
+    assert layout.decodes == [] and [c.request_id for c in layout.cascades[0].members] == ["d1", "d2", "c1"]
 
 
 def test_fused_attention_with_lse_equals_reference():

@@ -10,6 +10,8 @@ import torch
 from conftest import PROMPTS
 from treebatch import LLM, SamplingParams
 from treebatch.core.outputs import ScheduledChunk
+from treebatch.core.step_layout import StepLayout
+from treebatch.runtime.step_inputs import build_step_inputs
 
 NUM_TOKENS = 32
 
@@ -48,7 +50,7 @@ def test_prefill_logits_match_transformers(llm, hf_model):
         blocks = kv.pool.allocate(-(-len(ids) // kv.block_size))
         try:
             chunk = ScheduledChunk("probe", ids, 0, blocks, needs_sample=True, num_output_tokens=0)
-            input_ids, positions, _, metadata = runner._prepare([], [chunk])
+            input_ids, positions, _, metadata = build_step_inputs(StepLayout([], [chunk]), kv.block_size)
             every_row = torch.arange(len(ids))
             ours = runner.model.forward(input_ids, positions, metadata, runner.kv_cache, every_row)
         finally:

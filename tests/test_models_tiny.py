@@ -10,7 +10,8 @@ from treebatch.core.outputs import ScheduledChunk
 from treebatch.models.llama import LlamaForCausalLM
 from treebatch.models.loader import load_model
 from treebatch.runtime.kv_cache import allocate_kv_cache
-from treebatch.runtime.model_runner import ModelRunner
+from treebatch.core.step_layout import StepLayout
+from treebatch.runtime.step_inputs import build_step_inputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +65,7 @@ def test_tiny_model_prefill_and_chunks_match_transformers(build, tmp_path):
     loaded = load_model(str(tmp_path))
     model = LlamaForCausalLM(loaded.config, loaded.weights)
     block_size = 4
-    runner = ModelRunner(model, allocate_kv_cache(loaded.config, 64, block_size, torch.float32), block_size, ())
+    kv_cache = allocate_kv_cache(loaded.config, 64, block_size, torch.float32)
 
     ids = torch.randint(0, 300, (150,)).tolist()  # past the original 32 positions: scaling matters
     with torch.inference_mode():
@@ -74,7 +75,7 @@ def test_tiny_model_prefill_and_chunks_match_transformers(build, tmp_path):
     logits = []
     for start, stop in ((0, 50), (50, 149), (149, 150)):
         chunk = ScheduledChunk("x", ids[start:stop], start, table, needs_sample=True, num_output_tokens=0)
-        input_ids, positions, _, metadata = runner._prepare([], [chunk])
+        input_ids, positions, _, metadata = build_step_inputs(StepLayout([], [chunk]), block_size)
         rows = torch.arange(stop - start)
-        logits.append(model.forward(input_ids, positions, metadata, runner.kv_cache, rows))
+        logits.append(model.forward(input_ids, positions, metadata, kv_cache, rows))
     torch.testing.assert_close(torch.cat(logits), expected, atol=1e-4, rtol=1e-4)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from treebatch.core.batch_plan import plan_requests
+import dataclasses
+
+import treebatch.core.plan as planning
+from treebatch.config import SchedulerConfig
 from treebatch.core.groups import GroupManager
 from treebatch.core.kv_manager import KVCacheManager
-from treebatch.core.policies import POLICIES, OrderNode, WarmupSample, order_siblings
+from treebatch.core.plan import plan_batch, rescaled_estimates, warmup_sample
+from treebatch.core.policies import POLICIES, OrderNode, order_siblings
+from treebatch.core.scheduler import Scheduler
 from treebatch.core.request import Request
 from treebatch.sampling_params import SamplingParams
 
@@ -30,9 +35,16 @@ def make_batch(ignore_eos: bool = True) -> list[Request]:
 
 
 def plan(policy: str) -> tuple[list[Request], GroupManager]:
-    groups = GroupManager(KVCacheManager(64, 4))
-    queue, _ = plan_requests(make_batch(), groups, block_size=4, min_prefix_tokens=4, order_policy=policy)
-    return queue, groups
+    config = SchedulerConfig(max_num_batched_tokens=64, min_shared_prefix_tokens=4, order_policy=policy)
+    batch = make_batch()
+    scheduler = Scheduler(config, KVCacheManager(64, 4), max_model_len=1024)
+    queue = scheduler.add_plan(plan_batch([r.prompt_token_ids for r in batch], [r.max_tokens for r in batch], config, 4), batch)
+    return queue, scheduler.groups
+
+
+def use_policy(llm, policy: str) -> None:
+    """Plan the engine's next batches with another order policy (the config is frozen)."""
+    llm.engine.scheduler_config = dataclasses.replace(llm.engine.scheduler_config, order_policy=policy)
 
 
 def group_chain(groups: GroupManager, group_id: int | None) -> list[int]:
@@ -85,25 +97,34 @@ def test_blend_alternates_compute_and_memory_heavy_ends():
     assert {order[2], order[3]} == {1, 3}
 
 
-def test_warmup_sample_scales_the_rest_by_measured_lengths():
-    requests = make_batch(ignore_eos=False) * 1  # 15 requests
-    warmup = WarmupSample(requests, min_prefix_tokens=4, fraction=0.2)
-    assert len(warmup.sample) == 3 and len(warmup.sample) + len(warmup.rest) == len(requests)
-    for request in warmup.sample:  # each stopped after a quarter of its max_tokens
-        request.output_token_ids = [7] * max(1, request.max_tokens // 4)
-    warmup.apply()
-    for request in warmup.rest:
-        assert request.estimated_output_tokens < request.max_tokens
-        assert request.estimated_output_tokens >= 1
+def batch_plan(requests: list[Request]):
+    config = SchedulerConfig(max_num_batched_tokens=64, min_shared_prefix_tokens=4)
+    return plan_batch([r.prompt_token_ids for r in requests], [r.max_tokens for r in requests], config, 4)
+
+
+def test_warmup_sample_scales_the_rest_by_measured_lengths(monkeypatch):
+    monkeypatch.setattr(planning, "WARMUP_MIN_REQUESTS", 4)
+    requests = make_batch(ignore_eos=False)  # 15 requests
+    plan = batch_plan(requests)
+    sample = warmup_sample(plan, "ratio", has_unknown_lengths=True, fraction=0.2)
+    assert len(sample) == 3 and len(set(sample)) == 3
+    measured = [max(1, requests[i].max_tokens // 4) for i in sample]  # each stopped at a quarter
+    estimates = rescaled_estimates(
+        plan, sample, measured, [r.max_tokens for r in requests], [False] * len(requests)
+    )
+    for i, request in enumerate(requests):
+        assert 1 <= estimates[i] < request.max_tokens
+    exact = rescaled_estimates(plan, sample, measured, [r.max_tokens for r in requests], [True] * len(requests))
+    assert exact == [r.max_tokens for r in requests]  # ignore_eos: already exact
 
 
 def test_warmup_only_for_length_weighing_policies_and_large_batches():
-    small = make_batch(ignore_eos=False)
-    assert not WarmupSample.is_worth_it("ratio", small)  # tiny batch
-    large = small * 70
-    assert WarmupSample.is_worth_it("blend", large)
-    assert not WarmupSample.is_worth_it("dfs", large)
-    assert not WarmupSample.is_worth_it("ratio", make_batch(ignore_eos=True) * 70)  # exact already
+    small = batch_plan(make_batch(ignore_eos=False))
+    assert warmup_sample(small, "ratio", True) == []  # tiny batch
+    large = batch_plan(make_batch(ignore_eos=False) * 70)
+    assert len(warmup_sample(large, "blend", True)) == round(planning.WARMUP_FRACTION * 15 * 70)
+    assert warmup_sample(large, "dfs", True) == []
+    assert warmup_sample(large, "ratio", False) == []  # exact already
 
 
 def test_policies_keep_greedy_tokens(llm):
@@ -114,32 +135,30 @@ def test_policies_keep_greedy_tokens(llm):
     reference = None
     try:
         for policy in POLICIES:
-            llm.engine.order_policy = policy
+            use_policy(llm, policy)
             outputs = llm.generate(shared, params, use_tqdm=False)
             tokens = [o.outputs[0].token_ids for o in outputs]
             reference = reference or tokens
             assert tokens == reference, policy
     finally:
-        llm.engine.order_policy = llm.config.scheduler.order_policy
+        use_policy(llm, llm.config.scheduler.order_policy)
 
 
 def test_engine_runs_the_warmup_sample_first_then_the_rest(llm, monkeypatch):
     from conftest import PROMPTS
 
-    import treebatch.core.policies as policies
-
     params = SamplingParams(temperature=0.0, max_tokens=3)  # EOS may stop: lengths unknown
-    llm.engine.order_policy = "dfs"
+    use_policy(llm, "dfs")
     reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:8], params, use_tqdm=False)]
-    monkeypatch.setattr(policies, "WARMUP_MIN_REQUESTS", 4)
-    monkeypatch.setattr(policies, "WARMUP_FRACTION", 0.2)
+    monkeypatch.setattr(planning, "WARMUP_MIN_REQUESTS", 4)
+    monkeypatch.setattr(planning, "WARMUP_FRACTION", 0.2)
     started = []
-    original = llm.engine._plan_and_add
-    monkeypatch.setattr(llm.engine, "_plan_and_add", lambda requests: (started.append(len(requests)), original(requests)))
+    original = llm.engine._add_plan
+    monkeypatch.setattr(llm.engine, "_add_plan", lambda plan, requests: (started.append(len(requests)), original(plan, requests)))
     try:
-        llm.engine.order_policy = "ratio"
+        use_policy(llm, "ratio")
         outputs = llm.generate(PROMPTS[:8], params, use_tqdm=False)
     finally:
-        llm.engine.order_policy = llm.config.scheduler.order_policy
+        use_policy(llm, llm.config.scheduler.order_policy)
     assert started == [2, 6]  # the sample alone, then the rest once it finished
     assert [o.outputs[0].token_ids for o in outputs] == reference

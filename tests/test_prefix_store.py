@@ -2,7 +2,8 @@ import torch
 
 from treebatch.core.outputs import ScheduledChunk
 from treebatch.layers.attention import paged_attention
-from treebatch.runtime.model_runner import ModelRunner
+from treebatch.core.step_layout import layout_step
+from treebatch.runtime.step_inputs import build_step_inputs
 from treebatch.runtime.prefix_store import PrefixKVStore
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 6, 2, 8
@@ -29,25 +30,24 @@ def test_kept_prefix_is_reused_across_steps_and_equals_gathering():
     num_blocks, num_layers = 32, 2
     kv_cache = torch.randn(num_layers, 2, num_blocks * BLOCK, KV_HEADS, DIM)
     store = PrefixKVStore(num_layers, 2 * KV_HEADS * DIM * 4, 1 << 20)
-    runner = ModelRunner.for_layout(BLOCK, cascade_min_queries=2, prefix_store=store)
     prefix = [9, 2, 5]  # 12 shared tokens in three scattered blocks
     chunks = [
         ScheduledChunk("d1", [0], 13, prefix + [20], True, 1, group_id=7, num_shared_tokens=12),
         ScheduledChunk("d2", [0], 15, prefix + [21], True, 1, group_id=7, num_shared_tokens=12),
         ScheduledChunk("c1", [0] * 3, 12, prefix + [22], True, 1, group_id=7, num_shared_tokens=12),
     ]
-    rest, cascades = runner._split_cascades(chunks)
-    assert rest == []
+    layout = layout_step(chunks, min_queries=2, min_decodes=1)
+    assert layout.decodes == layout.prefills == []
     q = torch.randn(5, HEADS, DIM)
     expected = []
     for layer in range(num_layers):
-        _, _, _, gather_meta = runner._prepare([], [], cascades)
+        _, _, _, gather_meta = build_step_inputs(layout, BLOCK, store)
         gather_meta.cascades[0].prefix_kv = None  # the slow path: gather every time
         expected.append(paged_attention(q, kv_cache[layer, 0], kv_cache[layer, 1], gather_meta, DIM**-0.5, layer))
     for step in range(2):
-        _, _, _, meta = runner._prepare([], [], cascades)
+        _, _, _, meta = build_step_inputs(layout, BLOCK, store)
         kept = meta.cascades[0].prefix_kv
-        assert kept is not None and len(runner.prefix_store) == 1
+        assert kept is not None and len(store) == 1
         for layer in range(num_layers):
             out = paged_attention(q, kv_cache[layer, 0], kv_cache[layer, 1], meta, DIM**-0.5, layer)
             torch.testing.assert_close(out, expected[layer], atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ from treebatch.config import SchedulerConfig
 from treebatch.core.block_pool import BlockPool
 from treebatch.core.kv_manager import KVCacheManager
 from treebatch.core.outputs import StepResult
+from treebatch.core.plan import plan_batch
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
 from treebatch.sampling_params import SamplingParams
@@ -180,18 +181,20 @@ def test_ignore_eos_runs_to_max_tokens():
 # -- prefix groups -------------------------------------------------------------------------------
 
 
-def test_group_prefix_computed_once_shared_and_freed_exact_blocks():
-    from treebatch.core.batch_plan import plan_requests
+def plan_into(s: Scheduler, requests: list[Request], min_prefix_tokens: int = 4):
+    config = SchedulerConfig(max_num_batched_tokens=16, min_shared_prefix_tokens=min_prefix_tokens, order_policy="dfs")
+    plan = plan_batch([r.prompt_token_ids for r in requests], [r.max_tokens for r in requests], config, s.kv.block_size)
+    return s.add_plan(plan, requests), plan.summary
 
+
+def test_group_prefix_computed_once_shared_and_freed_exact_blocks():
     s = make_scheduler(num_blocks=8, block_size=4, budget=16)
     prefix = [5, 6, 7, 8, 9, 10]
     a = Request("a", prefix + [1, 2], SamplingParams(max_tokens=2), eos_token_ids=(0,))
     b = Request("b", prefix + [3, 4], SamplingParams(max_tokens=2), eos_token_ids=(0,))
-    queue, summary = plan_requests([a, b], s.groups, block_size=4, min_prefix_tokens=4)
+    queue, summary = plan_into(s, [a, b])
     assert [r.request_id for r in queue] == ["prefix-0", "a", "b"]
     assert summary.num_groups == 1 and summary.num_planned_tokens == summary.num_unique_tokens == 10
-    for request in queue:
-        s.add_request(request)
 
     plan, _ = run_step(s)  # the prefix alone: members wait for it
     assert [(c.request_id, c.start_position, c.num_tokens, c.needs_sample) for c in plan.chunks] == [
@@ -213,8 +216,6 @@ def test_group_prefix_computed_once_shared_and_freed_exact_blocks():
 
 
 def test_nested_groups_extend_parent_kv_and_release_bottom_up():
-    from treebatch.core.batch_plan import plan_requests
-
     s = make_scheduler(num_blocks=32, block_size=4, budget=64)
     system = list(range(10, 18))  # 8 tokens: two full blocks
     docs = [list(range(20, 28)), list(range(30, 38))]
@@ -223,10 +224,8 @@ def test_nested_groups_extend_parent_kv_and_release_bottom_up():
         for d in range(2)
         for q in range(2)
     ]
-    queue, summary = plan_requests(requests, s.groups, block_size=4, min_prefix_tokens=4)
+    queue, summary = plan_into(s, requests)
     assert summary.num_planned_tokens == summary.num_unique_tokens == 8 + 2 * 8 + 4 * 2
-    for request in queue:
-        s.add_request(request)
     prompt_lengths = {r.request_id: r.num_prompt_tokens for r in queue}
     computed = 0
     while s.has_unfinished_requests:

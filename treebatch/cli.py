@@ -23,11 +23,11 @@ from treebatch.batch.job import DEFAULT_WINDOW, BatchJob, JobOptions, default_er
 from treebatch.batch.progress import JobProgress, format_summary
 from treebatch.batch.reader import count_lines
 from treebatch.batch.resume import FinishedSet, ResumeError, scan_finished
-from treebatch.config import CacheConfig, EngineConfig, SchedulerConfig
+from treebatch.config import CacheConfig, EngineConfig, RunnerConfig, SchedulerConfig
 
 LLMFactory = Callable[..., Any]
 TokenizerFactory = Callable[..., Any]
-_CONFIG_CLASSES = (EngineConfig, CacheConfig, SchedulerConfig)
+_CONFIG_CLASSES = (EngineConfig, CacheConfig, SchedulerConfig, RunnerConfig)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 EXIT_SIGINT = 130  # the shell's 128 + signal number
 EXIT_SIGTERM = 143
@@ -210,38 +210,12 @@ def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory, llm_fact
     config = EngineConfig.from_kwargs(**options)
     loaded = tokenizer_factory(config.model, config.tokenizer, config.max_model_len)
     analysis = analyze_batch(
-        args.input, PromptTokenizer.of(loaded), args.window,
-        config.scheduler.min_shared_prefix_tokens if config.scheduler.enable_prefix_sharing else None,
+        args.input, PromptTokenizer.of(loaded), args.window, config,
         model_name=loaded.model_name,
-        predict=_predictor(config, llm_factory(**options)) if args.predict and llm_factory else None,
+        predict=llm_factory(**options).engine.predict if args.predict and llm_factory else None,
     )
     print(json.dumps(analysis, indent=1) if args.json else format_plan(analysis))
     return 0
-
-
-def _predictor(config: EngineConfig, llm: Any) -> Callable[[list[Any], list[int]], dict[str, Any]]:
-    """The cost model with the engine's calibration, budget, policy and KV size."""
-    from treebatch.core.cost_model import predict_batch_time
-
-    engine, scheduler = llm.engine, config.scheduler
-
-    def predict(prompts: list[Any], outputs: list[int]) -> dict[str, Any]:
-        return predict_batch_time(
-            prompts,
-            outputs,
-            engine.calibration,
-            token_budget=engine.token_budget,
-            block_size=config.cache.block_size,
-            min_shared_prefix_tokens=scheduler.min_shared_prefix_tokens,
-            order_policy=scheduler.order_policy,
-            max_num_seqs=scheduler.max_num_seqs,
-            num_kv_blocks=engine.num_blocks,
-            cascade_min_queries=(
-                config.shared_prefix_attention_min_queries if config.enable_shared_prefix_attention else None
-            ),
-        )
-
-    return predict
 
 
 class _Interrupted(BaseException):

@@ -103,6 +103,37 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    """How the model runner lays a step out: shared-prefix attention and the kept prefix KV."""
+
+    # Attention over a group's shared prefix as one product for all its queries (read once),
+    # merged by log-sum-exp; groups with fewer queries in a step take the plain paged path.
+    enable_shared_prefix_attention: bool = True
+    shared_prefix_attention_min_queries: int = 4
+    # A group's single-query rows join its shared-prefix product only from this many in a step
+    # (fewer read their whole context in place). None: 8 where the in-place decode kernel is
+    # built (benchmarks/cascade_threshold.py: 448-token prefix, kept prefix K/V, 2 cores), else 1.
+    shared_prefix_attention_min_decodes: int | None = None
+    # Memory for group prefixes' K and V gathered once and kept across steps (0: every step).
+    prefix_store_memory: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        assert self.shared_prefix_attention_min_queries >= 1
+        assert self.shared_prefix_attention_min_decodes is None or self.shared_prefix_attention_min_decodes >= 1
+        assert self.prefix_store_memory >= 0
+
+    @property
+    def cascade_min_queries(self) -> int | None:
+        """Queries a group needs in a step for shared-prefix attention; None: it is off."""
+        return self.shared_prefix_attention_min_queries if self.enable_shared_prefix_attention else None
+
+    @property
+    def cascade_min_decodes(self) -> int:
+        assert self.shared_prefix_attention_min_decodes is not None, "resolve the runner config first"
+        return self.shared_prefix_attention_min_decodes
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything `LLM(...)` accepts besides the model path."""
 
@@ -114,11 +145,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     check_integrity: bool = False  # verify the block pool after every step (tests)
-    # Attention over a group's shared prefix as one product for all its queries (read once),
-    # merged by log-sum-exp; groups with fewer queries in a step take the plain paged path.
-    enable_shared_prefix_attention: bool = True
-    shared_prefix_attention_min_queries: int = 4
     # Write one JSON line per step here (tokens, decode/prefill split, running, KV use, time).
     trace_file: str | None = None
 
@@ -127,23 +155,21 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
-        """Build from flat keyword arguments, routing cache/scheduler fields to their parts."""
-        parts: dict[str, dict[str, Any]] = {"cache": {}, "scheduler": {}}
+        """Build from flat keyword arguments, routing cache/scheduler/runner fields to their parts."""
+        part_classes = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig}
+        part_fields = {name: {f.name for f in dataclasses.fields(c)} for name, c in part_classes.items()}
+        parts: dict[str, dict[str, Any]] = {name: {} for name in part_classes}
         own: dict[str, Any] = {}
-        cache_fields = {f.name for f in dataclasses.fields(CacheConfig)}
-        scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
         own_fields = {f.name for f in dataclasses.fields(cls)}
         for key, value in kwargs.items():
-            if key in cache_fields:
-                parts["cache"][key] = value
-            elif key in scheduler_fields:
-                parts["scheduler"][key] = value
+            part = next((name for name, names in part_fields.items() if key in names), None)
+            if part is not None:
+                parts[part][key] = value
             elif key in own_fields:
                 own[key] = value
             else:
                 raise TypeError(f"unknown engine option {key!r}")
-        if not isinstance(own.get("cache"), CacheConfig):
-            own["cache"] = CacheConfig(**parts["cache"])
-        if not isinstance(own.get("scheduler"), SchedulerConfig):
-            own["scheduler"] = SchedulerConfig(**parts["scheduler"])
+        for name, part_class in part_classes.items():
+            if not isinstance(own.get(name), part_class):
+                own[name] = part_class(**parts[name])
         return cls(**own)

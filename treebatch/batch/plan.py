@@ -18,8 +18,8 @@ import numpy as np
 
 from treebatch.batch.prompts import PreparedRequest, PromptTokenizer, prepare_window
 from treebatch.batch.reader import LineError, read_batch, windows, without_errors
-from treebatch.core.grouping import group_prompts
-from treebatch.core.prefix_tree import PrefixTree
+from treebatch.config import EngineConfig
+from treebatch.core.plan import plan_batch
 
 MAX_LISTED_ERRORS = 20
 # (prompts, output tokens per prompt) -> the cost model's prediction for one window
@@ -35,15 +35,16 @@ def analyze_batch(
     path: str | Path,
     tokenizer: PromptTokenizer,
     window: int,
-    min_shared_prefix_tokens: int | None = 8,
+    config: EngineConfig | None = None,
     model_name: str | None = None,
     predict: Predictor | None = None,
 ) -> dict[str, Any]:
-    """Validation counts, errors, and the prefix-tree plan of every window, with file totals.
+    """Validation counts, errors, and the plan of every window (`core.plan.plan_batch` with the
+    engine's scheduler and cache settings; None: the defaults), with file totals.
 
-    `min_shared_prefix_tokens` None: prefix sharing off (every prompt token is computed).
     `predict`: the cost model; each window then carries its predicted seconds with and without
     sharing (every request generating its max_tokens), and the file its total."""
+    config = config or EngineConfig()
     num_lines = 0
     errors_by_code: Counter[str] = Counter()
     listed_errors: list[str] = []
@@ -58,7 +59,7 @@ def analyze_batch(
         num_lines += len(part)
         ready = without_errors(prepare_window(without_errors(part, count_error), tokenizer), count_error)
         if ready:
-            per_window.append(analyze_window(ready, min_shared_prefix_tokens, predict))
+            per_window.append(analyze_window(ready, config, predict))
 
     totals: dict[str, Any] = {key: sum(w[key] for w in per_window) for key in _SUMMED}
     histogram: Counter[int] = Counter()
@@ -71,7 +72,9 @@ def analyze_batch(
         "model": model_name,
         "max_model_len": tokenizer.max_model_len,
         "window": window,
-        "min_shared_prefix_tokens": min_shared_prefix_tokens,
+        "min_shared_prefix_tokens": (
+            config.scheduler.min_shared_prefix_tokens if config.scheduler.enable_prefix_sharing else None
+        ),
         "lines": num_lines,
         "valid": num_lines - num_failed,
         "invalid": num_failed,
@@ -101,41 +104,31 @@ def _predicted_totals(per_window: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def analyze_window(
-    ready: list[PreparedRequest], min_shared_prefix_tokens: int | None, predict: Predictor | None = None
-) -> dict[str, Any]:
-    """The prefix tree and groups of one window, as the engine would plan it."""
+def analyze_window(ready: list[PreparedRequest], config: EngineConfig, predict: Predictor | None = None) -> dict[str, Any]:
+    """The plan of one window, as the engine would make it: its summary, as numbers."""
     prompts: list[np.ndarray] = []
     outputs: list[int] = []
     for prepared in ready:
         ids = np.frombuffer(prepared.token_ids, dtype=np.int32)  # a view: no copy per sample
         n = prepared.params.n
         prompts.extend([ids] * n)
-        outputs.extend([prepared.params.max_tokens or 0] * n)
-    max_new_tokens = sum(outputs)
-    tree = PrefixTree.build(prompts)
-    if min_shared_prefix_tokens is None:
-        planned, groups, grouped, depth, histogram = tree.num_logical_tokens, 0, 0, 0, {}
-    else:
-        plan = group_prompts(tree, min_prefix_tokens=min_shared_prefix_tokens)
-        planned, groups, grouped = plan.num_computed_tokens, len(plan.groups), plan.num_grouped_prompts
-        depth = max((g.depth for g in plan.groups), default=-1) + 1
-        histogram = {int(k): int(v) for k, v in sorted(plan.share_histogram.items())}
+        outputs.extend([max(1, prepared.params.max_tokens or 0)] * n)
+    summary = plan_batch(prompts, outputs, config.scheduler, config.cache.block_size).summary
     analysis: dict[str, Any] = {
         "requests": len(ready),
-        "sequences": len(prompts),
-        "prompt_tokens": tree.num_logical_tokens,
-        "unique_prompt_tokens": tree.num_unique_tokens,
-        "planned_prompt_tokens": planned,
-        "groups": groups,
-        "grouped_sequences": grouped,
-        "max_depth": depth,
-        "share_histogram": histogram,
-        "max_new_tokens": max_new_tokens,
-        "max_prompt_tokens": int(tree.lengths.max()) if len(prompts) else 0,
+        "sequences": summary.num_sequences,
+        "prompt_tokens": summary.num_prompt_tokens,
+        "unique_prompt_tokens": summary.num_unique_tokens,
+        "planned_prompt_tokens": summary.num_planned_tokens,
+        "groups": summary.num_groups,
+        "grouped_sequences": summary.num_grouped_sequences,
+        "max_depth": summary.max_depth,
+        "share_histogram": dict(summary.share_histogram),
+        "max_new_tokens": sum(prepared.params.n * (prepared.params.max_tokens or 0) for prepared in ready),
+        "max_prompt_tokens": max((len(p) for p in prompts), default=0),
     }
     if predict is not None and prompts:
-        analysis["prediction"] = predict(prompts, [max(1, n) for n in outputs])
+        analysis["prediction"] = predict(prompts, outputs)
     return analysis
 
 

@@ -73,9 +73,17 @@ class GroupManager:
             levels = self._enclosing[group_id] = tuple(found)
         return levels
 
+    def attach_counts(self, group_id: int) -> tuple[int, int, int]:
+        """What attaching a member to the group gives it, before anything changes: its first own
+        position, the blocks its table starts with, and how many of them are new (the copy of a
+        partial last prefix block)."""
+        group = self.groups[group_id]
+        copied = 1 if group.prefix_end % self.kv.block_size else 0
+        return group.prefix_end, group.prefix_end // self.kv.block_size + copied, copied
+
     def attach(self, request: Request) -> tuple[int, int, int] | None:
-        """Start `request` from its group's KV. Returns the block copy to do, if any, or raises
-        if no block is free for the copy (ask `can_attach` first)."""
+        """Start `request` from its group's KV. Returns the block copy to do, if any. The caller
+        has checked that a block is free for the copy (`attach_counts`)."""
         group = self.groups[request.group_id]
         assert group.is_ready and not group.is_released
         block_size = self.kv.block_size
@@ -90,19 +98,6 @@ class GroupManager:
         request.num_computed_tokens = group.prefix_end
         request.num_cached_tokens = group.prefix_end
         return copy
-
-    def can_attach(self, request: Request) -> bool:
-        group = self.groups[request.group_id]
-        return self.kv.pool.can_allocate(1 if group.prefix_end % self.kv.block_size else 0)
-
-    def can_admit_prefix(self, request: Request, num_available_blocks: int | None = None) -> bool:
-        """Whole groups are admitted together: a prefix starts only when the group's estimated
-        KV (prefix plus direct members) fits in the available blocks (the free ones, less what
-        running requests are expected to need), or half the pool if the group is larger."""
-        group = self.groups[request.prefix_of]
-        need = min(group.estimated_blocks, self.kv.pool.num_blocks // 2)
-        available = self.kv.num_free_blocks if num_available_blocks is None else num_available_blocks
-        return available >= need
 
     def on_prefix_computed(self, request: Request) -> None:
         group = self.groups[request.prefix_of]
@@ -125,7 +120,3 @@ class GroupManager:
 
     def held_blocks(self) -> list[list[int]]:
         return [g.blocks for g in self.groups.values() if g.blocks]
-
-    @property
-    def num_pinned_blocks(self) -> int:
-        return sum(len(g.blocks) for g in self.groups.values())

@@ -13,7 +13,8 @@ def num_blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    """Owns the mapping request -> block ids. Ask (`can_allocate_slots`), then commit."""
+    """Owns the mapping request -> block ids. `allocate_slots` asks, then commits: a refusal
+    changes nothing."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -33,9 +34,6 @@ class KVCacheManager:
         held = len(self.block_tables.get(request.request_id, ()))
         needed = num_blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)
         return max(0, needed - held)
-
-    def can_allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        return self.pool.can_allocate(self.num_new_blocks(request, num_new_tokens))
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Give the request slots for `num_new_tokens` more tokens; False (and no change) if full."""

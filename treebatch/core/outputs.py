@@ -39,10 +39,17 @@ class ScheduledChunk:
     # The groups around that one, nearest first, as (group id, shared tokens): their shared blocks
     # begin the table too, so a step with too few queries of one group can read a wider prefix once.
     enclosing: tuple[tuple[int, int], ...] = ()
+    num_prompt_tokens: int = 0  # the request's prompt length (a group prefix: the prefix's)
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        """Prompt tokens this chunk runs through the model (recomputed outputs are not)."""
+        end = min(self.start_position + len(self.token_ids), self.num_prompt_tokens)
+        return max(0, end - self.start_position)
 
     @property
     def is_single_query(self) -> bool:

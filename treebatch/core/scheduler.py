@@ -9,6 +9,11 @@ the growth the running requests (and it) are expected to need to finish (`_GROWT
 token anyway, the most recently admitted request not yet scheduled in this step is preempted: its
 blocks are freed and it goes back to the head of the queue to recompute its prompt and outputs
 later (recompute preemption keeps the output exact, since sampled tokens are kept, not redrawn).
+
+`add_plan` is the only door for a planned batch (core/plan.py): it registers the plan's groups,
+makes each group's prefix request and gives members their group. The rules themselves (chunk
+size, growth reserve, group admission) are the pure functions of core/rules.py, which the cost
+model replays through this same scheduler.
 """
 
 from __future__ import annotations
@@ -19,30 +24,22 @@ from treebatch.config import SchedulerConfig
 from treebatch.core.groups import GroupManager
 from treebatch.core.kv_manager import KVCacheManager, num_blocks_for
 from treebatch.core.outputs import NewRequestData, ScheduledChunk, StepPlan, StepResult
+from treebatch.core.plan import BatchPlan, EntryKind
 from treebatch.core.request import Request, RequestStatus
+from treebatch.core.rules import chunk_size, expected_growth, fits_with_growth, growth_reserve, prefix_fits
+from treebatch.sampling_params import SamplingParams
 
-# Fraction of the running requests' expected KV growth that admission keeps free. All of it
-# (1.0) never preempts when estimates are exact but leaves blocks idle while requests are young
-# and holds back requests that stop early; none (0.0) admits until decodes run out of blocks and
-# recompute. Half keeps preemptions rare without starving admission.
-_GROWTH_RESERVE = 0.5
+_PREFIX_PARAMS = SamplingParams(max_tokens=1)  # never sampled: a prefix request only fills KV
 
 
 class Scheduler:
-    def __init__(
-        self,
-        config: SchedulerConfig,
-        kv_manager: KVCacheManager,
-        max_model_len: int,
-        token_budget: int | None = None,
-    ) -> None:
-        """`token_budget` replaces `config.max_num_batched_tokens` (the engine passes the measured
-        one when the config leaves it None)."""
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int) -> None:
+        """`config.max_num_batched_tokens` must be resolved (the engine puts the measured budget
+        there when the user left it to the machine)."""
+        if config.max_num_batched_tokens is None:
+            raise ValueError("the scheduler needs a resolved token budget (max_num_batched_tokens)")
         self.config = config
-        budget = token_budget if token_budget is not None else config.max_num_batched_tokens
-        if budget is None or budget <= 0:
-            raise ValueError("the scheduler needs a positive token budget")
-        self.token_budget: int = budget
+        self.token_budget: int = config.max_num_batched_tokens
         self.kv = kv_manager
         self.groups = GroupManager(kv_manager)
         self.max_model_len = max_model_len
@@ -72,6 +69,28 @@ class Scheduler:
             )
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def add_plan(self, plan: BatchPlan, sequences: list[Request]) -> list[Request]:
+        """Queue a planned batch (`sequences[i]` is the plan's sequence i): register its groups,
+        make each group's prefix request, give members their group. Returns the requests in
+        queue order, prefix requests included. Group ids stay unique across batches."""
+        assert len(sequences) == plan.num_sequences
+        base = self.groups.num_groups
+        queued = []
+        for entry in plan.queue:
+            parent = None if entry.group is None else base + entry.group
+            if entry.kind is EntryKind.PREFIX:
+                spec = plan.groups[entry.index]
+                group_id = base + spec.group_id
+                self.groups.add_group(group_id, parent, spec.prefix_end, spec.num_pending, spec.estimated_blocks)
+                tokens = sequences[spec.source].prompt_token_ids[: spec.prefix_end]
+                request = Request(f"prefix-{group_id}", tokens, _PREFIX_PARAMS, group_id=parent, prefix_of=group_id)
+            else:
+                request = sequences[entry.index]
+                request.group_id = parent
+            self.add_request(request)
+            queued.append(request)
+        return queued
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -154,47 +173,43 @@ class Scheduler:
     def _admit(
         self, request: Request, budget: int, block_copies: list[tuple[int, int, int]], reserve: int
     ) -> int:
-        """Give a waiting request KV for its first chunk and return the chunk's size: ask, then
-        commit; 0 (refused) changes nothing. `reserve`: expected growth of the running requests."""
-        available = self.kv.num_free_blocks - int(_GROWTH_RESERVE * reserve)
-        if request.is_prefix and request.num_computed_tokens == 0 and not self.groups.can_admit_prefix(
-            request, available
-        ):
-            return 0
-        attaches = request.group_id is not None and request.num_computed_tokens == 0
-        copy = None
-        if attaches:
-            if not self.groups.can_attach(request):
+        """Give a waiting request KV for its first chunk and return the chunk's size. Ask, then
+        commit: every check (the group's admission, the copy of a partial prefix block, the first
+        chunk and the growth reserve) is made before anything changes; 0 (refused) changes
+        nothing. `reserve`: expected growth of the running requests."""
+        block_size = self.kv.block_size
+        starts_fresh = request.num_computed_tokens == 0
+        if request.is_prefix and starts_fresh:
+            available = self.kv.num_free_blocks - growth_reserve(reserve)
+            if not prefix_fits(self.groups.groups[request.prefix_of].estimated_blocks, self.kv.pool.num_blocks, available):
                 return 0
-            copy = self.groups.attach(request)
-        num_new = self._num_new_tokens(request, budget)
-        if num_new == 0 or not self._fits_with_growth(request, num_new, reserve) or not self.kv.allocate_slots(
-            request, num_new
-        ):
-            if attaches:  # undo the attach
-                self.kv.free(request)
-                request.num_computed_tokens = request.num_cached_tokens = 0
+        attaches = request.group_id is not None and starts_fresh
+        if attaches:
+            start, held, copied = self.groups.attach_counts(request.group_id)
+        else:
+            start, held, copied = request.num_computed_tokens, len(self.kv.block_tables.get(request.request_id, ())), 0
+        num_new = chunk_size(request.num_tokens - start, budget, self.config.enable_chunked_prefill)
+        if num_new == 0:
             return 0
-        if copy is not None:
-            block_copies.append(copy)
+        after_chunk = num_blocks_for(start + num_new, block_size)
+        first_chunk = copied + max(0, after_chunk - held)
+        own_growth = max(0, num_blocks_for(request.estimated_num_tokens, block_size) - after_chunk)
+        if not self.kv.pool.can_allocate(first_chunk) or not fits_with_growth(
+            self.kv.num_free_blocks, first_chunk, reserve, own_growth, bool(self.running)
+        ):
+            return 0
+        if attaches:
+            copy = self.groups.attach(request)
+            if copy is not None:
+                block_copies.append(copy)
+        allocated = self.kv.allocate_slots(request, num_new)
+        assert allocated, "admission was checked before committing"
         return num_new
-
-    def _fits_with_growth(self, request: Request, num_new: int, reserve: int) -> bool:
-        """After its first chunk, do the free blocks still cover `_GROWTH_RESERVE` of what the
-        running requests and this one are expected to grow by? Always yes when nothing runs, so
-        a request that fits the cache at all is never refused forever."""
-        if not self.running:
-            return True
-        held = len(self.kv.block_tables.get(request.request_id, ()))
-        after_chunk = num_blocks_for(request.num_computed_tokens + num_new, self.kv.block_size)
-        first_chunk = max(0, after_chunk - held)
-        growth = max(0, num_blocks_for(request.estimated_num_tokens, self.kv.block_size) - after_chunk)
-        return self.kv.num_free_blocks - first_chunk >= _GROWTH_RESERVE * (reserve + growth)
 
     def _expected_growth(self, request: Request) -> int:
         """KV blocks a running request is expected to add before it finishes."""
         held = len(self.kv.block_tables.get(request.request_id, ()))
-        return max(0, num_blocks_for(request.estimated_num_tokens, self.kv.block_size) - held)
+        return expected_growth(request.estimated_num_tokens, held, self.kv.block_size)
 
     def _preemption_victim(self, scheduled: set[str]) -> Request:
         """The most recently admitted running request that has no chunk in this step yet."""
@@ -204,10 +219,7 @@ class Scheduler:
         raise AssertionError("the request asking for KV is running and unscheduled")
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens_to_compute
-        if remaining <= budget:
-            return remaining
-        return budget if self.config.enable_chunked_prefill else 0
+        return chunk_size(request.num_tokens_to_compute, budget, self.config.enable_chunked_prefill)
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -222,6 +234,7 @@ class Scheduler:
             group_id=request.group_id,
             num_shared_tokens=self.groups.num_shared_tokens(request.group_id),
             enclosing=self.groups.enclosing(request.group_id),
+            num_prompt_tokens=request.num_prompt_tokens,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -261,21 +274,39 @@ class Scheduler:
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request (token stop, stop string found by the caller, or abort); free its KV."""
-        assert status.is_finished
+        assert status.is_finished and not request.is_prefix
         if request.is_finished:
             return
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-        request.status = status
-        self.kv.free(request)
-        del self.requests[request.request_id]
+        self._remove(request, status)
         if request.group_id is not None:
             self.groups.on_finished(request.group_id)
         if request.request_id in self._announced:
             self._announced.discard(request.request_id)
             self._finished_ids.append(request.request_id)
+
+    def abort(self, request_ids: list[str]) -> list[Request]:
+        """End unfinished requests (an abandoned iterator, an interrupted window) without running
+        them: their KV is freed and their groups are released bottom-up; the prefix request of a
+        group that nobody needs any more is dropped, computed or not. Returns every request removed."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None and not request.is_prefix:
+                self.finish_request(request, RequestStatus.FINISHED_ABORTED)
+                aborted.append(request)
+        orphans = [r for r in self.requests.values() if r.is_prefix and self.groups.groups[r.prefix_of].is_released]
+        for request in orphans:
+            self._remove(request, RequestStatus.FINISHED_ABORTED)
+        return aborted + orphans
+
+    def _remove(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.groups.held_blocks())

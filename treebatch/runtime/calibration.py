@@ -40,6 +40,8 @@ _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
 _CODE_FILES = (
     "runtime/model_runner.py",
+    "runtime/step_inputs.py",
+    "core/step_layout.py",
     "layers/attention.py",
     "layers/native.py",
     "layers/kernels/paged_decode.c",
