@@ -112,8 +112,16 @@ def test_plan_predicts_run_time_from_the_calibration(tmp_path, capsys):
     """--predict: the cost model with the engine's calibration; sharing predicts less time."""
     from treebatch.core.calibration_table import CalibrationTable
 
+    from treebatch.config import EngineConfig, RunnerConfig, SchedulerConfig
+    from treebatch.engine import LLMEngine
+
     table = CalibrationTable({16: 0.05, 64: 0.12, 256: 0.4}, seconds_per_context_pair=1e-6, token_budget=64)
-    engine = SimpleNamespace(calibration=table, token_budget=64, num_blocks=4096)
+    engine = SimpleNamespace(  # what LLMEngine.predict reads of a loaded engine
+        calibration=table, scheduler_config=SchedulerConfig(max_num_batched_tokens=64),
+        runner_config=RunnerConfig(shared_prefix_attention_min_decodes=8), config=EngineConfig(),
+        num_blocks=4096, max_model_len=2048,
+    )
+    engine.predict = lambda prompts, max_tokens: LLMEngine.predict(engine, prompts, max_tokens)
     lines = [request(f"q{i}", SYSTEM * 3 + f"Question {i}?", max_tokens=8) for i in range(8)]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(lines) + "\n")
