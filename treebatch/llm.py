@@ -12,6 +12,7 @@ from tqdm import tqdm
 from treebatch.config import EngineConfig
 from treebatch.core.request import Request, RequestStatus
 from treebatch.engine import LLMEngine
+from treebatch.inputs import TokenIdError, check_token_ids, fit_max_tokens
 from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
 from treebatch.sampling_params import SamplingParams
 from treebatch.tokenizer import chat_token_ids
@@ -152,9 +153,10 @@ class LLM:
             return prompt, self.tokenizer(prompt).input_ids
         if "prompt_token_ids" in prompt:
             ids = [int(t) for t in prompt["prompt_token_ids"]]
-            vocab = self.engine.model_config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+            try:
+                check_token_ids(ids, self.engine.model_config.vocab_size)
+            except TokenIdError as exc:
+                raise TokenIdError(f"prompt {exc}") from None
             return prompt.get("prompt"), ids
         if "prompt" in prompt:
             return prompt["prompt"], self.tokenizer(prompt["prompt"]).input_ids
@@ -168,9 +170,7 @@ class LLM:
             seed = params.seed if index == 0 else hash((params.seed, index)) & 0x7FFFFFFF
         else:
             seed = self._seed_source.getrandbits(63)
-        max_tokens = params.max_tokens
-        room = self.max_model_len - len(ids)
-        max_tokens = room if max_tokens is None else min(max_tokens, max(room, 1))
+        max_tokens = fit_max_tokens(len(ids), self.max_model_len, params.max_tokens)
         request_id = prompt_id if params.n == 1 else f"{prompt_id}{_SAMPLE_SEPARATOR}{index}"
         return Request(request_id, ids, params, self.engine.eos_token_ids, max_tokens=max_tokens, seed=seed)
 

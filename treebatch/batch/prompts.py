@@ -14,6 +14,7 @@ from typing import Any
 
 from treebatch.batch.reader import BatchEntry, LineError
 from treebatch.batch.requests import RequestError, fit_context
+from treebatch.inputs import TokenIdError, check_token_ids
 from treebatch.sampling_params import SamplingParams
 
 _ENCODE_CHUNK = 4096
@@ -112,9 +113,12 @@ def prepare_window(entries: list[BatchEntry], tokenizer: PromptTokenizer) -> lis
             continue
         tokens = ids[i]
         try:
-            if vocab is not None and isinstance(entry.request.prompt, list) and max(tokens) >= vocab:
-                raise RequestError(f"prompt: token ids must be < the vocabulary size {vocab}")
+            if vocab is not None and isinstance(entry.request.prompt, list):
+                check_token_ids(tokens, vocab)
             params = fit_context(entry.request, len(tokens), tokenizer.max_model_len)
+        except TokenIdError as exc:
+            results[i] = _error(entry, RequestError(f"prompt: {exc}", code=exc.code))
+            continue
         except RequestError as exc:
             results[i] = _error(entry, exc)
             continue

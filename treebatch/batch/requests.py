@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from treebatch.inputs import ContextLengthError, fit_max_tokens
 from treebatch.sampling_params import SamplingParams
 
 COMPLETIONS_URL = "/v1/completions"
@@ -99,24 +100,19 @@ def parse_body(url: str, body: dict[str, Any]) -> ParsedRequest:
 
 def fit_context(request: ParsedRequest, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
     """The final params of a request whose prompt has `num_prompt_tokens`: a default max_tokens
-    shrinks to the room left in the context; an explicit one that does not fit is an error."""
-    room = max_model_len - num_prompt_tokens
-    if room < 1:
-        raise RequestError(
-            f"prompt has {num_prompt_tokens} tokens; the model's context is {max_model_len}",
-            code="context_length_exceeded",
-        )
+    shrinks to the room left in the context (the rule of `treebatch.inputs.fit_max_tokens`, which
+    `LLM.generate` applies too); an explicit one that does not fit is an error."""
     params = request.params
     wanted = params.max_tokens
-    if request.max_tokens_given:
-        if wanted is not None and wanted > room:
-            raise RequestError(
-                f"max_tokens ({wanted}) plus the prompt ({num_prompt_tokens} tokens) exceeds "
-                f"the model's context of {max_model_len}",
-                code="context_length_exceeded",
-            )
-        return params
-    limit = min(room, CHAT_DEFAULT_MAX_TOKENS_CAP if wanted is None else wanted)
+    try:
+        if request.max_tokens_given:
+            fit_max_tokens(num_prompt_tokens, max_model_len, wanted, strict=True)
+            return params
+        limit = fit_max_tokens(
+            num_prompt_tokens, max_model_len, CHAT_DEFAULT_MAX_TOKENS_CAP if wanted is None else wanted
+        )
+    except ContextLengthError as exc:
+        raise RequestError(str(exc), code=exc.code) from exc
     if limit == wanted:
         return params
     try:
