@@ -23,7 +23,8 @@ from treebatch.models.loader import load_model
 from treebatch.runtime.calibration import calibration_key, load_or_measure
 from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
 from treebatch.runtime.model_runner import ModelRunner
-from treebatch.tokenizer import Detokenizer, load_tokenizer
+from treebatch.output_processor import OutputProcessor
+from treebatch.tokenizer import load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +38,8 @@ class EngineStats:
     num_computed_prompt_tokens: int = 0  # prompt tokens actually run through the model
     num_generated_tokens: int = 0
     num_steps: int = 0
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # Scheduler.num_preemptions (the one count) since these stats began
+    preemptions_at_start: int | None = None  # Scheduler.num_preemptions at the first step
     peak_kv_usage: float = 0.0
     num_unique_prompt_tokens: int = 0  # the prefix tree's optimum (0: not planned)
     num_groups: int = 0
@@ -103,8 +105,7 @@ class LLMEngine:
         self._num_traced_steps = 0
         self._warmup: WarmupSample | None = None  # a sample running ahead of the rest of its batch
         self.order_policy = config.scheduler.order_policy  # may be switched between batches
-        self.detokenizer = Detokenizer(self.tokenizer)
-        self._live: dict[str, Request] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)  # a state per live sampling request
         self.stats = EngineStats()
 
     @property
@@ -124,8 +125,8 @@ class LLMEngine:
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
-        self._live[request.request_id] = request
         if not request.is_prefix:
+            self.output_processor.add_request(request)
             self.stats.num_requests += 1
             self.stats.num_prompt_tokens += request.num_prompt_tokens
 
@@ -170,42 +171,47 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests or self._warmup is not None
 
     def step(self) -> list[Request]:
-        """Run one step; return the requests that finished in it."""
+        """One step: schedule -> execute -> update -> process outputs. Returns the requests that
+        finished in it; their completions wait in `output_processor` (`pop(request_id)`)."""
         started = time.perf_counter()
         self._finish_warmup_if_done()
-        plan = self.scheduler.schedule()
+        scheduler = self.scheduler
+        stats = self.stats
+        if stats.preemptions_at_start is None:
+            stats.preemptions_at_start = scheduler.num_preemptions
+        plan = scheduler.schedule()
         queues = self._queue_counts() if self._trace is not None else (0, 0, 0)
         if plan.is_empty:
-            if self.scheduler.has_unfinished_requests:
+            if scheduler.has_unfinished_requests:
                 raise RuntimeError("the scheduler planned nothing while requests wait: KV too small")
             self.runner.execute(plan)  # lets the runner drop finished requests' state
             return []
+        # The scheduler holds the one registry of live requests; `update` drops the finished ones
+        # (and completed group prefixes) from it, so the step's requests are looked up first.
+        requests = [scheduler.requests[chunk.request_id] for chunk in plan.chunks]
         result = self.runner.execute(plan)
-        finished = self.scheduler.update(plan, result)
+        finished = scheduler.update(plan, result)
 
-        stats = self.stats
         stats.num_steps += 1
         stats.num_generated_tokens += len(result.sampled_token_ids)
-        stats.num_preemptions += len(plan.preempted_request_ids)
-        stats.peak_kv_usage = max(stats.peak_kv_usage, self.scheduler.kv.usage)
-        for chunk in plan.chunks:
-            request = self._live[chunk.request_id]
+        stats.num_preemptions = scheduler.num_preemptions - stats.preemptions_at_start
+        stats.peak_kv_usage = max(stats.peak_kv_usage, scheduler.kv.usage)
+        processor = self.output_processor
+        sampled = result.sampled_token_ids
+        for chunk, request in zip(plan.chunks, requests):
             # Tokens below the prompt's end are prompt work; recomputed outputs count too.
             stats.num_computed_prompt_tokens += max(
                 0, min(chunk.start_position + chunk.num_tokens, request.num_prompt_tokens) - chunk.start_position
             )
-            if request.is_prefix:
-                if request.is_finished:  # its KV now belongs to its group
-                    del self._live[request.request_id]
-                continue
-            if chunk.needs_sample and not request.is_finished and request.sampling_params.stop_strings:
-                if self.detokenizer.find_stop_string(request):
-                    self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            # Every sampled token goes to the output processor, also the one that ended its request.
+            if chunk.needs_sample and processor.add_token(chunk.request_id, sampled[chunk.request_id]):
+                if not request.is_finished:  # a stop string
+                    scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
                     finished.append(request)
         for request in finished:
-            del self._live[request.request_id]
+            processor.finish(request)
         if self.config.check_integrity:
-            self.scheduler.check_integrity()
+            scheduler.check_integrity()
         if self._trace is not None:
             self._write_trace(plan, queues, time.perf_counter() - started)
         return finished

@@ -10,10 +10,10 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from treebatch.config import EngineConfig
-from treebatch.core.request import Request, RequestStatus
+from treebatch.core.request import Request
 from treebatch.engine import LLMEngine
 from treebatch.inputs import TokenIdError, check_token_ids, fit_max_tokens
-from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
+from treebatch.outputs import RequestOutput
 from treebatch.sampling_params import SamplingParams
 from treebatch.tokenizer import chat_token_ids
 
@@ -177,42 +177,14 @@ class LLM:
     def _drain_abandoned(self) -> None:
         # Requests of an iterator closed early: run them out rather than abort them mid-group.
         while self.engine.has_unfinished_requests:
-            self.engine.step()
+            for request in self.engine.step():
+                self.engine.output_processor.discard(request.request_id)
 
     def _request_output(
         self, prompt_id: str, text: str | None, ids: list[int], group: list[Request]
     ) -> RequestOutput:
-        completions = []
-        for index, request in enumerate(group):
-            output_text = self.engine.detokenizer.final_text(request)
-            finish = "length" if request.status == RequestStatus.FINISHED_LENGTH else "stop"
-            if isinstance(request.stop_reason, str):
-                finish = "stop"
-            completions.append(
-                CompletionOutput(
-                    index=index,
-                    text=output_text,
-                    token_ids=list(request.output_token_ids),
-                    finish_reason=finish,
-                    logprobs=self._logprobs(request),
-                    stop_reason=request.stop_reason,
-                    cumulative_logprob=self._cumulative(request),
-                )
-            )
+        """The prompt's outputs as the output processor decided them (text, reasons, logprobs)."""
+        processor = self.engine.output_processor
+        completions = [processor.pop(request.request_id).completion(index) for index, request in enumerate(group)]
         cached = max((request.num_cached_tokens for request in group), default=0)
         return RequestOutput(prompt_id, text, list(ids), completions, num_cached_tokens=cached)
-
-    def _logprobs(self, request: Request) -> list[dict[int, Logprob]] | None:
-        if request.sampling_params.logprobs is None:
-            return None
-        decode = self.tokenizer.decode
-        return [
-            {token: Logprob(value, rank, decode([token])) for token, (value, rank) in entry.items()}
-            for entry in request.output_logprobs
-        ]
-
-    @staticmethod
-    def _cumulative(request: Request) -> float | None:
-        if request.sampling_params.logprobs is None:
-            return None
-        return float(sum(entry[token][0] for entry, token in zip(request.output_logprobs, request.output_token_ids)))

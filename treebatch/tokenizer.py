@@ -1,11 +1,10 @@
-"""Tokenizer loading, chat templates without a doubled BOS, and detokenization with stop strings."""
+"""Tokenizer loading and chat templates without a doubled BOS. Detokenizing (incremental, with
+stop strings) is the output processor's (treebatch/output_processor.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-from treebatch.core.request import Request
 
 
 def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
@@ -45,40 +44,3 @@ def chat_token_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generatio
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False).input_ids
 
-
-class Detokenizer:
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def find_stop_string(self, request: Request) -> bool:
-        """True (and `request.stop_reason` set) when the output text now contains a stop string."""
-        params = request.sampling_params
-        text = self.decode(request.output_token_ids, params.skip_special_tokens)
-        hit = _first_stop(text, params.stop_strings)
-        if hit is None:
-            return False
-        request.stop_reason = hit[1]
-        return True
-
-    def final_text(self, request: Request) -> str:
-        """The output text; cut before the first stop string unless asked to keep it."""
-        params = request.sampling_params
-        text = self.decode(request.output_token_ids, params.skip_special_tokens)
-        hit = _first_stop(text, params.stop_strings)
-        if hit is not None:
-            index, stop = hit
-            text = text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]
-            request.stop_reason = stop
-        return text
-
-
-def _first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
-    best: tuple[int, str] | None = None
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1 and (best is None or index < best[0]):
-            best = (index, stop)
-    return best
