@@ -177,3 +177,29 @@ def test_logprobs_decoded_and_summed(tokenizer):
     assert completion.cumulative_logprob == pytest.approx(-0.75)
     assert completion.logprobs[1][17].decoded_token == tokenizer.decode([17])
     assert completion.logprobs[0][100].rank == 1 and completion.logprobs[0][200].logprob == -1.5
+
+
+def test_engine_stops_at_the_token_a_full_decode_would(llm):
+    """Through the engine: a stop string taken from the unstopped text ends the request at the
+    first token whose full decode holds it, with the text cut as the full decode gives it."""
+    from conftest import PROMPTS
+
+    prompts = PROMPTS[:6]
+    full = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    rng = random.Random(5)
+    stops, params = [], []
+    for output in full:
+        text = output.outputs[0].text
+        start = rng.randrange(len(text) // 2, len(text) - 3)
+        stops.append(text[start : start + 3])
+        params.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stops[-1]],
+                                     include_stop_str_in_output=len(stops) % 2 == 0))
+    stopped = llm.generate(prompts, params, use_tqdm=False)
+    tokenizer = llm.tokenizer
+    for output, again, p in zip(full, stopped, params):
+        ids = output.outputs[0].token_ids
+        k, text, finish, stop = _reference(tokenizer, ids, p, finished_by_length=True)
+        completion = again.outputs[0]
+        assert completion.token_ids == ids[:k]
+        assert (completion.text, completion.finish_reason, completion.stop_reason) == (text, finish, stop)
+    assert not llm.engine.output_processor.states
