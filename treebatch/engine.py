@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,11 +11,11 @@ from dataclasses import dataclass, field
 import torch
 
 from treebatch.config import EngineConfig
-from treebatch.core.batch_plan import plan_requests
 from treebatch.core.calibration_table import CalibrationTable
+from treebatch.core.cost_model import predict_batch_time
 from treebatch.core.kv_manager import KVCacheManager
 from treebatch.core.outputs import StepPlan
-from treebatch.core.policies import WarmupSample
+from treebatch.core.plan import BatchPlan, plan_batch, rescaled_estimates, warmup_sample
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
 from treebatch.host import cache_root
@@ -87,24 +88,21 @@ class LLMEngine:
         block_size = config.cache.block_size
         self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
         kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, block_size, dtype)
-        self.runner = ModelRunner(
-            model,
-            kv_cache,
-            block_size,
-            self.eos_token_ids,
-            config.shared_prefix_attention_min_queries if config.enable_shared_prefix_attention else None,
-        )
+        self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids, config.runner)
+        # The configs as they run: the runner's thresholds and the token budget resolved for
+        # this machine. The scheduler, the runner and the cost model all read these.
+        self.runner_config = self.runner.config
         self._calibration: CalibrationTable | None = None
-        budget = config.scheduler.max_num_batched_tokens
-        if budget is None:
-            budget = self.calibration.token_budget
-        self.scheduler = Scheduler(
-            config.scheduler, KVCacheManager(self.num_blocks, block_size), self.max_model_len, token_budget=budget
-        )
+        self.scheduler_config = config.scheduler
+        if self.scheduler_config.max_num_batched_tokens is None:
+            self.scheduler_config = dataclasses.replace(
+                config.scheduler, max_num_batched_tokens=self.calibration.token_budget
+            )
+        self.scheduler = Scheduler(self.scheduler_config, KVCacheManager(self.num_blocks, block_size), self.max_model_len)
         self._trace = open(config.trace_file, "w", buffering=1) if config.trace_file else None
         self._num_traced_steps = 0
-        self._warmup: WarmupSample | None = None  # a sample running ahead of the rest of its batch
-        self.order_policy = config.scheduler.order_policy  # may be switched between batches
+        # A batch waiting for its warm-up sample to finish: (sequences, their plan, the sample).
+        self._deferred: tuple[list[Request], BatchPlan, list[int]] | None = None
         self.output_processor = OutputProcessor(self.tokenizer)  # a state per live sampling request
         self.stats = EngineStats()
 
@@ -123,58 +121,92 @@ class LLMEngine:
     def reset_stats(self) -> None:
         self.stats = EngineStats()
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def _register(self, request: Request) -> None:
+        """A request the scheduler has queued (`Scheduler.add_plan`): count it, track it."""
         if not request.is_prefix:
             self.output_processor.add_request(request)
             self.stats.num_requests += 1
             self.stats.num_prompt_tokens += request.num_prompt_tokens
 
-    def add_requests(self, requests: list[Request]) -> None:
-        """Add a whole batch: planned over the prefix tree when prefix sharing is on, in the order
-        policy's order. When the policy weighs output lengths that are not known (no ignore_eos),
-        a small warm-up sample of the batch runs first and the rest is planned once it is done."""
-        scheduler_config = self.config.scheduler
-        if not scheduler_config.enable_prefix_sharing or len(requests) < 2:
-            for request in requests:
-                self.add_request(request)
-            return
-        if self._warmup is None and WarmupSample.is_worth_it(self.order_policy, requests):
-            self._warmup = WarmupSample(requests, scheduler_config.min_shared_prefix_tokens)
-            requests = self._warmup.sample
-        self._plan_and_add(requests)
+    def _forget(self, request: Request) -> None:
+        self.output_processor.discard(request.request_id)
 
-    def _plan_and_add(self, requests: list[Request]) -> None:
-        scheduler_config = self.config.scheduler
-        queue, summary = plan_requests(
-            requests,
-            self.scheduler.groups,
+    def plan(self, requests: list[Request]) -> BatchPlan:
+        """The batch's plan with this engine's settings (prefix tree, groups, order)."""
+        return plan_batch(
+            [r.prompt_token_ids for r in requests],
+            [r.estimated_output_tokens for r in requests],
+            self.scheduler_config,
             self.config.cache.block_size,
-            min_prefix_tokens=scheduler_config.min_shared_prefix_tokens,
-            order_policy=self.order_policy,
         )
-        for request in queue:
-            self.add_request(request)
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Add a whole batch: planned over the prefix tree, in the order policy's order. When the
+        policy weighs output lengths that are not known (no ignore_eos), a small warm-up sample
+        of the batch runs first and the rest is planned once it is done."""
+        plan = self.plan(requests)
+        sample = [] if self._deferred is not None else warmup_sample(
+            plan, self.scheduler_config.order_policy, any(not r.sampling_params.ignore_eos for r in requests)
+        )
+        if sample:
+            self._deferred = (requests, plan, sample)
+            chosen = [requests[i] for i in sample]
+            self._add_plan(self.plan(chosen), chosen)
+        else:
+            self._add_plan(plan, requests)
+
+    def _add_plan(self, plan: BatchPlan, requests: list[Request]) -> None:
+        for request in self.scheduler.add_plan(plan, requests):
+            self._register(request)
+        summary = plan.summary
         self.stats.num_unique_prompt_tokens += summary.num_unique_tokens
         self.stats.num_groups += summary.num_groups
-        for share, count in summary.share_histogram.items():
+        for share, count in summary.share_histogram:
             self.stats.share_histogram[share] = self.stats.share_histogram.get(share, 0) + count
 
-    def _finish_warmup_if_done(self) -> None:
-        if self._warmup is not None and not self.scheduler.has_unfinished_requests:
-            warmup, self._warmup = self._warmup, None
-            warmup.apply()
-            self._plan_and_add(warmup.rest)
+    def _start_deferred_if_ready(self) -> None:
+        """Once the warm-up sample is done, plan the rest of its batch with the measured lengths."""
+        if self._deferred is None or self.scheduler.has_unfinished_requests:
+            return
+        requests, plan, sample = self._deferred
+        self._deferred = None
+        estimates = rescaled_estimates(
+            plan,
+            sample,
+            [requests[i].num_output_tokens for i in sample],
+            [r.max_tokens for r in requests],
+            [r.sampling_params.ignore_eos for r in requests],
+        )
+        chosen = set(sample)
+        rest = [r for i, r in enumerate(requests) if i not in chosen]
+        for i, request in enumerate(requests):
+            if i not in chosen:
+                request.estimated_output_tokens = estimates[i]
+        self._add_plan(self.plan(rest), rest)
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests or self._warmup is not None
+        return self.scheduler.has_unfinished_requests or self._deferred is not None
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Drop unfinished requests (and a batch still waiting for its warm-up sample)."""
+        self._deferred = None
+        for request in self.scheduler.abort(request_ids):
+            self._forget(request)
+
+    def predict(self, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, float | int]:
+        """The cost model's prediction for a batch on this engine: its calibration, resolved
+        budget, policy, runner thresholds and KV size."""
+        return predict_batch_time(
+            prompts, max_tokens, self.calibration, self.scheduler_config, self.runner_config,
+            self.config.cache.block_size, self.num_blocks, self.max_model_len,
+        )
 
     def step(self) -> list[Request]:
         """One step: schedule -> execute -> update -> process outputs. Returns the requests that
         finished in it; their completions wait in `output_processor` (`pop(request_id)`)."""
         started = time.perf_counter()
-        self._finish_warmup_if_done()
+        self._start_deferred_if_ready()
         scheduler = self.scheduler
         stats = self.stats
         if stats.preemptions_at_start is None:
