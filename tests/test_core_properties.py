@@ -21,7 +21,7 @@ from treebatch.core.scheduler import Scheduler
 from treebatch.sampling_params import SamplingParams
 
 BLOCK = 4
-SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -61,14 +61,11 @@ def build(prompts, outputs, samples, policy, sharing):
 
 
 def smallest_sound_pool(plan, sequences) -> int:
-    """Tiny pools force preemptions. Progress is guaranteed while the pool holds every group's
-    prefix pinned at once plus the longest sequence (and its copy of a partial prefix block): a
-    running request can always be preempted, a pinned prefix cannot. Below that, nested prefixes
-    can pin the whole pool (found here: a 1-block parent prefix and a 2-block child prefix in 3
-    blocks, members needing a tail copy), and the engine stops with "KV too small"."""
+    """The smallest pool the scheduler promises to finish in: the longest sequence, a block for
+    each level of nesting (a copy of a partial prefix block each) and one more. Tiny pools force
+    preemptions, and group prefixes pinned elsewhere are given back when nothing else can run."""
     longest = max(num_blocks_for(s.max_num_tokens, BLOCK) for s in sequences)
-    pinned = sum(num_blocks_for(g.prefix_end, BLOCK) - g.prefix_start // BLOCK for g in plan.groups)
-    return pinned + longest + 1
+    return longest + plan.summary.max_depth + 1
 
 
 def step(scheduler: Scheduler, finished: list[str]) -> int:
@@ -99,10 +96,13 @@ def test_every_sequence_finishes_once_and_kv_comes_back(batch, policy, sharing, 
     assert sorted(finished) == sorted(s.request_id for s in sequences)  # each exactly once
     assert all(s.num_output_tokens == s.max_tokens and s.status == RequestStatus.FINISHED_LENGTH for s in sequences)
     assert scheduler.kv.num_free_blocks == num_blocks and not scheduler.groups.held_blocks()
-    event("preempted" if scheduler.num_preemptions else "no preemption")
+    recomputed = scheduler.num_preemptions + scheduler.num_unpinned_prefixes
+    event("recomputed" if recomputed else "nothing recomputed")
     event(f"{plan.summary.num_groups > 0 and 'with' or 'without'} groups")
-    if scheduler.num_preemptions == 0:  # nothing recomputed: the plan's count exactly
+    if not recomputed:  # the plan's count exactly
         assert computed == plan.summary.num_planned_tokens
+    else:
+        assert computed >= plan.summary.num_planned_tokens
 
 
 @SETTINGS

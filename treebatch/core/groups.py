@@ -36,6 +36,7 @@ class GroupManager:
         self.kv = kv
         self.groups: dict[int, GroupState] = {}
         self._enclosing: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._pinned: list[int] = []  # groups holding their prefix KV, in the order they got it
 
     def add_group(
         self, group_id: int, parent: int | None, prefix_end: int, num_pending: int, estimated_blocks: int
@@ -104,19 +105,50 @@ class GroupManager:
         group.blocks = self.kv.take_table(request)
         assert len(group.blocks) == num_blocks_for(group.prefix_end, self.kv.block_size)
         group.is_ready = True
+        self._pinned.append(group.group_id)
 
-    def on_finished(self, group_id: int | None) -> None:
-        """A member or child group of `group_id` is done; release groups nobody needs any more."""
+    def on_finished(self, group_id: int | None) -> list[int]:
+        """A member or child group of `group_id` is done; release the groups nobody needs any
+        more (bottom-up) and return their ids."""
+        released = []
         while group_id is not None:
             group = self.groups[group_id]
             group.num_pending -= 1
             assert group.num_pending >= 0, f"group {group_id} finished more often than it has members"
             if group.num_pending:
-                return
-            self.kv.pool.release(group.blocks[::-1])
-            group.blocks = []
+                break
+            self._drop_blocks(group)
             group.is_released = True
+            released.append(group_id)
             group_id = group.parent
+        return released
+
+    def chain(self, group_id: int | None) -> list[int]:
+        """The group and the groups around it, nearest first."""
+        found = []
+        while group_id is not None:
+            found.append(group_id)
+            group_id = self.groups[group_id].parent
+        return found
+
+    def unpin_candidates(self) -> list[int]:
+        """Groups holding KV that no other group holding KV builds on, most recently readied
+        first: the ones that can give their KV back when pinned prefixes leave no room."""
+        parents = {self.groups[g].parent for g in self._pinned}
+        return [g for g in reversed(self._pinned) if g not in parents]
+
+    def unpin(self, group_id: int) -> None:
+        """Give the group's prefix KV back to the pool; its prefix must be computed again before
+        members can start from it (members that started hold their own references)."""
+        group = self.groups[group_id]
+        self._drop_blocks(group)
+        group.is_ready = False
+
+    def _drop_blocks(self, group: GroupState) -> None:
+        self.kv.pool.release(group.blocks[::-1])
+        group.blocks = []
+        if group.group_id in self._pinned:
+            self._pinned.remove(group.group_id)
 
     def held_blocks(self) -> list[list[int]]:
         return [g.blocks for g in self.groups.values() if g.blocks]

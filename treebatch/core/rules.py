@@ -34,11 +34,12 @@ def growth_reserve(total_expected_growth: int) -> int:
     return int(GROWTH_RESERVE * total_expected_growth)
 
 
-def prefix_fits(estimated_blocks: int, num_pool_blocks: int, num_available_blocks: int) -> bool:
+def prefix_fits(estimated_blocks: int, num_pool_blocks: int, num_available_blocks: int, has_running: bool) -> bool:
     """Whole groups are admitted together: a group's prefix starts only when the group's
     estimated KV (prefix plus direct members) fits in the available blocks (the free ones less
-    the growth reserve), or half the pool if the group is larger."""
-    return num_available_blocks >= min(estimated_blocks, num_pool_blocks // 2)
+    the growth reserve), or half the pool if the group is larger. Always yes when nothing runs:
+    the prefix's own blocks are all it needs to start."""
+    return not has_running or num_available_blocks >= min(estimated_blocks, num_pool_blocks // 2)
 
 
 def fits_with_growth(

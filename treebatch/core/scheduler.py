@@ -48,7 +48,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._announced: set[str] = set()  # requests whose NewRequestData the runner has had
         self._finished_ids: list[str] = []  # finished since the last plan
+        self._prefix_requests: dict[int, Request] = {}  # group -> the request computing its prefix
         self.num_preemptions = 0
+        self.num_unpinned_prefixes = 0  # group prefixes given back to make room, computed again
 
     # -- queue -----------------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Scheduler:
                 self.groups.add_group(group_id, parent, spec.prefix_end, spec.num_pending, spec.estimated_blocks)
                 tokens = sequences[spec.source].prompt_token_ids[: spec.prefix_end]
                 request = Request(f"prefix-{group_id}", tokens, _PREFIX_PARAMS, group_id=parent, prefix_of=group_id)
+                self._prefix_requests[group_id] = request  # kept until the group is released
             else:
                 request = sequences[entry.index]
                 request.group_id = parent
@@ -126,33 +129,15 @@ class Scheduler:
                 scheduled.add(request.request_id)
                 budget -= num_new
 
-        # Then admit waiting requests, unless this step already had to preempt. The queue is in
-        # plan order (a group's prefix, then its members and child groups); a request whose group
-        # is still computing its prefix is stepped over, a bounded number of times per step.
+        # Then admit waiting requests, unless this step already had to preempt (and has work).
+        # When nothing runs and nothing can start, group prefixes pinned elsewhere hold the
+        # blocks the first waiting request needs: give them back one at a time (their prefixes
+        # are computed again later).
         block_copies: list[tuple[int, int, int]] = []
-        if not preempted:
-            reserve = sum(self._expected_growth(r) for r in self.running)
-            index = skipped = 0
-            while (
-                index < len(self.waiting)
-                and budget > 0
-                and len(self.running) < self.config.max_num_seqs
-                and skipped <= self.config.max_num_seqs
-            ):
-                request = self.waiting[index]
-                if not self.groups.is_ready(request.group_id):
-                    index += 1
-                    skipped += 1
-                    continue
-                num_new = self._admit(request, budget, block_copies, reserve)
-                if num_new == 0:
-                    break
-                del self.waiting[index]
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-                chunks.append(self._chunk(request, num_new))
-                budget -= num_new
-                reserve += self._expected_growth(request)
+        if not preempted or not chunks:
+            refused = self._admit_waiting(budget, chunks, block_copies)
+            while not chunks and not self.running and refused is not None and self._unpin_for(refused):
+                refused = self._admit_waiting(budget, chunks, block_copies)
 
         new_requests = []
         for chunk in chunks:
@@ -170,6 +155,65 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(chunks, new_requests, finished, preempted, block_copies)
 
+    def _admit_waiting(
+        self, budget: int, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int, int]]
+    ) -> Request | None:
+        """Admit waiting requests in queue order while the budget, the KV and `max_num_seqs`
+        allow. The queue is in plan order (a group's prefix, then its members and child groups);
+        a request whose group is still computing its prefix is stepped over, a bounded number of
+        times per step. Returns the first request refused for its KV, if any."""
+        reserve = sum(self._expected_growth(r) for r in self.running)
+        index = skipped = 0
+        while (
+            index < len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and skipped <= self.config.max_num_seqs
+        ):
+            request = self.waiting[index]
+            if not self.groups.is_ready(request.group_id):
+                index += 1
+                skipped += 1
+                continue
+            num_new = self._admit(request, budget, block_copies, reserve)
+            if num_new == 0:
+                return request
+            del self.waiting[index]
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+            reserve += self._expected_growth(request)
+        return None
+
+    def _unpin_for(self, request: Request) -> bool:
+        """Nothing runs and `request`, the first waiting request that could start, does not fit:
+        give back the KV of the most recently readied group prefix that no other pinned group
+        builds on, that `request` does not start from, and whose waiting dependents all come
+        after `request` in the queue (so two groups never take turns evicting each other). Its
+        prefix request waits again right before its first dependent. False when there is none
+        (the cache is too small for the batch's nesting)."""
+        head = self.waiting.index(request)
+        first_dependent: dict[int, int] = {}
+        for index, waiting in enumerate(self.waiting):
+            for group_id in self.groups.chain(waiting.group_id):
+                first_dependent.setdefault(group_id, index)
+        needed = set(self.groups.chain(request.group_id))
+        for group_id in self.groups.unpin_candidates():
+            position = first_dependent.get(group_id, len(self.waiting))
+            if group_id not in needed and position > head:
+                break
+        else:
+            return False
+        self.groups.unpin(group_id)
+        self.num_unpinned_prefixes += 1
+        prefix = self._prefix_requests[group_id]
+        prefix.num_computed_tokens = prefix.num_cached_tokens = 0
+        prefix.status = RequestStatus.WAITING
+        self.requests[prefix.request_id] = prefix
+        self.waiting.insert(position, prefix)
+        return True
+
     def _admit(
         self, request: Request, budget: int, block_copies: list[tuple[int, int, int]], reserve: int
     ) -> int:
@@ -181,7 +225,8 @@ class Scheduler:
         starts_fresh = request.num_computed_tokens == 0
         if request.is_prefix and starts_fresh:
             available = self.kv.num_free_blocks - growth_reserve(reserve)
-            if not prefix_fits(self.groups.groups[request.prefix_of].estimated_blocks, self.kv.pool.num_blocks, available):
+            estimated = self.groups.groups[request.prefix_of].estimated_blocks
+            if not prefix_fits(estimated, self.kv.pool.num_blocks, available, bool(self.running)):
                 return 0
         attaches = request.group_id is not None and starts_fresh
         if attaches:
@@ -279,7 +324,8 @@ class Scheduler:
             return
         self._remove(request, status)
         if request.group_id is not None:
-            self.groups.on_finished(request.group_id)
+            for group_id in self.groups.on_finished(request.group_id):
+                del self._prefix_requests[group_id]
         if request.request_id in self._announced:
             self._announced.discard(request.request_id)
             self._finished_ids.append(request.request_id)
@@ -294,7 +340,7 @@ class Scheduler:
             if request is not None and not request.is_prefix:
                 self.finish_request(request, RequestStatus.FINISHED_ABORTED)
                 aborted.append(request)
-        orphans = [r for r in self.requests.values() if r.is_prefix and self.groups.groups[r.prefix_of].is_released]
+        orphans = [r for r in self.requests.values() if r.is_prefix and r.prefix_of not in self._prefix_requests]
         for request in orphans:
             self._remove(request, RequestStatus.FINISHED_ABORTED)
         return aborted + orphans
