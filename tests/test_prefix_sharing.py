@@ -62,3 +62,22 @@ def test_n_samples_share_their_prompt(llm):
     assert output.num_cached_tokens == len(output.prompt_token_ids) - 1
     summary = llm.last_run_summary
     assert summary["computed_prompt_tokens"] == len(output.prompt_token_ids) + 3  # prefix once, last token each
+
+
+def test_an_abandoned_iterator_aborts_its_requests_and_frees_their_groups(llm):
+    params = [SamplingParams(temperature=0, max_tokens=2 if i == 0 else 24, ignore_eos=True) for i in range(len(PROMPTS))]
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    steps_whole = llm.last_run_summary["steps"]
+    engine = llm.engine
+    iterator = llm.generate_iter(PROMPTS, params)
+    assert next(iterator)[0] == 0  # the short one finishes first
+    iterator.close()  # the rest is aborted, not run to the end
+    assert not engine.has_unfinished_requests and not engine.scheduler.requests
+    assert engine.stats.num_steps < steps_whole
+    assert all(g.is_released for g in engine.scheduler.groups.groups.values())
+    kv = engine.scheduler.kv
+    kv.check_integrity(engine.scheduler.groups.held_blocks())
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert not engine.output_processor.states  # no completion left behind
+    # The engine is whole again: the next batch gives the same tokens.
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)] == expected

@@ -87,15 +87,14 @@ class LLM:
 
         The whole batch goes to the engine at once (the prefix-tree plan is batch-wide), so
         outputs come in plan order, not input order. `last_run_summary` is set once the
-        iterator is exhausted. An iterator abandoned early leaves its requests in the engine;
-        the next call runs them out (discarding them) before it starts, so the engine's group
-        and KV bookkeeping stays whole.
+        iterator is exhausted. An iterator closed early (or left by an exception, such as a
+        signal's) aborts the requests it has not yielded: their KV is freed and their groups are
+        released bottom-up, nothing more runs for them.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params_list = self._params_per_prompt(sampling_params, len(prompts))
         texts, token_ids = zip(*(self._tokenize(p) for p in prompts)) if prompts else ((), ())
-        self._drain_abandoned()
 
         self.engine.reset_stats()
         prompt_ids: list[str] = []
@@ -132,6 +131,11 @@ class LLM:
                     del sequences[pid]  # a long batch should not keep every finished request alive
         finally:
             bar.close()
+            # Left early: abort what has not finished, drop the completions not yielded.
+            unyielded = [r for group in sequences.values() for r in group]
+            engine.abort([r.request_id for r in unyielded if not r.is_finished])
+            for request in unyielded:
+                engine.output_processor.discard(request.request_id)
         self.last_run_summary = engine.stats.summary()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -173,12 +177,6 @@ class LLM:
         max_tokens = fit_max_tokens(len(ids), self.max_model_len, params.max_tokens)
         request_id = prompt_id if params.n == 1 else f"{prompt_id}{_SAMPLE_SEPARATOR}{index}"
         return Request(request_id, ids, params, self.engine.eos_token_ids, max_tokens=max_tokens, seed=seed)
-
-    def _drain_abandoned(self) -> None:
-        # Requests of an iterator closed early: run them out rather than abort them mid-group.
-        while self.engine.has_unfinished_requests:
-            for request in self.engine.step():
-                self.engine.output_processor.discard(request.request_id)
 
     def _request_output(
         self, prompt_id: str, text: str | None, ids: list[int], group: list[Request]
