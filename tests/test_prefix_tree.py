@@ -14,6 +14,8 @@ import pytest
 from treebatch.core.grouping import group_prompts
 from treebatch.core.prefix_tree import PrefixTree
 
+MIN_PREFIX = 16  # a group needs this many tokens of its own (the tests' fixed choice)
+
 # -- helpers -------------------------------------------------------------------------------------
 
 
@@ -111,7 +113,7 @@ def test_tree_edge_cases():
     empty = PrefixTree.build([])
     empty.check_integrity()
     assert (empty.num_prompts, empty.num_unique_tokens, empty.num_nodes) == (0, 0, 1)
-    assert group_prompts(empty).groups == []
+    assert group_prompts(empty, MIN_PREFIX).groups == []
     single = PrefixTree.build([[7]])
     single.check_integrity()
     assert (single.num_unique_tokens, single.num_nodes) == (1, 2)
@@ -169,7 +171,7 @@ def test_nested_groups_fold_short_segments_and_small_shares():
     plan.check_integrity(tree)
     assert summary(plan) == [(None, 0, 70, [0, 1, 2], [], 3), (None, 0, 80, [3, 4, 5], [], 3)]
     # Shares of 4 or more: only the system prompt is a group; everything else is its member.
-    plan = group_prompts(tree, min_share=4)
+    plan = group_prompts(tree, MIN_PREFIX, min_share=4)
     assert summary(plan) == [(None, 0, 30, [0, 1, 2, 3, 4, 5], [], 6)]
     assert plan.num_computed_tokens == recount(tree, plan) == 30 + 40 * 3 + 50 * 3 + 2 * (5 + 6 + 7)
 
@@ -177,7 +179,7 @@ def test_nested_groups_fold_short_segments_and_small_shares():
 def test_duplicates_group_all_but_the_last_token():
     prompt = seq(100, 20)
     tree = PrefixTree.build([prompt] * 4)
-    plan = group_prompts(tree)
+    plan = group_prompts(tree, MIN_PREFIX)
     plan.check_integrity(tree)
     assert summary(plan) == [(None, 0, 19, [0, 1, 2, 3], [], 4)]
     assert plan.num_computed_tokens == 19 + 4
@@ -187,7 +189,7 @@ def test_prompt_that_is_a_prefix_of_others_keeps_its_last_token():
     base = seq(100, 20)
     prompts = [base + seq(500, 5), base, base + seq(600, 7)]
     tree = PrefixTree.build(prompts)
-    plan = group_prompts(tree)
+    plan = group_prompts(tree, MIN_PREFIX)
     plan.check_integrity(tree)
     # The shared part stops one token short of `base`, which computes its last token itself;
     # the two longer prompts compute that token too (it is not worth a 1-token group).
@@ -202,7 +204,7 @@ def test_no_sharing_and_single_prompt_are_plain():
     prompts = [seq(100 * i, 30) for i in range(1, 5)]
     for batch in (prompts, prompts[:1]):
         tree = PrefixTree.build(batch)
-        plan = group_prompts(tree)
+        plan = group_prompts(tree, MIN_PREFIX)
         plan.check_integrity(tree)
         assert plan.groups == [] and plan.prompt_group.tolist() == [-1] * len(batch)
         assert plan.num_computed_tokens == tree.num_logical_tokens == tree.num_unique_tokens
@@ -231,7 +233,7 @@ def test_computed_tokens_on_random_batches():
 def test_flat_groups_worked_example():
     """The docstring's example: long documents are hoisted out of the system prompt's group."""
     tree = PrefixTree.build(system_doc_question_batch())
-    plan = group_prompts(tree, nested=False)
+    plan = group_prompts(tree, MIN_PREFIX, nested=False)
     plan.check_integrity(tree)
     assert summary(plan) == [(None, 0, 70, [0, 1, 2], [], 3), (None, 0, 80, [3, 4, 5], [], 3)]
     assert plan.num_computed_tokens == 70 + 80 + 2 * (5 + 6 + 7)
@@ -239,7 +241,7 @@ def test_flat_groups_worked_example():
     # the system prompt's group keeps all six.
     short = [SYSTEM + seq(2000 + 100 * d, 2) + seq(5000 + 100 * (3 * d + q), 5) for d in range(2) for q in range(3)]
     tree = PrefixTree.build(short)
-    plan = group_prompts(tree, nested=False)
+    plan = group_prompts(tree, MIN_PREFIX, nested=False)
     assert summary(plan) == [(None, 0, 30, [0, 1, 2, 3, 4, 5], [], 6)]
 
 
@@ -247,7 +249,7 @@ def test_flat_groups_see_past_a_short_shared_bos():
     bos = [1]
     prompts = [bos + doc + seq(5000 + 10 * q, 4) for doc in DOCS for q in range(3)]
     tree = PrefixTree.build(prompts)
-    plan = group_prompts(tree, nested=False)
+    plan = group_prompts(tree, MIN_PREFIX, nested=False)
     assert summary(plan) == [(None, 0, 41, [0, 1, 2], [], 3), (None, 0, 51, [3, 4, 5], [], 3)]
 
 
@@ -326,7 +328,7 @@ def check_layered(n_sys: int, n_doc: int, n_q: int) -> float:
     start = time.perf_counter()
     tree = PrefixTree.build(prompts)
     elapsed = time.perf_counter() - start
-    plan = group_prompts(tree)
+    plan = group_prompts(tree, MIN_PREFIX)
     grouped = time.perf_counter() - start - elapsed
     n = n_sys * n_doc * n_q
     print(f"\n{n} prompts, {tree.num_logical_tokens} tokens: build {elapsed:.2f} s, group {grouped:.2f} s")

@@ -115,7 +115,7 @@ class GroupPlan:
 
 
 def group_prompts(
-    tree: PrefixTree, min_prefix_tokens: int = 16, min_share: int = 2, nested: bool = True
+    tree: PrefixTree, min_prefix_tokens: int, min_share: int = 2, nested: bool = True
 ) -> GroupPlan:
     """Cut the batch into prefix-sharing groups.
 
