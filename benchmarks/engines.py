@@ -43,6 +43,7 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         info["treebatch_summary"] = llm.last_run_summary
+        info["token_budget"] = llm.engine.token_budget
         return seconds, [list(o.outputs[0].token_ids) for o in outputs]
 
     return generate

@@ -102,15 +102,18 @@ class EngineFailed(Exception):
 
 
 def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, folder: Path,
-               treebatch_options: dict[str, Any] | None = None, label: str | None = None) -> dict[str, dict[str, Any]]:
+               treebatch_options: dict[str, Any] | None = None, label: str | None = None,
+               extra_env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """One worker process for `engine` over all workloads; results per workload.
 
     `treebatch_options` are engine options for treebatch's `LLM(...)` (the ablation's variants);
-    `label` names the log file and the progress lines (default: the engine)."""
+    `label` names the log file and the progress lines (default: the engine); `extra_env` is added
+    to the worker's environment (revisions.py points PYTHONPATH at another checkout)."""
     label = label or engine
     result_file = folder / f"result-{label}.json"
     result_file.unlink(missing_ok=True)
     python, env = engine_command(engine)
+    env.update(extra_env or {})
     cmd = [python, str(Path(__file__).resolve()), "--worker", engine, "--workload", ",".join(workloads),
            "--result-file", str(result_file), "--prompts-dir", str(folder),
            "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder),
