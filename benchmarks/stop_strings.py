@@ -6,13 +6,17 @@
 the default model (`LLM()`), once without stop strings and once with `stop=["\\u241e never"]`,
 which never matches, so both runs compute the same tokens and differ only in the stop-string
 search (the output processor's incremental detokenizing). A short untimed run first builds the
-kernels and fills the caches. Prints the seconds of each run and the overhead ratio
-(with - without) / without; the two runs' token ids must agree. Run it alone on a quiet machine.
+kernels and fills the caches. The two variants alternate for `--rounds` rounds (without, with,
+then with, without, ...), so drift of the machine hits both alike. Prints the seconds of each
+run, the overhead ratio of the medians (with - without) / without, and the seconds spent inside
+the output processor in each (timed around `OutputProcessor.add_token` and `.finish`); the runs'
+token ids must agree. Run it alone on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 NEVER = "\u241e never"
@@ -27,9 +31,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     from treebatch import LLM, SamplingParams
+    from treebatch.output_processor import OutputProcessor
+
+    inside = [0.0]  # seconds spent in the output processor during the current run
+    for method in ("add_token", "finish"):
+        original = getattr(OutputProcessor, method)
+
+        def timed(self, *a, _original=original, **k):
+            began = time.perf_counter()
+            try:
+                return _original(self, *a, **k)
+            finally:
+                inside[0] += time.perf_counter() - began
+
+        setattr(OutputProcessor, method, timed)
 
     llm = LLM()
     batch = prompts(args.num_requests)
@@ -38,21 +57,28 @@ def main() -> None:
         return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, stop=stop)
 
     llm.generate(batch[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    seconds: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {"without": [], "with": []}
+    processor_seconds: dict[str, list[float]] = {"without": [], "with": []}
     tokens: dict[str, list[list[int]]] = {}
-    for name, stop in (("without", None), ("with", [NEVER])):
-        started = time.perf_counter()
-        outputs = llm.generate(batch, params(stop), use_tqdm=False)
-        seconds[name] = time.perf_counter() - started
-        tokens[name] = [o.outputs[0].token_ids for o in outputs]
+    stops = {"without": None, "with": [NEVER]}
+    for round_index in range(args.rounds):
+        for name in ("without", "with") if round_index % 2 == 0 else ("with", "without"):
+            inside[0] = 0.0
+            started = time.perf_counter()
+            outputs = llm.generate(batch, params(stops[name]), use_tqdm=False)
+            seconds[name].append(time.perf_counter() - started)
+            processor_seconds[name].append(inside[0])
+            tokens[name] = [o.outputs[0].token_ids for o in outputs]
     if tokens["with"] != tokens["without"]:
         raise SystemExit("the runs with and without the stop string generated different tokens")
     total = sum(len(t) for t in tokens["with"])
-    print(f"{args.num_requests} requests x {args.max_tokens} tokens ({total} generated per run)")
-    print(f"without stop strings  {seconds['without']:.3f} s")
-    print(f"with a stop string    {seconds['with']:.3f} s")
-    print(f"overhead ratio        {(seconds['with'] - seconds['without']) / seconds['without']:+.4f}")
-
+    with_s, without_s = statistics.median(seconds["with"]), statistics.median(seconds["without"])
+    print(f"{args.num_requests} requests x {args.max_tokens} tokens ({total} generated per run), {args.rounds} rounds")
+    for name in ("without", "with"):
+        runs = ", ".join(f"{t:.2f}" for t in seconds[name])
+        inner = ", ".join(f"{t:.2f}" for t in processor_seconds[name])
+        print(f"{name:8s} stop string: {runs} s (output processor {inner} s)")
+    print(f"overhead ratio of the medians  {(with_s - without_s) / without_s:+.4f}")
 
 if __name__ == "__main__":
     main()
