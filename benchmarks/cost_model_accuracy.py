@@ -35,6 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from report import replace_between  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 BEGIN, END = "<!-- cost-model:begin -->", "<!-- cost-model:end -->"
@@ -212,13 +213,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (results / f"{stamp}-cost-model.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.out is not None:
-        record = args.out.read_text() if args.out.exists() else ""
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in record and END in record:
-            record = record[: record.index(BEGIN)] + block + record[record.index(END) + len(END) :]
-        else:
-            record = record.rstrip() + "\n\n## Cost model accuracy\n\n" + block + "\n"
-        args.out.write_text(record)
+        replace_between(args.out, BEGIN, END, text, heading="## Cost model accuracy")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from report import replace_between  # noqa: E402
 from run import prepare_workloads, run_engine, suite_workloads  # noqa: E402
 
 BEGIN, END = "<!-- revisions:begin -->", "<!-- revisions:end -->"
@@ -90,13 +91,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (results_dir / f"{stamp}-revisions-{base_rev}-{current_rev}.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.out is not None:
-        record = args.out.read_text() if args.out.exists() else ""
-        block = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in record and END in record:
-            record = record[: record.index(BEGIN)] + block + record[record.index(END) + len(END) :]
-        else:
-            record = record.rstrip() + "\n\n## Against an earlier revision\n\n" + block + "\n"
-        args.out.write_text(record)
+        replace_between(args.out, BEGIN, END, text, heading="## Against an earlier revision")
 
 
 def table(rows: list[dict[str, Any]], command: str, base: str, current: str) -> str:
