@@ -231,10 +231,7 @@ class LLMEngine:
         processor = self.output_processor
         sampled = result.sampled_token_ids
         for chunk, request in zip(plan.chunks, requests):
-            # Tokens below the prompt's end are prompt work; recomputed outputs count too.
-            stats.num_computed_prompt_tokens += max(
-                0, min(chunk.start_position + chunk.num_tokens, request.num_prompt_tokens) - chunk.start_position
-            )
+            stats.num_computed_prompt_tokens += chunk.num_computed_prompt_tokens
             # Every sampled token goes to the output processor, also the one that ended its request.
             if chunk.needs_sample and processor.add_token(chunk.request_id, sampled[chunk.request_id]):
                 if not request.is_finished:  # a stop string
