@@ -5,7 +5,7 @@
 
 For each batch one engine (`LLM(trace_file=...)`, default config) first predicts, then runs it:
 
-- the suite workloads (benchmarks/workloads.py): `LLMEngine.predict` on the token ids, then one
+- the suite workloads (benchmarks/workloads.py): `LLMEngine.predict` on the token ids, then
   `generate` (greedy, ignore_eos, every request to max_tokens, as the prediction assumes);
 - two real-text batch files, run as a new user would, through the command line in this process:
   `treebatch plan --json --predict`, then `treebatch run --trace-file`. Their text is paragraphs
@@ -16,7 +16,9 @@ For each batch one engine (`LLM(trace_file=...)`, default config) first predicts
   stop string, so beside the plan's prediction (every request to max_tokens) the table gives the
   prediction for the lengths the run produced.
 
-"measured" is the sum of the step trace's `step_time_s` (the engine's steps); "wall" adds
+Each batch runs `--rounds` times (default 3) and the median round is reported, with the range:
+on two shared cores one run differs from the next by up to 20%. "measured" is the sum of the
+step trace's `step_time_s` (the engine's steps); "wall" adds
 tokenization, planning, detokenization and file writing. Results: JSON under benchmarks/results/,
 markdown between the cost-model markers of --out.
 """
@@ -110,23 +112,34 @@ class Trace:
         return sum(s["step_time_s"] for s in steps), len(steps)
 
 
-def run_workload(llm: Any, trace: Trace, name: str, full: bool) -> dict[str, Any]:
+def run_workload(llm: Any, trace: Trace, name: str, full: bool, rounds: int) -> dict[str, Any]:
     from treebatch import SamplingParams
 
     workload = WORKLOADS[name]
     prompts = workload.prompts(llm.tokenizer, full)
     predicted = llm.engine.predict(prompts, [workload.max_tokens] * len(prompts))
     params = SamplingParams(temperature=0.0, max_tokens=workload.max_tokens, ignore_eos=True)
-    trace.new_seconds()
-    start = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    measured, steps = trace.new_seconds()
+
+    def once() -> tuple[float, int, float]:
+        trace.new_seconds()
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        return (*trace.new_seconds(), wall)
+
     return {"batch": name, "requests": len(prompts), "predicted_s": predicted["predicted_seconds"],
-            "predicted_steps": predicted["num_steps"], "measured_s": measured, "steps": steps, "wall_s": wall}
+            "predicted_steps": predicted["num_steps"], **rounds_of(once, rounds)}
 
 
-def run_batch_file(llm: Any, trace: Trace, name: str, path: Path, folder: Path) -> dict[str, Any]:
+def rounds_of(once: Any, rounds: int) -> dict[str, Any]:
+    """The median round (by step-trace seconds) of `rounds` runs, and the range: one run on two
+    shared cores varies by up to 20% from the next."""
+    runs = sorted(once() for _ in range(rounds))
+    measured, steps, wall = runs[len(runs) // 2]
+    return {"measured_s": measured, "measured_range_s": [runs[0][0], runs[-1][0]], "steps": steps, "wall_s": wall}
+
+
+def run_batch_file(llm: Any, trace: Trace, name: str, path: Path, folder: Path, rounds: int) -> dict[str, Any]:
     from treebatch import cli
     from treebatch.batch.prompts import PromptTokenizer, prepare_window
     from treebatch.batch.reader import read_batch, without_errors
@@ -139,11 +152,15 @@ def run_batch_file(llm: Any, trace: Trace, name: str, path: Path, folder: Path) 
         assert cli.main(["plan", str(path), "--json", "--predict"], llm_factory=factory) == 0
     planned = json.loads(plan_json.read_text())
     output = folder / f"{name}.out.jsonl"
-    trace.new_seconds()
-    start = time.perf_counter()
-    assert cli.main(["run", str(path), "-o", str(output), "--overwrite"], llm_factory=factory) == 0
-    wall = time.perf_counter() - start
-    measured, steps = trace.new_seconds()
+
+    def once() -> tuple[float, int, float]:
+        trace.new_seconds()
+        start = time.perf_counter()
+        assert cli.main(["run", str(path), "-o", str(output), "--overwrite"], llm_factory=factory) == 0
+        wall = time.perf_counter() - start
+        return (*trace.new_seconds(), wall)
+
+    measured = rounds_of(once, rounds)
     # The prediction again, for the output lengths this run produced.
     lengths = {}
     for line in output.read_text().splitlines():
@@ -155,7 +172,7 @@ def run_batch_file(llm: Any, trace: Trace, name: str, path: Path, folder: Path) 
     actual = llm.engine.predict(prompts, [lengths[r.entry.custom_id] for r in ready for _ in range(r.params.n)])
     return {"batch": name, "requests": len(ready), "predicted_s": planned["predicted_seconds"],
             "predicted_actual_lengths_s": actual["predicted_seconds"], "predicted_steps": actual["num_steps"],
-            "measured_s": measured, "steps": steps, "wall_s": wall}
+            **measured}
 
 
 class _stdout_to:
@@ -172,15 +189,16 @@ class _stdout_to:
 def table(rows: list[dict[str, Any]], command: str, cpu: str) -> str:
     out = [
         f"Command: `{command}` ({cpu}).", "",
-        "| batch | requests | predicted s (plan) | predicted s (actual lengths) | measured s (step trace) "
-        "| predicted / measured | steps (predicted, run) | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | requests | predicted s (plan) | predicted s (actual lengths) | measured s (step trace, median) "
+        "| measured range s | predicted / measured | steps (predicted, run) | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         basis = r.get("predicted_actual_lengths_s", r["predicted_s"])
         actual = f"{r['predicted_actual_lengths_s']:.2f}" if "predicted_actual_lengths_s" in r else "(= plan)"
         out.append(
             f"| {r['batch']} | {r['requests']} | {r['predicted_s']:.2f} | {actual} | {r['measured_s']:.2f} "
+            f"| {r['measured_range_s'][0]:.2f}-{r['measured_range_s'][1]:.2f} "
             f"| {basis / r['measured_s']:.2f} | {r['predicted_steps']}, {r['steps']} | {r['wall_s']:.1f} |"
         )
     return "\n".join(out)
@@ -191,6 +209,7 @@ def main() -> None:
     parser.add_argument("--workload", default="all")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--no-real-text", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per batch; the median is reported")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from treebatch import LLM
@@ -201,10 +220,10 @@ def main() -> None:
         folder = Path(tmp)
         trace = Trace(folder / "steps.jsonl")
         llm = LLM(trace_file=str(trace.path))
-        rows = [run_workload(llm, trace, name, args.full) for name in names]
+        rows = [run_workload(llm, trace, name, args.full, args.rounds) for name in names]
         if not args.no_real_text:
             for name, path in real_text_batches(folder).items():
-                rows.append(run_batch_file(llm, trace, name, path, folder))
+                rows.append(run_batch_file(llm, trace, name, path, folder, args.rounds))
     command = "python benchmarks/cost_model_accuracy.py " + " ".join(sys.argv[1:])
     text = table(rows, command.strip(), cpu_model())
     print(text)

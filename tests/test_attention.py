@@ -144,6 +144,10 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     plain = [ScheduledChunk(c.request_id, c.token_ids, c.start_position, c.block_table, True, 1) for c in chunks]
     plain_decodes = [c for c in plain if c.num_tokens == 1]
     plain_prefills = [c for c in plain if c.num_tokens > 1]
+    # What the cost model prices: each group's 4 queries against its prefix as one product
+    # (4 * 12 + 4 * 8 many-query pairs), the decodes' own keys singly (b2: 3, a1: 5, a2: 6).
+    assert layout.context_pairs() == (3 + 5 + 6, 4 * 12 + 4 * 8)
+    assert StepLayout(plain_decodes, plain_prefills).context_pairs() == (13 + 14 + 15, 3 * 12 + 2 * 8)
     _, _, plain_slots, plain_meta = build_step_inputs(StepLayout(plain_decodes, plain_prefills), BLOCK)
     q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)
     expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, DIM**-0.5)

@@ -13,7 +13,7 @@ from treebatch.runtime.calibration import cache_path, load_or_measure, measure
 
 class FakeRunner:
     """Charges a fake clock per step: a fixed cost up to 64 tokens, then 5000 tokens/s (the knee
-    is 128), plus 1 us per decode context key."""
+    is 128), plus 1 us per decode context key and 0.1 us per (chunk query, earlier key) pair."""
 
     block_size = 16
 
@@ -26,6 +26,7 @@ class FakeRunner:
         self.num_steps += 1
         self.clock[0] += max(0.02, plan.num_tokens / 5000)
         self.clock[0] += sum(c.start_position for c in plan.chunks if c.num_tokens == 1) * 1e-6
+        self.clock[0] += sum(c.num_tokens * c.start_position for c in plan.chunks if c.num_tokens > 1) * 1e-7
 
 
 def fake():
@@ -37,9 +38,20 @@ def test_measure_finds_the_knee_and_the_attention_cost():
     runner, timer = fake()
     table = measure(runner, {"model": "m"}, timer)
     assert table.token_budget == 256 and table.is_complete  # knee 128, floor 256
-    assert max(table.forward_seconds) == 512  # stopped once two sizes gained nothing
+    assert max(table.forward_seconds) == 512  # stopped once two sizes gained nothing, past 2 * floor
     assert abs(table.seconds_per_context_pair - 1e-6) < 1e-9
+    assert abs(table.seconds_per_chunk_pair - 1e-7) < 1e-10
     assert runner.kv_cache.abs().sum() == 0  # scratch KV zeroed again
+
+
+def test_decodes_are_timed_over_blocks_of_their_own():
+    runner, timer = fake()
+    tables = []
+    execute = runner.execute
+    runner.execute = lambda plan: (tables.append([c.block_table for c in plan.chunks if c.num_tokens == 1]), execute(plan))
+    measure(runner, {"model": "m"}, timer)
+    decode_steps = [t for t in tables if len(t) > 1]
+    assert decode_steps and all(len({tuple(b) for b in step}) == len(step) for step in decode_steps)
 
 
 def test_calibration_is_cached_and_reused_per_key(tmp_path):

@@ -171,3 +171,12 @@ def test_chat_template_has_one_bos(llm):
         tokenizer.chat_template = saved
     output = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     assert output.outputs[0].text.strip()
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_zero():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    drawn = torch.stack([Sampler._draw(probs, generators) for _ in range(20000)])
+    first = torch.bincount(drawn[:, 0], minlength=4) / 20000
+    assert first[1] == 0 and torch.allclose(first, probs[0], atol=0.015)  # 3+ sigma at 20k draws
+    assert (drawn[:, 1] == 3).all()

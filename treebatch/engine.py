@@ -21,7 +21,7 @@ from treebatch.core.scheduler import Scheduler
 from treebatch.host import cache_root
 from treebatch.models.llama import LlamaForCausalLM
 from treebatch.models.loader import load_model
-from treebatch.runtime.calibration import calibration_key, load_or_measure
+from treebatch.runtime.calibration import calibration_key, load_or_measure, warm_up
 from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
 from treebatch.runtime.model_runner import ModelRunner
 from treebatch.output_processor import OutputProcessor
@@ -89,6 +89,7 @@ class LLMEngine:
         self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
         kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, block_size, dtype)
         self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids, config.runner)
+        warm_up(self.runner)  # one-off first-pass costs belong to start-up, not to the first step
         # The configs as they run: the runner's thresholds and the token budget resolved for
         # this machine. The scheduler, the runner and the cost model all read these.
         self.runner_config = self.runner.config

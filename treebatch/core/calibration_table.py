@@ -5,13 +5,18 @@ budget from it and the cost model predicts run times from it. It lives in the co
 that both can read it.
 
 A step's time is modelled as
-    forward_seconds(tokens) + seconds_per_context_pair * pairs + seconds_per_decode * decodes:
+
+    forward_seconds(tokens) + seconds_per_context_pair * single-query pairs
+        + seconds_per_chunk_pair * many-query pairs + seconds_per_decode * decodes:
+
 the first term is everything that grows with the number of tokens in the step (projections, MLP,
-logits, overheads), measured on prefill chunks of moderate length; the second is attention over
-keys already in the cache, one pair per (query token, cached key), which is what makes a decode
-over a long context dearer than one over a short context; the third is what a decode costs beyond
-a prompt token of the same step (its own attention call, its block table), from the same decode
-measurement.
+logits, overheads), measured on prefill chunks of moderate length; the next two are attention over
+keys already in the cache, one pair per (query token, cached key). A decode's pairs cost what
+reading its keys from memory costs (a decode over a long context is dearer than one over a short
+one); a prefill chunk's queries read their keys together in one matrix product, which costs
+arithmetic, several times less per pair on a CPU (core/step_layout.py counts both kinds). The
+last is what a decode costs beyond a prompt token of the same step (its own attention call, its
+block table), from the same decode measurement.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ from typing import Any
 @dataclass(frozen=True, slots=True)
 class CalibrationTable:
     forward_seconds: dict[int, float]  # tokens in one forward pass -> seconds (prefill chunks)
-    seconds_per_context_pair: float  # attention over cached keys, per (query, key) pair
+    seconds_per_context_pair: float  # a single query's attention over cached keys, per key
     token_budget: int  # the step size where tokens/s stops growing
     key: dict[str, Any] = field(default_factory=dict)  # what the measurement is valid for
     is_complete: bool = True  # False: cut short by the time limit (not cached, fallback budget)
     seconds_per_decode: float = 0.0
+    seconds_per_chunk_pair: float = 0.0  # a prefill chunk's attention over cached keys, per pair
 
     def __post_init__(self) -> None:
         assert self.forward_seconds and all(t > 0 for t in self.forward_seconds.values())
-        assert self.token_budget > 0 and self.seconds_per_context_pair >= 0
+        assert self.token_budget > 0 and self.seconds_per_context_pair >= 0 and self.seconds_per_chunk_pair >= 0
 
     def forward_time(self, num_tokens: int) -> float:
         """Seconds of a forward pass over `num_tokens` tokens: piecewise linear between the
@@ -48,12 +54,16 @@ class CalibrationTable:
         t_lo, t_hi = self.forward_seconds[lo], self.forward_seconds[hi]
         return t_lo + (t_hi - t_lo) * (num_tokens - lo) / (hi - lo)
 
-    def step_time(self, num_tokens: int, num_context_pairs: int = 0, num_decodes: int = 0) -> float:
+    def step_time(
+        self, num_tokens: int, num_context_pairs: int = 0, num_decodes: int = 0, num_chunk_pairs: int = 0
+    ) -> float:
+        """`num_context_pairs`: single-query (decode) pairs; `num_chunk_pairs`: many-query ones."""
         if num_tokens <= 0:
             return 0.0
         return (
             self.forward_time(num_tokens)
             + self.seconds_per_context_pair * num_context_pairs
+            + self.seconds_per_chunk_pair * num_chunk_pairs
             + self.seconds_per_decode * num_decodes
         )
 
@@ -65,6 +75,7 @@ class CalibrationTable:
             "key": self.key,
             "is_complete": self.is_complete,
             "seconds_per_decode": self.seconds_per_decode,
+            "seconds_per_chunk_pair": self.seconds_per_chunk_pair,
         }
 
     @classmethod
@@ -76,6 +87,7 @@ class CalibrationTable:
             key=dict(data.get("key", {})),
             is_complete=bool(data.get("is_complete", True)),
             seconds_per_decode=float(data.get("seconds_per_decode", 0.0)),
+            seconds_per_chunk_pair=float(data.get("seconds_per_chunk_pair", 0.0)),
         )
 
 

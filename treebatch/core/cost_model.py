@@ -4,9 +4,9 @@
 the model that samples a fixed token, so admission, the growth reserve, chunking, group
 lifetimes, preemption and the order of the queue are the scheduler's own, not a copy of them.
 Each step is priced by `CalibrationTable.step_time(tokens, context pairs, decodes)`, where the
-context pairs come from the step's real layout (core/step_layout.py): the keys in a group's
-shared blocks count once per step when the layout reads them once, as shared-prefix attention
-does. The same replay with prefix sharing off gives the time without sharing.
+context pairs come from the step's real layout (core/step_layout.py): a group's queries against
+its shared blocks are one product over keys read once when the layout reads them once, as
+shared-prefix attention does, and each decode's own keys are read per query otherwise. The same replay with prefix sharing off gives the time without sharing.
 
 What it leaves out: stops before max_tokens (every request is assumed to generate all of them,
 as under ignore_eos), tokenization, detokenization and start-up.
@@ -74,7 +74,8 @@ def replay(
             raise RuntimeError("replay stalled: nothing runs and nothing can start")
         layout = layout_step(step.chunks, min_queries, min_decodes)
         num_decodes = step.num_decode_tokens
-        seconds += table.step_time(step.num_tokens, layout.num_context_pairs(), num_decodes)
+        single, many = layout.context_pairs()
+        seconds += table.step_time(step.num_tokens, single, num_decodes, many)
         steps += 1
         prefill += sum(c.num_computed_prompt_tokens for c in step.chunks)
         sampled = {c.request_id: 0 for c in step.chunks if c.needs_sample}

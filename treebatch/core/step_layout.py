@@ -57,13 +57,24 @@ class StepLayout:
                 ids.append(chunk.request_id)
         return rows, ids
 
-    def num_context_pairs(self) -> int:
-        """(query, cached key) pairs the step's attention reads: a chunk's queries against the
-        keys before it, except that a shared-prefix group's prefix keys count once per step."""
-        pairs = sum(c.num_tokens * c.start_position for c in self.decodes + self.prefills)
+    def context_pairs(self) -> tuple[int, int]:
+        """(query, cached key) pairs the step's attention reads, as (single-query, many-query).
+
+        A single query reads each of its keys from memory once per query, so its pairs cost what
+        moving a key costs; the queries of a chunk read their keys together, one matrix product,
+        so theirs cost arithmetic. A shared-prefix group's queries against its prefix are one
+        product over keys read once: many-query pairs, whatever the members' own kind."""
+        single = sum(c.start_position for c in self.decodes)
+        many = sum(c.num_tokens * c.start_position for c in self.prefills)
         for cascade in self.cascades:
-            pairs += cascade.shared + sum(c.num_tokens * (c.start_position - cascade.shared) for c in cascade.members)
-        return pairs
+            many += cascade.num_queries * cascade.shared
+            for chunk in cascade.members:
+                own = chunk.num_tokens * (chunk.start_position - cascade.shared)
+                if chunk.is_single_query:
+                    single += own
+                else:
+                    many += own
+        return single, many
 
 
 def layout_step(chunks: Sequence[ScheduledChunk], min_queries: int | None, min_decodes: int) -> StepLayout:

@@ -3,8 +3,8 @@
 The per-step token budget is where throughput stops growing, and that depends on the CPU, the
 thread count and the model (and on the runner's code, which keeps getting faster), so treebatch
 times the loaded model at start-up instead of trusting a constant: forward passes of M prefill
-tokens for M from 16 to 2048, plus decodes over a short and a long context for the attention
-term. The result is a `CalibrationTable`, written as JSON under
+tokens for M from 16 to 2048, plus decodes (each over its own blocks) and a prefill chunk, each
+over a short and a long context, for the two attention terms. The result is a `CalibrationTable`, written as JSON under
 `<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
 thread count, the CPU model and the code that runs the step, so a later start with the same key
 reads the file instead of measuring (about 4 s on 2 cores for SmolLM2-135M in float32).
@@ -27,15 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
+from treebatch.core.calibration_table import MIN_TOKEN_BUDGET, CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 from treebatch.host import cpu_model
 
-FORMAT = 5  # bump when what is measured changes, so stale files are not reused
+FORMAT = 6  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _SEQUENCE_LEN = 256  # a prefill step is made of prompts this long (attention stays moderate)
 _DECODE_BATCH = 16
 _DECODE_CONTEXTS = (64, 1024)
+# A prefill chunk of this many tokens at position 0 and at _CHUNK_START: the difference is its
+# queries' attention over the keys before it.
+_CHUNK_TOKENS, _CHUNK_START = 128, 896
 _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
 _CODE_FILES = (
@@ -105,20 +108,33 @@ def load_or_measure(runner: Any, key: dict[str, Any], cache_dir: Path, timer: Ti
 
 def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.perf_counter) -> CalibrationTable:
     block_size = runner.block_size
-    num_slots = runner.kv_cache.shape[2]
-    sequence_len = max(1, min(_SEQUENCE_LEN, num_slots - 1))
-    table = list(range(-(-(max(_DECODE_CONTEXTS) + 1) // block_size)))
-    table = [b % (num_slots // block_size) for b in table]  # tiny test pools: reuse blocks
+    num_blocks = runner.kv_cache.shape[2] // block_size
+    sequence_len = max(1, min(_SEQUENCE_LEN, num_blocks * block_size - 1))
+    blocks_per_sequence = -(-(max(_DECODE_CONTEXTS) + 1) // block_size)
+    # Each decoding sequence reads its own blocks, as in a real batch: sixteen sequences over the
+    # same blocks would read one sequence's keys from the cache sixteen times, and price the
+    # keys, which in a run come from memory, three times too cheap (measured). Tiny test pools
+    # reuse blocks.
+    tables = [
+        [(s * blocks_per_sequence + b) % num_blocks for b in range(blocks_per_sequence)]
+        for s in range(_DECODE_BATCH)
+    ]
+    table = tables[0]
+    used = min(num_blocks, _DECODE_BATCH * blocks_per_sequence)
     try:
         _execute(runner, _prefill_plan(16, sequence_len, table))  # the first call pays one-off costs
         forward, is_complete = _forward_curve(runner, sequence_len, table, timer)
         short, long = (
-            _best_time(runner, _decode_plan(_DECODE_BATCH, c, table), timer) for c in _DECODE_CONTEXTS
+            _best_time(runner, _decode_plan(c, tables), timer) for c in _DECODE_CONTEXTS
+        )
+        chunk_short, chunk_long = (
+            _best_time(runner, _chunk_plan(_CHUNK_TOKENS, start, table), timer) for start in (0, _CHUNK_START)
         )
     finally:
-        runner.kv_cache[:, :, : len(table) * block_size] = 0  # scratch KV back to zeros
+        runner.kv_cache[:, :, : used * block_size] = 0  # scratch KV back to zeros
     pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[1] - _DECODE_CONTEXTS[0])
     per_pair = max(0.0, (long - short) / pairs)
+    per_chunk_pair = max(0.0, (chunk_long - chunk_short) / (_CHUNK_TOKENS * _CHUNK_START))
     partial = CalibrationTable(forward, per_pair, 1)
     # What the short-context decodes cost beyond as many prompt tokens and their keys.
     short_pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[0] + 1)
@@ -133,7 +149,24 @@ def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.
         key=dict(key or {}),
         is_complete=is_complete,
         seconds_per_decode=per_decode,
+        seconds_per_chunk_pair=per_chunk_pair,
     )
+
+
+def warm_up(runner: Any) -> None:
+    """Forward passes of 16 and 64 tokens on scratch blocks, which it zeroes again: the first
+    pass over a step size pays one-off costs (weights read from their memory-mapped file for
+    the first time, allocator growth; 1.2 s on the first 1,024-token step of a run, measured),
+    which belong to start-up, not to the first step of the batch. Sixteen rows take the packed
+    projection kernels and 64 the plain ones, so both copies of every weight are touched."""
+    block_size = runner.block_size
+    num_blocks = runner.kv_cache.shape[2] // block_size
+    table = [b % num_blocks for b in range(64 // block_size + 1)]
+    try:
+        for num_tokens in (16, 64):
+            _execute(runner, _prefill_plan(num_tokens, min(num_tokens, num_blocks * block_size - 1), table))
+    finally:
+        runner.kv_cache[:, :, : len(table) * block_size] = 0
 
 
 def _forward_curve(
@@ -151,7 +184,9 @@ def _forward_curve(
         rate = m / forward[m]
         flat = flat + 1 if rate < 1.05 * best_rate else 0
         best_rate = max(best_rate, rate)
-        if flat >= 2:
+        # Not before twice the budget's floor: a noisy flat stretch at 64-128 tokens would
+        # otherwise end the curve, and the budget, below the floor.
+        if flat >= 2 and m >= 2 * MIN_TOKEN_BUDGET:
             return forward, True
         if timer() - began > _TIME_LIMIT_S:
             return forward, flat >= 1 or m == FORWARD_SIZES[-1]
@@ -202,8 +237,15 @@ def _prefill_plan(num_tokens: int, sequence_len: int, block_table: list[int]) ->
     return StepPlan(chunks)
 
 
-def _decode_plan(batch: int, context: int, block_table: list[int]) -> StepPlan:
-    chunks = [ScheduledChunk(f"calibration-{i}", [100 + i], context, block_table, False, 0) for i in range(batch)]
+def _chunk_plan(num_tokens: int, start: int, block_table: list[int]) -> StepPlan:
+    ids = np.random.default_rng(start).integers(100, 1000, size=num_tokens).tolist()
+    return StepPlan([ScheduledChunk("calibration-chunk", ids, start, block_table, False, 0)])
+
+
+def _decode_plan(context: int, block_tables: list[list[int]]) -> StepPlan:
+    chunks = [
+        ScheduledChunk(f"calibration-{i}", [100 + i], context, table, False, 0) for i, table in enumerate(block_tables)
+    ]
     return StepPlan(chunks)
 
 
