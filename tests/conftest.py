@@ -30,7 +30,7 @@ def llm():
     from treebatch import LLM
 
     # A fixed token budget: the session model needs no start-up calibration.
-    return LLM(kv_cache_memory=512 << 20, max_num_batched_tokens=512, check_integrity=True)
+    return LLM(dtype="float32", kv_cache_memory=512 << 20, max_num_batched_tokens=512, check_integrity=True)
 
 
 @pytest.fixture(scope="session")

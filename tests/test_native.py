@@ -57,11 +57,34 @@ def test_a_sequence_without_keys_gets_zero_and_minus_infinity():
     assert torch.isfinite(lse[1]).all()
 
 
+@needs_kernel
+@pytest.mark.parametrize("num_heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (8, 2, 128, 16), (6, 3, 40, 4)])
+def test_bf16_kernel_equals_the_float32_softmax_of_the_same_bf16_values(num_heads, kv_heads, dim, block_size):
+    """The cache holds bfloat16; the kernel widens each value exactly and accumulates in float32,
+    so against the float32 reference over the same (widened) values it differs only by the
+    final rounding of its output to bfloat16: a relative 2^-8 (0.4%), stated as rtol 8e-3."""
+    torch.manual_seed(dim + block_size)
+    num_blocks = 40
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()
+    lengths = torch.tensor([1, block_size + 1, 5 * block_size - 3, 7], dtype=torch.int64)
+    width = int(-(-lengths.max() // block_size))
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lengths])
+    q = torch.randn(len(lengths), num_heads, dim).bfloat16()
+    got = native.paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size, 0.3)
+    assert got is not None and got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    out, lse = _reference(q.float(), k_cache.float(), v_cache.float(), tables, lengths, block_size, 0.3)
+    torch.testing.assert_close(got[0].float(), out, atol=8e-3, rtol=8e-3)
+    torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
+
+
 def test_other_dtypes_and_the_switch_fall_back(monkeypatch):
-    k_cache = torch.randn(16, 1, 8, dtype=torch.bfloat16)
-    q = torch.randn(1, 1, 8, dtype=torch.bfloat16)
+    k_cache = torch.randn(16, 1, 8, dtype=torch.float16)
+    q = torch.randn(1, 1, 8, dtype=torch.float16)
     table, lengths = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([4])
     assert native.paged_decode_attention(q, k_cache, k_cache, table, lengths, 16, 1.0) is None
+    mixed = torch.randn(1, 1, 8)
+    assert native.paged_decode_attention(mixed, k_cache.bfloat16(), k_cache.bfloat16(), table, lengths, 16, 1.0) is None
     monkeypatch.setenv("TREEBATCH_NATIVE", "0")
     assert native.library.__wrapped__("paged_decode") is None
 

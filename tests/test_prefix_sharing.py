@@ -24,7 +24,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def unshared():
-    llm = LLM(kv_cache_memory=128 << 20, enable_prefix_sharing=False, check_integrity=True)
+    llm = LLM(dtype="float32", kv_cache_memory=128 << 20, enable_prefix_sharing=False, check_integrity=True)
     return llm.generate(PROMPTS, PARAMS, use_tqdm=False), llm.last_run_summary
 
 
@@ -44,13 +44,13 @@ def test_sharing_keeps_greedy_tokens_and_computes_each_prefix_once(llm, unshared
 
 
 def test_shared_prefix_attention_matches_plain_path(unshared):
-    plain_attention = LLM(kv_cache_memory=128 << 20, enable_shared_prefix_attention=False)
+    plain_attention = LLM(dtype="float32", kv_cache_memory=128 << 20, enable_shared_prefix_attention=False)
     outputs = plain_attention.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in unshared[0]]
 
 
 def test_sharing_under_kv_pressure_with_preemption(unshared):
-    tight = LLM(num_blocks=40, block_size=8, max_num_batched_tokens=32, check_integrity=True)
+    tight = LLM(dtype="float32", num_blocks=40, block_size=8, max_num_batched_tokens=32, check_integrity=True)
     outputs = tight.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in unshared[0]]
     assert tight.engine.scheduler.kv.num_free_blocks == 40  # every group released its KV

@@ -139,7 +139,9 @@ class EngineConfig:
 
     model: str | None = None  # HF folder or .gguf file; None: the embedded default model
     tokenizer: str | None = None  # HF folder; None: the model's own
-    dtype: str = "float32"
+    # "auto": bfloat16 where the CPU has bf16 matrix instructions and they measure faster, else
+    # float32 (runtime/precision.py); "float32" for exactness against a float32 reference.
+    dtype: str = "auto"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: one per core
     max_model_len: int | None = None  # None: the model's context length
@@ -151,7 +153,7 @@ class EngineConfig:
     trace_file: str | None = None
 
     def __post_init__(self) -> None:
-        assert self.dtype in ("float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"
+        assert self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unsupported dtype {self.dtype}"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

@@ -24,6 +24,7 @@ from treebatch.models.loader import load_model
 from treebatch.runtime.calibration import calibration_key, load_or_measure, warm_up
 from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
 from treebatch.runtime.model_runner import ModelRunner
+from treebatch.runtime.precision import resolve_dtype
 from treebatch.output_processor import OutputProcessor
 from treebatch.tokenizer import load_tokenizer
 
@@ -80,9 +81,10 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or loaded.tokenizer_path, loaded.chat_template)
         self.max_model_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
         self.eos_token_ids = loaded.config.eos_token_ids
-        dtype = _DTYPES[config.dtype]
+        self.dtype = resolve_dtype(config.dtype)  # "auto" decided for this machine
+        dtype = _DTYPES[self.dtype]
+        self._calibration_key = calibration_key(loaded.weights, loaded.config, self.dtype, config.cache.block_size)
         model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, max_positions=self.max_model_len)
-        self._calibration_key = calibration_key(loaded.weights, loaded.config, config.dtype, config.cache.block_size)
         del loaded
 
         block_size = config.cache.block_size

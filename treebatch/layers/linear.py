@@ -13,6 +13,17 @@ For a 49,152-row vocabulary head the packed kernel is 2.3x faster at 12 rows and
 64. So: oneDNN's GEMM on a weight reordered once into its blocked layout for small batches, and MKL's
 `W @ x^T` for larger ones, with the rows padded to a multiple of 16, the width its kernel runs
 at full speed (15 rows take three times as long as 16).
+
+In bfloat16 the packed oneDNN kernel (AVX512-BF16 or AMX tiles, whichever the CPU has) is the
+fastest at every row count (AMD EPYC with AVX512-BF16, SmolLM2-135M's fused gate/up, ms):
+
+    rows             1     8    16    32    64   128   256   512
+    F.linear bf16  0.38  0.65  0.54  4.73  3.81  5.88  6.53  9.45
+    W @ x^T bf16   0.38  0.46  0.66  2.07  1.16  4.35  4.55 11.2
+    oneDNN packed  0.30  0.35  0.47  0.71  0.99  2.27  4.16  9.04
+    (float32 best  0.09  0.38  1.06  1.21  2.34  5.52 11.2  19.6)
+
+so a bfloat16 weight is kept in its packed form only: one copy of it in memory, not two.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ def _packing_available() -> bool:
 class Linear:
     """y = x @ weight^T (+ bias) for x: [rows, in_features]; the result may be a strided view."""
 
-    __slots__ = ("weight", "bias", "packed", "packed_max_rows")
+    __slots__ = ("weight", "bias", "packed", "packed_max_rows", "out_features", "in_features", "dtype")
 
     def __init__(
         self,
@@ -44,20 +55,29 @@ class Linear:
         pack: bool = True,
         packed_max_rows: int = PACKED_MAX_ROWS,
     ) -> None:
-        """`packed_max_rows`: batches up to this size take the packed kernel (a wide output, like a
-        vocabulary head, gains from it up to larger batches)."""
-        self.weight = weight.contiguous()
+        """`packed_max_rows`: float32 batches up to this size take the packed kernel (a wide
+        output, like a vocabulary head, gains from it up to larger batches). A bfloat16 weight,
+        once packed, serves every batch and is not kept in its plain form (`weight` is None)."""
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.weight: torch.Tensor | None = weight.contiguous()
         self.bias = bias
         self.packed_max_rows = packed_max_rows
         self.packed: torch.Tensor | None = None
-        if pack and weight.dtype == torch.float32 and weight.device.type == "cpu" and _packing_available():
+        packable = weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
+        if pack and packable and _packing_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            if weight.dtype == torch.bfloat16:
+                self.packed_max_rows = 1 << 62
+                self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.packed is not None and 0 < rows <= self.packed_max_rows:
+        if rows == 0:
+            return x.new_empty(0, self.out_features)
+        if self.packed is not None and rows <= self.packed_max_rows:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-        if rows >= LARGE_BATCH_ROWS or rows == 0:
+        if rows >= LARGE_BATCH_ROWS:
             return F.linear(x, self.weight, self.bias)
         return self.transposed(x)
 
@@ -69,7 +89,3 @@ class Linear:
             x = torch.cat([x, x.new_zeros(padded_rows - rows, x.shape[1])])
         out = torch.matmul(self.weight, x.t()).t()[:rows]
         return out if self.bias is None else out + self.bias
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain form every kernel choice must equal (to float32 rounding)."""
-        return F.linear(x, self.weight, self.bias)

@@ -1,6 +1,7 @@
 """The C kernels in `kernels/`, compiled on first use on this machine and loaded with ctypes.
 
-- `paged_decode.c`: single-query attention that reads the paged KV cache in place.
+- `paged_decode.c`: single-query attention that reads the paged KV cache (float32 or bfloat16)
+  in place.
 
 They are plain C (no torch headers), so a build takes about a second with the system compiler;
 each shared object is cached under `<cache root>/kernels/`, named by a hash of its source, the
@@ -35,8 +36,9 @@ _POINTER, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ct
 # Each library: its source in kernels/ and the C signatures of the functions it exports.
 _SIGNATURES = {
     "paged_decode": {
-        "paged_decode_attention": [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64,
-                                   _I64, _F32, _POINTER, _POINTER, _INT],
+        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _POINTER,
+               _POINTER, _INT]
+        for name in ("paged_decode_attention", "paged_decode_attention_bf16")
     },
 }
 
@@ -104,25 +106,31 @@ def paged_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One query per sequence against its paged keys, read in place.
 
-    q: [S, H, D]; k_cache, v_cache: [num_slots, KVH, D] (one layer); block_tables: [S, width]
-    int64 (unused entries may hold any valid block); lengths: [S] int64 keys per sequence.
-    Returns out [S, H, D] and lse [S, H], or None where the kernel is unavailable or does not
-    take these arguments (the caller then uses the torch path)."""
+    q: [S, H, D]; k_cache, v_cache: [num_slots, KVH, D] (one layer), float32 or bfloat16, with
+    q of the same dtype; block_tables: [S, width] int64 (unused entries may hold any valid
+    block); lengths: [S] int64 keys per sequence. Returns out [S, H, D] in q's dtype and lse
+    [S, H] float32, or None where the kernel is unavailable or does not take these arguments
+    (the caller then uses the torch path). A bfloat16 cache is read as it is, widened to float32
+    per element inside the kernel; the queries and the result (a few KB) cross as float32."""
     kernel = paged_decode_kernel()
-    if kernel is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    function = _DECODE_BY_DTYPE.get(k_cache.dtype)
+    if kernel is None or function is None or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
         return None
-    q = q.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
+    queries = q.float().contiguous()
     block_tables = block_tables.contiguous()
     lengths = lengths.contiguous()
     num_seqs, num_heads, dim = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(queries)
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32)
-    status = kernel.paged_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+    status = getattr(kernel, function)(
+        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         lengths.data_ptr(), num_seqs, num_heads, k_cache.shape[1], dim, block_size, scale,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
     )
-    return (out, lse) if status == 0 else None
+    return (out.to(q.dtype), lse) if status == 0 else None
+
+
+_DECODE_BY_DTYPE = {torch.float32: "paged_decode_attention", torch.bfloat16: "paged_decode_attention_bf16"}
 

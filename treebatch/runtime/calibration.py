@@ -200,7 +200,7 @@ def _sample_seconds(runner: Any, timer: Timer, rows: int = _DECODE_BATCH) -> flo
     head = getattr(model, "head", None)
     if head is None:
         return 0.0
-    hidden = torch.randn(rows, head.weight.shape[1], dtype=head.weight.dtype)
+    hidden = torch.randn(rows, head.in_features, dtype=head.dtype)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(3):

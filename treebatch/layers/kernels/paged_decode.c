@@ -7,9 +7,14 @@
  * (max, sum, weighted values) per query head, rescaled block by block. Besides the output it
  * returns each query's log-sum-exp, so a result over part of the keys can be merged exactly.
  *
- * Layouts (float32, row-major, contiguous):
+ * Layouts (row-major, contiguous):
  *   q [S, H, D]; k, v [num_slots, KVH, D]; tables [S, width] (int64); lengths [S] (int64)
  *   out [S, H, D]; lse [S, H]. Query head h reads KV head h / (H / KVH).
+ * q, out and lse are float32; the cache is float32 (paged_decode_attention) or bfloat16
+ * (paged_decode_attention_bf16), which is read at half the bytes: each block's keys and values
+ * are widened to float32 once (exactly: a bfloat16 is the upper half of a float32), then scored
+ * and summed as in float32. Widening inside the dot products instead would repeat it for every
+ * query head of the group and, measured, made the bf16 kernel slower than the float32 one.
  * A sequence with no key gets out 0 and lse -inf.
  */
 #include <math.h>
@@ -23,13 +28,27 @@
 #define MAX_BLOCK 128
 #define EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
 
-static inline __attribute__((always_inline)) void attend_one(const float *restrict q, const float *restrict k, const float *restrict v,
-                       const int64_t *restrict table, int64_t length, int64_t kv_heads, int64_t head,
-                       int64_t group, int64_t dim, int64_t block_size, float scale,
+/* rows x dim bfloat16 values, `stride` elements from one row to the next -> packed float32. */
+static inline void widen(const uint16_t *restrict from, int64_t rows, int64_t dim, int64_t stride,
+                         float *restrict to) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *restrict row = from + r * stride;
+        uint32_t *restrict bits = (uint32_t *)(to + r * dim);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) bits[d] = (uint32_t)row[d] << 16;
+    }
+}
+
+/* One (sequence, KV head) work item; k and v point to float32, or to bfloat16 when `bf16`
+ * (a constant at every call, so each kind compiles to its own loop). */
+static inline __attribute__((always_inline)) void attend_one(const float *restrict q, const void *k, const void *v,
+                       const int bf16, const int64_t *restrict table, int64_t length, int64_t kv_heads,
+                       int64_t head, int64_t group, int64_t dim, int64_t block_size, float scale,
                        float *restrict out, float *restrict lse) {
     float maxes[MAX_GROUP], sums[MAX_GROUP];
     float acc[MAX_GROUP * MAX_DIM];
     float scores[MAX_GROUP * MAX_BLOCK];
+    float wide_keys[bf16 ? MAX_BLOCK * MAX_DIM : 1], wide_values[bf16 ? MAX_BLOCK * MAX_DIM : 1];
     for (int64_t g = 0; g < group; ++g) {
         maxes[g] = EMPTY_MAX;
         sums[g] = 0.0f;
@@ -39,9 +58,17 @@ static inline __attribute__((always_inline)) void attend_one(const float *restri
     for (int64_t start = 0; start < length; start += block_size) {
         const int64_t n = length - start < block_size ? length - start : block_size;
         const int64_t first_slot = table[start / block_size] * block_size;
-        const int64_t stride = kv_heads * dim; /* from one slot's row of this head to the next */
-        const float *restrict keys = k + (first_slot * kv_heads + head) * dim;
-        const float *restrict values = v + (first_slot * kv_heads + head) * dim;
+        int64_t stride = kv_heads * dim; /* from one slot's row of this head to the next */
+        const int64_t offset = (first_slot * kv_heads + head) * dim;
+        const float *restrict keys = (const float *)k + offset;
+        const float *restrict values = (const float *)v + offset;
+        if (bf16) {
+            widen((const uint16_t *)k + offset, n, dim, stride, wide_keys);
+            widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
+            keys = wide_keys;
+            values = wide_values;
+            stride = dim;
+        }
         for (int64_t j = 0; j < n; ++j) {
             const float *restrict key = keys + j * stride;
             for (int64_t g = 0; g < group; ++g) {
@@ -96,10 +123,10 @@ static inline __attribute__((always_inline)) void attend_one(const float *restri
 }
 
 /* Returns 0, or -1 when a size is beyond the fixed scratch buffers (the caller falls back). */
-int paged_decode_attention(const float *q, const float *k, const float *v, const int64_t *tables,
-                           int64_t width, const int64_t *lengths, int64_t num_seqs, int64_t num_heads,
-                           int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float *out,
-                           float *lse, int num_threads) {
+static inline __attribute__((always_inline)) int attend_all(const float *q, const void *k, const void *v, const int bf16,
+                      const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_seqs,
+                      int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale,
+                      float *out, float *lse, int num_threads) {
     const int64_t group = num_heads / kv_heads;
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
         return -1;
@@ -113,13 +140,28 @@ int paged_decode_attention(const float *q, const float *k, const float *v, const
         float *o = out + (s * num_heads + first_head) * dim, *l = lse + s * num_heads + first_head;
         /* Constant head sizes let the compiler unroll the inner loops into whole vectors. */
         if (dim == 64 && block_size == 16)
-            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, 64, 16, scale, o, l);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, 16, scale, o, l);
         else if (dim == 64)
-            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, 64, block_size, scale, o, l);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, block_size, scale, o, l);
         else if (dim == 128)
-            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, 128, block_size, scale, o, l);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 128, block_size, scale, o, l);
         else
-            attend_one(query, k, v, table, lengths[s], kv_heads, head, group, dim, block_size, scale, o, l);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, dim, block_size, scale, o, l);
     }
     return 0;
+}
+
+int paged_decode_attention(const float *q, const float *k, const float *v, const int64_t *tables, int64_t width,
+                           const int64_t *lengths, int64_t num_seqs, int64_t num_heads, int64_t kv_heads,
+                           int64_t dim, int64_t block_size, float scale, float *out, float *lse, int num_threads) {
+    return attend_all(q, k, v, 0, tables, width, lengths, num_seqs, num_heads, kv_heads, dim, block_size, scale,
+                      out, lse, num_threads);
+}
+
+int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *tables,
+                                int64_t width, const int64_t *lengths, int64_t num_seqs, int64_t num_heads,
+                                int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float *out,
+                                float *lse, int num_threads) {
+    return attend_all(q, k, v, 1, tables, width, lengths, num_seqs, num_heads, kv_heads, dim, block_size, scale,
+                      out, lse, num_threads);
 }
