@@ -28,7 +28,7 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
 
     # Default config (what a user gets; threads = one per core) unless the ablation passes
     # engine options (`treebatch_kwargs`, e.g. {"enable_prefix_sharing": False}).
-    llm = LLM(**options.get("treebatch_kwargs", {}))
+    llm = LLM(**{"dtype": options.get("dtype", "float32"), **options.get("treebatch_kwargs", {})})
     # Warm-up: first calls pay one-off allocator and kernel-selection costs.
     llm.generate([{"prompt_token_ids": WARMUP_IDS}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
 
@@ -76,9 +76,9 @@ def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int
     return out[:, width:].tolist()
 
 
-def _load_hf_model(**kwargs: Any) -> Any:
-    """The default model in transformers, float32, dequantized by transformers' own GGUF loader;
-    torch threads = one per core."""
+def _load_hf_model(dtype: str = "float32", **kwargs: Any) -> Any:
+    """The default model in transformers, dequantized by transformers' own GGUF loader, in
+    `dtype`; torch threads = one per core."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -86,12 +86,13 @@ def _load_hf_model(**kwargs: Any) -> Any:
 
     torch.set_num_threads(os.cpu_count() or 1)
     path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype),
+                                                 **kwargs)
     return model.eval()
 
 
 def load_hf_generate(options: dict[str, Any]) -> Generate:
-    model = _load_hf_model()
+    model = _load_hf_model(options.get("dtype", "float32"))
     config = model.generation_config
     config.do_sample = False
     # An empty list disables the EOS stop (None falls back to the model's EOS): exactly N tokens.
@@ -144,7 +145,7 @@ def load_hf_generate_batch(options: dict[str, Any]) -> Generate:
 
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    model = _load_hf_model(attn_implementation="sdpa")
+    model = _load_hf_model(options.get("dtype", "float32"), attn_implementation="sdpa")
 
     def config_for(prompts: list[list[int]], max_tokens: int) -> tuple[GenerationConfig, ContinuousBatchingConfig]:
         # eos_token_id=-1: no EOS stop, so every request generates exactly max_new_tokens.
@@ -239,7 +240,7 @@ def _load_vllm(options: dict[str, Any], prefix_caching: bool) -> Generate:
     from vllm import LLM, SamplingParams
 
     model = options["hf_model_folder"]
-    llm = LLM(model=model, tokenizer=model, dtype="float32", enable_prefix_caching=prefix_caching, seed=0,
+    llm = LLM(model=model, tokenizer=model, dtype=options.get("dtype", "float32"), enable_prefix_caching=prefix_caching, seed=0,
               max_model_len=2048)
     llm.generate([{"prompt_token_ids": WARMUP_IDS}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     setup = {"version": vllm.__version__, "enable_prefix_caching": prefix_caching,

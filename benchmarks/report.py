@@ -40,8 +40,19 @@ def _roofline_cells(r: dict[str, Any]) -> str:
     return f"{roof.get('achieved_gflops', 0):.1f} | {f'{fraction:.2f}' if fraction is not None else '-'}"
 
 
+def engine_label(engine: str, dtype: str, dtypes: list[str]) -> str:
+    """How a row names an engine: bare when one dtype runs, else "engine [dtype]"."""
+    return engine if len(dtypes) == 1 else f"{engine} [{dtype}]"
+
+
+def treebatch_label(label: str) -> str:
+    """The treebatch row an engine's row is compared with: the one in the same dtype."""
+    return "treebatch" + (label[label.index(" ["):] if " [" in label else "")
+
+
 def markdown_table(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """workload x engine; the ratio is treebatch's speed over that engine's (>1: treebatch faster).
+    """workload x engine; the ratio is treebatch's speed over that engine's (>1: treebatch faster),
+    treebatch in the same dtype as the row.
 
     "needed GFLOP/s" charges every engine the same FLOPs (what the batch truly needs, see
     roofline.py); "of peak" divides it by the measured matmul peak. A "predicted s" column
@@ -53,10 +64,10 @@ def markdown_table(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
     align = "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if predicted else "") + "---|---|---:|"
     rows = [head, align]
     for workload, per_engine in runs.items():
-        base = per_engine.get("treebatch")
-        if base is not None and "seconds" not in base:
-            base = None
         for engine, r in per_engine.items():
+            base = per_engine.get(treebatch_label(engine))
+            if base is not None and "seconds" not in base:
+                base = None
             if "seconds" not in r:
                 reason = str(r.get("unavailable", "not run")).replace("|", "/")
                 rows.append(f"| {workload} | {engine} | n/a ({reason}) |" + " |" * (head.count("|") - 4))
@@ -77,8 +88,10 @@ def markdown_table(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
 def peak_line(peak: dict[str, Any] | None) -> str:
     if not peak:
         return "Matmul peak: not measured (--no-roofline, or the measurement failed)."
+    if "peak_gflops" not in peak:  # one peak per dtype
+        return "\n\n".join(peak_line(p) for p in peak.values())
     sizes = ", ".join(f"{n}: {g}" for n, g in peak["gflops_by_size"].items())
-    return (f"Measured float32 matmul peak: **{peak['peak_gflops']} GFLOP/s** (`torch.mm`, square n x n, "
+    return (f"Measured {peak.get('dtype', 'float32')} matmul peak: **{peak['peak_gflops']} GFLOP/s** (`torch.mm`, square n x n, "
             f"{peak['threads']} threads, best run; GFLOP/s by n: {sizes}; load average {peak['loadavg_1m']} "
             f"when measured; best of {len(peak.get('measurements', [peak]))} measurements: before the first "
             f"engine and after the last).")

@@ -1,4 +1,4 @@
-"""Roofline: the machine's measured float32 matrix-multiply peak, and the FLOPs a batch truly needs.
+"""Roofline: the machine's measured matrix-multiply peak (float32 or bfloat16), and the FLOPs a batch truly needs.
 
     .venv/bin/python benchmarks/roofline.py          # measure the peak, print JSON (about 5-10 s)
 
@@ -29,8 +29,8 @@ import time
 from typing import Any
 
 
-def measure_peak(sizes: tuple[int, ...] = (2048, 3072), budget_s: float = 8.0) -> dict[str, Any]:
-    """Best float32 GFLOP/s of `torch.mm` on square matrices, threads = one per core.
+def measure_peak(sizes: tuple[int, ...] = (2048, 3072), budget_s: float = 8.0, dtype: str = "float32") -> dict[str, Any]:
+    """Best GFLOP/s of `torch.mm` in `dtype` on square matrices, threads = one per core.
 
     Each size is warmed up once, then repeated (at least twice) while the time budget lasts;
     the best single run over all sizes is the peak."""
@@ -41,9 +41,9 @@ def measure_peak(sizes: tuple[int, ...] = (2048, 3072), budget_s: float = 8.0) -
     began = time.perf_counter()
     per_size: dict[str, float] = {}
     for n in sizes:
-        a = torch.randn(n, n, dtype=torch.float32)
-        b = torch.randn(n, n, dtype=torch.float32)
-        c = torch.empty(n, n, dtype=torch.float32)
+        a = torch.randn(n, n).to(getattr(torch, dtype))
+        b = torch.randn(n, n).to(getattr(torch, dtype))
+        c = torch.empty(n, n, dtype=getattr(torch, dtype))
         torch.mm(a, b, out=c)  # warm-up: thread pool, MKL kernel choice, page faults
         best = float("inf")
         runs = 0
@@ -54,7 +54,7 @@ def measure_peak(sizes: tuple[int, ...] = (2048, 3072), budget_s: float = 8.0) -
             runs += 1
         per_size[str(n)] = round(2 * n**3 / best / 1e9, 1)
     return {"peak_gflops": max(per_size.values()), "gflops_by_size": per_size, "threads": threads,
-            "dtype": "float32", "seconds": round(time.perf_counter() - began, 1),
+            "dtype": dtype, "seconds": round(time.perf_counter() - began, 1),
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -122,11 +122,11 @@ def best_peak(measurements: list[dict[str, Any] | None]) -> dict[str, Any] | Non
     return best
 
 
-def measure_peak_in_subprocess(python: str = sys.executable) -> dict[str, Any] | None:
+def measure_peak_in_subprocess(python: str = sys.executable, dtype: str = "float32") -> dict[str, Any] | None:
     """Run this file as its own process (so its threads never overlap an engine's); None if it fails."""
     import subprocess
 
-    done = subprocess.run([python, os.path.abspath(__file__)], capture_output=True, text=True)
+    done = subprocess.run([python, os.path.abspath(__file__), dtype], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"matmul peak measurement failed: {done.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -134,4 +134,4 @@ def measure_peak_in_subprocess(python: str = sys.executable) -> dict[str, Any] |
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_peak()))
+    print(json.dumps(measure_peak(dtype=sys.argv[1] if len(sys.argv) > 1 else "float32")))

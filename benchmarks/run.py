@@ -1,10 +1,12 @@
 """Whole-batch benchmark: treebatch against peer engines on fixed token-id workloads.
 
     .venv/bin/python benchmarks/run.py [--workload all|mixed|smoke|docqa,...] [--engines all|treebatch,hf_generate,...]
-                                       [--out BENCHMARKS.md]
+                                       [--dtypes float32,bfloat16] [--out BENCHMARKS.md]
 
-Before the first engine and after the last, a short process measures the machine's float32
-matmul peak (roofline.py; the better of the two counts).
+With `--dtypes float32,bfloat16` every engine runs in each dtype (rows "engine [dtype]", each
+compared with treebatch in the same dtype). Before the first engine and after the last, a short
+process measures the machine's matmul peak in each dtype (roofline.py; the better of the two
+counts).
 Every engine then runs in its own subprocess (`--worker`), one at a time, so thread pools and
 memory never mix and an engine may come from another venv. Each worker writes a JSON result;
 the parent checks token counts, compares greedy outputs with treebatch, charges every row the
@@ -28,7 +30,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # workloads/engines/report import as plain modules, run as a script
 
-from report import json_path_for, machine_facts, markdown_table, plot_path_for, write_plot, write_record  # noqa: E402
+from report import (engine_label, json_path_for, machine_facts, markdown_table, plot_path_for,  # noqa: E402
+                    treebatch_label, write_plot, write_record)
 from roofline import best_peak, measure_peak_in_subprocess, needed_flops, roofline  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
@@ -41,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
     from engines import ENGINES
 
     began = time.perf_counter()
-    options: dict[str, Any] = {"hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
+    options: dict[str, Any] = {"dtype": args.dtype, "hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
                                "hf_model_folder": str(args.hf_model_folder),
                                "hf_cb_max_batch_tokens": args.hf_cb_max_batch_tokens}
     if args.treebatch_options:
@@ -103,18 +106,18 @@ class EngineFailed(Exception):
 
 def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, folder: Path,
                treebatch_options: dict[str, Any] | None = None, label: str | None = None,
-               extra_env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+               extra_env: dict[str, str] | None = None, dtype: str = "float32") -> dict[str, dict[str, Any]]:
     """One worker process for `engine` over all workloads; results per workload.
 
     `treebatch_options` are engine options for treebatch's `LLM(...)` (the ablation's variants);
     `label` names the log file and the progress lines (default: the engine); `extra_env` is added
     to the worker's environment (revisions.py points PYTHONPATH at another checkout)."""
     label = label or engine
-    result_file = folder / f"result-{label}.json"
+    result_file = folder / f"result-{label.replace(' ', '_')}.json"
     result_file.unlink(missing_ok=True)
     python, env = engine_command(engine)
     env.update(extra_env or {})
-    cmd = [python, str(Path(__file__).resolve()), "--worker", engine, "--workload", ",".join(workloads),
+    cmd = [python, str(Path(__file__).resolve()), "--worker", engine, "--dtype", dtype, "--workload", ",".join(workloads),
            "--result-file", str(result_file), "--prompts-dir", str(folder),
            "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder),
            "--hf-cb-max-batch-tokens", str(getattr(args, "hf_cb_max_batch_tokens", 512))]
@@ -124,7 +127,7 @@ def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, fold
     print(f"{label}: {', '.join(workloads)} ...", file=sys.stderr, flush=True)
     logs = HERE / "results" / "logs"  # gitignored; the last run's worker output per engine
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{label}.txt"
+    log = logs / f"{label.replace(' ', '_')}.txt"
     with open(log, "w") as out:  # engines' own chatter (vLLM logs a lot) goes to a file
         done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode != 0 or not result_file.exists():
@@ -162,6 +165,9 @@ def main() -> None:
     parser.add_argument("--engines", default="treebatch,hf_generate",
                         help=f"comma list of {', '.join(ALL_ENGINES)}, or 'all'")
     parser.add_argument("--out", default=None, help="markdown record to update, e.g. BENCHMARKS.md")
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma list of float32, bfloat16: every engine runs in each (rows 'engine [dtype]')")
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--hf-cb-max-batch-tokens", type=int, default=512,
                         help="hf_generate_batch: tokens per step (0: transformers' default, 8192)")
@@ -185,6 +191,9 @@ def main() -> None:
     # 'all': the suite (docqa, gsp, batchllm_micro, nosharing); `mixed` and `smoke` run by name.
     workloads = suite_workloads(args.workload)
     engines = list(ALL_ENGINES) if args.engines == "all" else args.engines.split(",")
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"float32", "bfloat16"}:
+        raise SystemExit(f"unknown dtype(s) in {args.dtypes!r}; known: float32, bfloat16")
     unknown = [e for e in engines if e not in ALL_ENGINES]
     if unknown:
         raise SystemExit(f"unknown engine(s) {unknown}; known: {', '.join(ALL_ENGINES)}")
@@ -199,26 +208,29 @@ def main() -> None:
         batches = prepare_workloads(workloads, args.full, Path(tmp))
         # The peak is measured before the first engine and after the last, and the better of the two
         # kept: a best-of measurement, so one disturbed moment on a shared machine does not set it.
-        peaks = [measure_peak_in_subprocess()] if args.roofline else []
-        for engine in engines:
-            try:
-                for workload, result in run_engine(engine, workloads, args, Path(tmp)).items():
-                    runs[workload][engine] = result
-            except EngineFailed as error:
-                failed[engine] = str(error)
-                print(f"{engine}: n/a ({error})", file=sys.stderr, flush=True)
-                for workload in workloads:
-                    runs[workload][engine] = {"engine": engine, "workload": workload, "unavailable": str(error)}
-        if args.roofline:
-            peaks.append(measure_peak_in_subprocess())
-    peak = best_peak(peaks)
+        peaks = {d: [measure_peak_in_subprocess(dtype=d)] for d in dtypes} if args.roofline else {}
+        for dtype in dtypes:
+            for engine in engines:
+                label = engine_label(engine, dtype, dtypes)
+                try:
+                    for workload, result in run_engine(engine, workloads, args, Path(tmp), label=label,
+                                                       dtype=dtype).items():
+                        runs[workload][label] = result
+                except EngineFailed as error:
+                    failed[label] = str(error)
+                    print(f"{label}: n/a ({error})", file=sys.stderr, flush=True)
+                    for workload in workloads:
+                        runs[workload][label] = {"engine": engine, "workload": workload, "unavailable": str(error)}
+        for d in peaks:
+            peaks[d].append(measure_peak_in_subprocess(dtype=d))
+    peak_by_dtype = {d: best_peak(p) for d, p in peaks.items()}
+    peak = peak_by_dtype.get("float32") if dtypes == ["float32"] else peak_by_dtype or None
     for per_engine in runs.values():
-        reference = per_engine.get("treebatch", {}).get("outputs")
-        if reference is not None:
-            for engine, result in per_engine.items():
-                if engine != "treebatch" and "outputs" in result:
-                    result["agreement_with_treebatch"] = agreement(reference, result["outputs"])
-    add_roofline_and_prediction(runs, batches, peak)
+        for label, result in per_engine.items():
+            reference = per_engine.get(treebatch_label(label), {}).get("outputs")
+            if reference is not None and label != treebatch_label(label) and "outputs" in result:
+                result["agreement_with_treebatch"] = agreement(reference, result["outputs"])
+    add_roofline_and_prediction(runs, batches, peak_by_dtype)
     for per_engine in runs.values():
         for result in per_engine.values():
             result.pop("outputs", None)  # kept out of the saved JSON: big and not needed later
@@ -290,16 +302,17 @@ def prepare_workloads(workloads: list[str], full: bool, folder: Path) -> dict[st
 
 
 def add_roofline_and_prediction(runs: dict[str, dict[str, dict[str, Any]]], batches: dict[str, dict[str, Any]],
-                                peak: dict[str, Any] | None) -> None:
-    """Per row: achieved GFLOP/s of the needed work and its fraction of the peak; for treebatch
-    rows, the cost model's predicted seconds where the worker got one
+                                peaks: dict[str, dict[str, Any] | None]) -> None:
+    """Per row: achieved GFLOP/s of the needed work and its fraction of the peak in the row's
+    dtype; for treebatch rows, the cost model's predicted seconds where the worker got one
     (engines.predict_treebatch_seconds, computed before the timer from the engine's calibration)."""
     for workload, per_engine in runs.items():
         batch = batches[workload]
         for result in per_engine.values():
             if "seconds" not in result:
                 continue
-            result["roofline"] = roofline(result["seconds"], batch["needed"], peak)
+            dtype = result.get("options", {}).get("dtype", "float32")
+            result["roofline"] = roofline(result["seconds"], batch["needed"], peaks.get(dtype))
             predicted = result.get("options", {}).get("predicted_seconds")
             if predicted is not None:
                 result["predicted_seconds"] = predicted
