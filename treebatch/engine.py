@@ -22,7 +22,8 @@ from treebatch.host import cache_root
 from treebatch.models.llama import LlamaForCausalLM
 from treebatch.models.loader import load_model
 from treebatch.runtime.calibration import calibration_key, load_or_measure, warm_up
-from treebatch.runtime.kv_cache import allocate_kv_cache, num_kv_blocks
+from treebatch.runtime.kv_cache import allocate_kv_cache, available_memory_bytes, num_kv_blocks
+from treebatch.runtime.memory import check_fits, memory_need
 from treebatch.runtime.model_runner import ModelRunner
 from treebatch.runtime.precision import resolve_dtype
 from treebatch.output_processor import OutputProcessor
@@ -83,6 +84,10 @@ class LLMEngine:
         self.eos_token_ids = loaded.config.eos_token_ids
         self.dtype = resolve_dtype(config.dtype)  # "auto" decided for this machine
         dtype = _DTYPES[self.dtype]
+        # The weights are still memory-mapped here: refuse a model that cannot fit before
+        # converting any of them.
+        need = memory_need(loaded.config, dtype.itemsize, self.max_model_len, available_memory_bytes())
+        check_fits(need, loaded.name, self.dtype)
         self._calibration_key = calibration_key(loaded.weights, loaded.config, self.dtype, config.cache.block_size)
         model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, max_positions=self.max_model_len)
         del loaded
