@@ -28,7 +28,8 @@ def load_treebatch(options: dict[str, Any]) -> Generate:
 
     # Default config (what a user gets; threads = one per core) unless the ablation passes
     # engine options (`treebatch_kwargs`, e.g. {"enable_prefix_sharing": False}).
-    llm = LLM(**{"dtype": options.get("dtype", "float32"), **options.get("treebatch_kwargs", {})})
+    shape = {"model": options["hf_model_folder"], "max_model_len": 2048} if options.get("model_shape") else {}
+    llm = LLM(**{"dtype": options.get("dtype", "float32"), **shape, **options.get("treebatch_kwargs", {})})
     # Warm-up: first calls pay one-off allocator and kernel-selection costs.
     llm.generate([{"prompt_token_ids": WARMUP_IDS}], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
 
@@ -76,23 +77,25 @@ def _hf_batch(model: Any, prompts: list[list[int]], max_tokens: int, pad_id: int
     return out[:, width:].tolist()
 
 
-def _load_hf_model(dtype: str = "float32", **kwargs: Any) -> Any:
-    """The default model in transformers, dequantized by transformers' own GGUF loader, in
-    `dtype`; torch threads = one per core."""
+def _load_hf_model(options: dict[str, Any], **kwargs: Any) -> Any:
+    """The default model in transformers, dequantized by transformers' own GGUF loader (or the
+    benchmark's model-shape folder), in the run's dtype; torch threads = one per core."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from treebatch.models.default import default_model_path
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dtype = getattr(torch, options.get("dtype", "float32"))
+    if options.get("model_shape"):
+        return AutoModelForCausalLM.from_pretrained(options["hf_model_folder"], dtype=dtype, **kwargs).eval()
     path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype),
-                                                 **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
     return model.eval()
 
 
 def load_hf_generate(options: dict[str, Any]) -> Generate:
-    model = _load_hf_model(options.get("dtype", "float32"))
+    model = _load_hf_model(options)
     config = model.generation_config
     config.do_sample = False
     # An empty list disables the EOS stop (None falls back to the model's EOS): exactly N tokens.
@@ -145,7 +148,7 @@ def load_hf_generate_batch(options: dict[str, Any]) -> Generate:
 
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    model = _load_hf_model(options.get("dtype", "float32"), attn_implementation="sdpa")
+    model = _load_hf_model(options, attn_implementation="sdpa")
 
     def config_for(prompts: list[list[int]], max_tokens: int) -> tuple[GenerationConfig, ContinuousBatchingConfig]:
         # eos_token_id=-1: no EOS stop, so every request generates exactly max_new_tokens.

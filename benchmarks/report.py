@@ -128,6 +128,12 @@ def write_record(path: Path, record: dict[str, Any], table: str, plot: Path | No
     if plot is not None:
         link = os.path.relpath(plot.resolve(), path.resolve().parent)
         parts += ["", f"![generated tokens/s per engine and workload]({link})"]
+    shape = record.get("model_shape")
+    if shape:  # a larger model shape keeps its own section beside the default model's results
+        parts.insert(0, f"Model: `{shape}` (benchmarks/shapes.py: its config.json values, random bf16 weights).\n")
+        replace_between(path, BEGIN.replace("results", f"results ({shape})"), END.replace("results", f"results ({shape})"),
+                        "\n".join(parts), heading=f"## Results: {shape}")
+        return
     replace_between(path, BEGIN, END, "\n".join(parts), heading="## Results")
 
 

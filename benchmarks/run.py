@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))  # workloads/engines/report import as plain module
 from report import (engine_label, json_path_for, machine_facts, markdown_table, plot_path_for,  # noqa: E402
                     treebatch_label, write_plot, write_record)
 from roofline import best_peak, measure_peak_in_subprocess, needed_flops, roofline  # noqa: E402
+from shapes import SHAPES, build_shape  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 # `--engines all`, in table order.
@@ -44,7 +45,8 @@ def worker(args: argparse.Namespace) -> None:
     from engines import ENGINES
 
     began = time.perf_counter()
-    options: dict[str, Any] = {"dtype": args.dtype, "hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
+    options: dict[str, Any] = {"dtype": args.dtype, "model_shape": args.model_shape,
+                               "hf_batch_size": args.hf_batch_size, "hf_sort": args.hf_sort,
                                "hf_model_folder": str(args.hf_model_folder),
                                "hf_cb_max_batch_tokens": args.hf_cb_max_batch_tokens}
     if args.treebatch_options:
@@ -121,6 +123,8 @@ def run_engine(engine: str, workloads: list[str], args: argparse.Namespace, fold
            "--result-file", str(result_file), "--prompts-dir", str(folder),
            "--hf-batch-size", str(args.hf_batch_size), "--hf-model-folder", str(args.hf_model_folder),
            "--hf-cb-max-batch-tokens", str(getattr(args, "hf_cb_max_batch_tokens", 512))]
+    if getattr(args, "model_shape", None):
+        cmd += ["--model-shape", args.model_shape]
     cmd.append("--hf-sort" if args.hf_sort else "--no-hf-sort")
     if treebatch_options:
         cmd += ["--treebatch-options", json.dumps(treebatch_options)]
@@ -175,6 +179,8 @@ def main() -> None:
                         help="batch HF prompts sorted by length (default; less padding for the peer)")
     parser.add_argument("--hf-model-folder", type=Path, default=HERE / ".model-hf",
                         help="where the default model is exported as a HF folder for vLLM (gitignored)")
+    parser.add_argument("--model-shape", choices=sorted(SHAPES), default=None,
+                        help="run a larger model shape (random weights, benchmarks/shapes.py) instead of the default model")
     parser.add_argument("--full", action="store_true",
                         help="published workload sizes instead of the 2-core scaled ones (slow)")
     parser.add_argument("--no-roofline", dest="roofline", action="store_false",
@@ -200,12 +206,14 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     from engines import ENGINE_PYTHON, export_hf_model
 
-    if any(e in ENGINE_PYTHON for e in engines):
+    if args.model_shape:
+        args.hf_model_folder = build_shape(args.model_shape)  # every engine reads this folder
+    elif any(e in ENGINE_PYTHON for e in engines):
         export_hf_model(args.hf_model_folder)
     runs: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        batches = prepare_workloads(workloads, args.full, Path(tmp))
+        batches = prepare_workloads(workloads, args.full, Path(tmp), args.model_shape)
         # The peak is measured before the first engine and after the last, and the better of the two
         # kept: a best-of measurement, so one disturbed moment on a shared machine does not set it.
         peaks = {d: [measure_peak_in_subprocess(dtype=d)] for d in dtypes} if args.roofline else {}
@@ -237,7 +245,7 @@ def main() -> None:
 
     command = " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]])
     record = {"command": command, "started": started, "machine": machine_facts(), "peak": peak,
-              "workloads": {w: b["description"] for w, b in batches.items()},
+              "model_shape": args.model_shape, "workloads": {w: b["description"] for w, b in batches.items()},
               "needed_flops": {w: b["needed"] for w, b in batches.items()}, "runs": runs, "failed": failed}
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
@@ -270,17 +278,19 @@ def suite_workloads(spec: str) -> list[str]:
     return names
 
 
-def prepare_workloads(workloads: list[str], full: bool, folder: Path) -> dict[str, dict[str, Any]]:
+def prepare_workloads(workloads: list[str], full: bool, folder: Path,
+                      model_shape: str | None = None) -> dict[str, dict[str, Any]]:
     """Build every batch once (token ids, written to `folder` for the workers), describe it and
-    count the FLOPs it truly needs (roofline.needed_flops) with the default model's config."""
+    count the FLOPs it truly needs (roofline.needed_flops) with the model's config (the default
+    model's, or the shape's; the token ids come from the default model's tokenizer either way)."""
     from transformers import AutoTokenizer
 
-    from treebatch.models.loader import load_model
+    from treebatch.models.loader import config_from_hf, load_model
 
     from workloads import trie_size
 
-    model = load_model(None)  # the default model's config (for the FLOPs) and tokenizer
-    config = model.config
+    model = load_model(None)  # the default model's tokenizer (and config, for the FLOPs)
+    config = config_from_hf(SHAPES[model_shape]) if model_shape else model.config
     tokenizer = AutoTokenizer.from_pretrained(model.tokenizer_path)
     batches: dict[str, dict[str, Any]] = {}
     for workload in workloads:
