@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from treebatch.layers.linear import LARGE_BATCH_ROWS, PACKED_MAX_ROWS, Linear
+from treebatch.layers.linear import ALL_ROWS, LARGE_BATCH_ROWS, PACKED_MAX_ROWS, Linear
 
 ROWS = [1, 2, 7, 12, 15, 16, 17, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 47, 48, 100, 128, LARGE_BATCH_ROWS - 1, LARGE_BATCH_ROWS, 300]
 
@@ -30,6 +30,18 @@ def test_non_contiguous_input_and_empty_batch() -> None:
     assert linear(torch.empty(0, 48)).shape == (0, 32)
 
 
+def test_packed_for_every_batch_keeps_one_copy_and_equals_the_plain_projection() -> None:
+    torch.manual_seed(3)
+    weight = torch.randn(96, 64)
+    linear = Linear(weight, packed_max_rows=ALL_ROWS)
+    if linear.packed is None:
+        pytest.skip("no oneDNN packing in this torch build")
+    assert linear.weight is None
+    for rows in ROWS:
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(linear(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bf16_weights_are_packed_once_and_equal_the_plain_projection(with_bias: bool) -> None:
     """The packed bf16 kernel multiplies bf16 values exactly and sums in float32, as F.linear's
@@ -38,7 +50,7 @@ def test_bf16_weights_are_packed_once_and_equal_the_plain_projection(with_bias: 
     torch.manual_seed(2)
     weight = torch.randn(96, 64).bfloat16()
     bias = torch.randn(96).bfloat16() if with_bias else None
-    linear = Linear(weight, bias)
+    linear = Linear(weight, bias, packed_max_rows=ALL_ROWS)
     if linear.packed is None:
         pytest.skip("no oneDNN packing in this torch build")
     assert linear.weight is None  # the packed form is the only copy

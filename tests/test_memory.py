@@ -15,17 +15,17 @@ ONE_B = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
 def test_weights_as_held_per_dtype():
     embeddings = ONE_B.vocab_size * ONE_B.hidden_size
     projections = ONE_B.num_parameters - embeddings
-    assert weight_bytes(ONE_B, 2) == (projections + 2 * embeddings) * 2  # packed once; embedding + packed head
-    assert weight_bytes(ONE_B, 4) == (2 * projections + 2 * embeddings) * 4  # plain + packed
-    assert 2.0e9 < weight_bytes(ONE_B, 2) < 3.5e9
+    assert weight_bytes(ONE_B, 2, 1) == (projections + 2 * embeddings) * 2  # packed once; embedding + packed head
+    assert weight_bytes(ONE_B, 4, 2) == (2 * projections + 2 * embeddings) * 4  # plain + packed
+    assert 2.0e9 < weight_bytes(ONE_B, 2, 1) < 3.5e9
 
 
 def test_too_big_is_refused_with_the_numbers():
-    need = memory_need(ONE_B, 4, 131072, available=4 << 30)
+    need = memory_need(ONE_B, 4, 2, 131072, available=4 << 30)
     assert not need.fits
     with pytest.raises(MemoryError, match=r"needs .* GiB of weights plus .* GiB of KV cache .* only 4.00 GiB"):
         check_fits(need, "llama-1b", "float32")
-    check_fits(memory_need(ONE_B, 2, 2048, available=8 << 30), "llama-1b", "bfloat16")  # fits: no error
+    check_fits(memory_need(ONE_B, 2, 1, 2048, available=8 << 30), "llama-1b", "bfloat16")  # fits: no error
 
 
 def test_the_engine_refuses_before_building_the_model(monkeypatch):

@@ -19,9 +19,11 @@ from treebatch.core.plan import BatchPlan, plan_batch, rescaled_estimates, warmu
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
 from treebatch.host import cache_root
+from treebatch.layers.linear import ALL_ROWS
 from treebatch.models.llama import LlamaForCausalLM
 from treebatch.models.loader import load_model
 from treebatch.runtime.calibration import calibration_key, load_or_measure, warm_up
+from treebatch.runtime.kernel_choice import packed_max_rows
 from treebatch.runtime.kv_cache import allocate_kv_cache, available_memory_bytes, num_kv_blocks
 from treebatch.runtime.memory import check_fits, memory_need
 from treebatch.runtime.model_runner import ModelRunner
@@ -84,12 +86,16 @@ class LLMEngine:
         self.eos_token_ids = loaded.config.eos_token_ids
         self.dtype = resolve_dtype(config.dtype)  # "auto" decided for this machine
         dtype = _DTYPES[self.dtype]
+        c = loaded.config
+        self.packed_max_rows = packed_max_rows(dtype, c.hidden_size, 2 * c.intermediate_size)  # measured here
         # The weights are still memory-mapped here: refuse a model that cannot fit before
         # converting any of them.
-        need = memory_need(loaded.config, dtype.itemsize, self.max_model_len, available_memory_bytes())
+        copies = 1 if self.packed_max_rows >= ALL_ROWS else 2
+        need = memory_need(c, dtype.itemsize, copies, self.max_model_len, available_memory_bytes())
         check_fits(need, loaded.name, self.dtype)
-        self._calibration_key = calibration_key(loaded.weights, loaded.config, self.dtype, config.cache.block_size)
-        model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, max_positions=self.max_model_len)
+        self._calibration_key = calibration_key(loaded.weights, c, self.dtype, config.cache.block_size)
+        self._calibration_key["packed_max_rows"] = self.packed_max_rows  # another choice, other step costs
+        model = LlamaForCausalLM(c, loaded.weights, dtype, self.max_model_len, self.packed_max_rows)
         del loaded
 
         block_size = config.cache.block_size

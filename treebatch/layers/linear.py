@@ -24,6 +24,11 @@ fastest at every row count (AMD EPYC with AVX512-BF16, SmolLM2-135M's fused gate
     (float32 best  0.09  0.38  1.06  1.21  2.34  5.52 11.2  19.6)
 
 so a bfloat16 weight is kept in its packed form only: one copy of it in memory, not two.
+
+Where the packed kernel wins depends on the CPU's GEMM libraries (on AMD EPYC MKL's float32
+GEMM trails oneDNN's at every size, while on the Intel Xeon of the first table it leads from 48
+rows), so the engine measures the crossover at start-up (runtime/kernel_choice.py) and passes
+it as `packed_max_rows`; from ALL_ROWS on the plain copy is dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ HEAD_PACKED_MAX_ROWS = 128
 # From here on x @ W^T (F.linear) is as fast as the transposed form and needs no padding.
 LARGE_BATCH_ROWS = 256
 _ROW_MULTIPLE = 16
+ALL_ROWS = 1 << 62  # packed_max_rows meaning every batch: the weight is kept packed only
 
 
 def _packing_available() -> bool:
@@ -55,9 +61,8 @@ class Linear:
         pack: bool = True,
         packed_max_rows: int = PACKED_MAX_ROWS,
     ) -> None:
-        """`packed_max_rows`: float32 batches up to this size take the packed kernel (a wide
-        output, like a vocabulary head, gains from it up to larger batches). A bfloat16 weight,
-        once packed, serves every batch and is not kept in its plain form (`weight` is None)."""
+        """`packed_max_rows`: batches up to this size take the packed kernel; ALL_ROWS: every
+        batch does, and the weight is kept in its packed form only (`weight` is None)."""
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.weight: torch.Tensor | None = weight.contiguous()
@@ -67,8 +72,7 @@ class Linear:
         packable = weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
         if pack and packable and _packing_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-            if weight.dtype == torch.bfloat16:
-                self.packed_max_rows = 1 << 62
+            if packed_max_rows >= ALL_ROWS:
                 self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from treebatch.config import ModelConfig
 from treebatch.layers.attention import AttentionMetadata, paged_attention
-from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, Linear
+from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, PACKED_MAX_ROWS, Linear
 
 
 def rope_inverse_frequencies(config: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,7 +69,10 @@ class LlamaForCausalLM:
         weights: dict[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         max_positions: int | None = None,
+        packed_max_rows: int = PACKED_MAX_ROWS,
     ) -> None:
+        """`packed_max_rows`: up to how many rows a projection takes its packed kernel (the
+        engine measures it for this CPU; layers/linear.py)."""
         self.config = config
         self.dtype = dtype
 
@@ -78,7 +81,7 @@ class LlamaForCausalLM:
 
         self.embed = take("model.embed_tokens.weight")
         lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
-        self.head = Linear(lm_head, packed_max_rows=HEAD_PACKED_MAX_ROWS)
+        self.head = Linear(lm_head, packed_max_rows=max(packed_max_rows, HEAD_PACKED_MAX_ROWS))
         self.final_norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):
@@ -91,11 +94,13 @@ class LlamaForCausalLM:
             qkv_bias = None
             if config.attention_bias:
                 qkv_bias = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
-            layer.qkv = Linear(torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]), qkv_bias)
-            layer.o_proj = Linear(take(attn + "o_proj.weight"))
+            layer.qkv = Linear(torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]), qkv_bias,
+                               packed_max_rows=packed_max_rows)
+            layer.o_proj = Linear(take(attn + "o_proj.weight"), packed_max_rows=packed_max_rows)
             mlp = prefix + "mlp."
-            layer.gate_up = Linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
-            layer.down = Linear(take(mlp + "down_proj.weight"))
+            layer.gate_up = Linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
+                                   packed_max_rows=packed_max_rows)
+            layer.down = Linear(take(mlp + "down_proj.weight"), packed_max_rows=packed_max_rows)
             self.layers.append(layer)
 
         num_positions = max_positions or config.max_position_embeddings

@@ -2,11 +2,10 @@
 against the memory the OS can still give: checked before any weight is converted, so a model
 too big for the machine is refused with the numbers instead of being killed halfway through.
 
-Weights as held (layers/linear.py): in bfloat16 every projection is kept once, in oneDNN's
-packed layout; in float32 a projection is kept plain (read from the memory-mapped file, so its
-pages are the page cache's and count fully only once read) and packed for small batches, so up
-to twice. A tied vocabulary head adds its packed copy beside the embedding either way. The
-smallest useful KV cache holds one sequence of the full context.
+Weights as held (layers/linear.py): a projection whose packed kernel serves every batch size
+(runtime/kernel_choice.py measures where it does) is kept once, packed; otherwise it is kept
+plain and packed, twice. A tied vocabulary head adds its packed copy beside the embedding either
+way. The smallest useful KV cache holds one sequence of the full context.
 """
 
 from __future__ import annotations
@@ -31,17 +30,17 @@ class MemoryNeed:
         return self.total <= self.available
 
 
-def weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
-    copies = 2 if dtype_bytes == 4 else 1  # float32: plain + packed; bfloat16: packed only
+def weight_bytes(config: ModelConfig, dtype_bytes: int, copies: int) -> int:
+    """`copies` of every projection (1: packed only; 2: plain and packed)."""
     embeddings = config.vocab_size * config.hidden_size
     projections = config.num_parameters - embeddings * (1 if config.tie_word_embeddings else 2)
     head = embeddings * copies if not config.tie_word_embeddings else embeddings
     return (projections * copies + embeddings + head) * dtype_bytes
 
 
-def memory_need(config: ModelConfig, dtype_bytes: int, max_model_len: int, available: int) -> MemoryNeed:
-    return MemoryNeed(weight_bytes(config, dtype_bytes), config.kv_bytes_per_token(dtype_bytes) * max_model_len,
-                      available)
+def memory_need(config: ModelConfig, dtype_bytes: int, copies: int, max_model_len: int, available: int) -> MemoryNeed:
+    return MemoryNeed(weight_bytes(config, dtype_bytes, copies),
+                      config.kv_bytes_per_token(dtype_bytes) * max_model_len, available)
 
 
 def check_fits(need: MemoryNeed, model_name: str, dtype: str) -> None:

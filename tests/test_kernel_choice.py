@@ -1,0 +1,39 @@
+"""The packed-kernel crossover is measured, not assumed: the rule over timings, and the cache."""
+
+from __future__ import annotations
+
+from treebatch.layers.linear import ALL_ROWS, PACKED_MAX_ROWS
+from treebatch.runtime import kernel_choice
+from treebatch.runtime.kernel_choice import crossover
+
+
+def test_crossover_is_the_last_size_packed_wins_from_the_start():
+    assert crossover({48: (1.0, 2.0), 160: (1.0, 2.0), 512: (1.0, 2.0)}) == ALL_ROWS  # AMD EPYC: always
+    assert crossover({48: (1.0, 2.0), 160: (3.0, 2.0), 512: (1.0, 2.0)}) == 48
+    assert crossover({48: (3.0, 2.0), 160: (1.0, 2.0), 512: (1.0, 2.0)}) == PACKED_MAX_ROWS  # loses at once
+    assert crossover({48: (1.05, 1.0), 160: (1.0, 1.0), 512: (1.08, 1.0)}) == ALL_ROWS  # a tie keeps one copy
+
+
+def test_the_choice_is_measured_once_per_machine_and_shape(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setenv("TREEBATCH_CACHE", str(tmp_path))
+    calls = []
+
+    def probe(dtype, in_features, out_features, repeats=3):
+        calls.append((dtype, in_features, out_features))
+        return {48: (1.0, 2.0), 160: (3.0, 2.0), 512: (3.0, 2.0)}
+
+    monkeypatch.setattr(kernel_choice, "probe", probe)
+    assert kernel_choice.packed_max_rows(torch.float32, 64, 128) == 48
+    assert kernel_choice.packed_max_rows(torch.float32, 64, 128) == 48 and len(calls) == 1  # cached
+    kernel_choice.packed_max_rows(torch.bfloat16, 64, 128)
+    assert len(calls) == 2  # another dtype is another measurement
+
+
+def test_the_probe_times_both_kernels():
+    import torch
+
+    timings = kernel_choice.probe(torch.float32, 32, 48, repeats=1)
+    assert timings == {} or (set(timings) == set(kernel_choice.PROBE_ROWS)
+                             and all(p > 0 and q > 0 for p, q in timings.values()))
