@@ -4,8 +4,8 @@ The per-step token budget is where throughput stops growing, and that depends on
 thread count and the model (and on the runner's code, which keeps getting faster), so treebatch
 times the loaded model at start-up instead of trusting a constant: forward passes of M prefill
 tokens for M from 16 to 2048, plus decodes (each over its own blocks) and a prefill chunk, each
-over a short and a long context, for the two attention terms. The result is a `CalibrationTable`, written as JSON under
-`<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
+over a short and a long context, for the two attention terms. The result is a
+`CalibrationTable`, written as JSON under `<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
 thread count, the CPU model and the code that runs the step, so a later start with the same key
 reads the file instead of measuring (about 4 s on 2 cores for SmolLM2-135M in float32).
 
@@ -157,8 +157,9 @@ def warm_up(runner: Any) -> None:
     """Forward passes of 16 and 64 tokens on scratch blocks, which it zeroes again: the first
     pass over a step size pays one-off costs (weights read from their memory-mapped file for
     the first time, allocator growth; 1.2 s on the first 1,024-token step of a run, measured),
-    which belong to start-up, not to the first step of the batch. Sixteen rows take the packed
-    projection kernels and 64 the plain ones, so both copies of every weight are touched."""
+    which belong to start-up, not to the first step of the batch. Two sizes, so that where the
+    projections' measured crossover lies between them (layers/linear.py) both copies of every
+    weight are touched."""
     block_size = runner.block_size
     num_blocks = runner.kv_cache.shape[2] // block_size
     table = [b % num_blocks for b in range(64 // block_size + 1)]
