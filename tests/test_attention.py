@@ -147,6 +147,7 @@ def test_nested_groups_hand_small_subgroups_up_to_the_enclosing_prefix():
     # What the cost model prices: each group's 4 queries against its prefix as one product
     # (4 * 12 + 4 * 8 many-query pairs), the decodes' own keys singly (b2: 3, a1: 5, a2: 6).
     assert layout.context_pairs() == (3 + 5 + 6, 4 * 12 + 4 * 8)
+    assert layout.num_prefill_chunks == 2  # b1 and m; the rest are single queries
     assert StepLayout(plain_decodes, plain_prefills).context_pairs() == (13 + 14 + 15, 3 * 12 + 2 * 8)
     _, _, plain_slots, plain_meta = build_step_inputs(StepLayout(plain_decodes, plain_prefills), BLOCK)
     q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)

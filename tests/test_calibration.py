@@ -13,7 +13,8 @@ from treebatch.runtime.calibration import cache_path, load_or_measure, measure
 
 class FakeRunner:
     """Charges a fake clock per step: a fixed cost up to 64 tokens, then 5000 tokens/s (the knee
-    is 128), plus 1 us per decode context key and 0.1 us per (chunk query, earlier key) pair."""
+    is 128), plus 1 us per decode context key, 0.1 us per (chunk query, earlier key) pair and
+    1 ms per prefill chunk beyond the first."""
 
     block_size = 16
 
@@ -27,6 +28,7 @@ class FakeRunner:
         self.clock[0] += max(0.02, plan.num_tokens / 5000)
         self.clock[0] += sum(c.start_position for c in plan.chunks if c.num_tokens == 1) * 1e-6
         self.clock[0] += sum(c.num_tokens * c.start_position for c in plan.chunks if c.num_tokens > 1) * 1e-7
+        self.clock[0] += max(0, sum(1 for c in plan.chunks if c.num_tokens > 1) - 1) * 1e-3
 
 
 def fake():
@@ -41,6 +43,7 @@ def test_measure_finds_the_knee_and_the_attention_cost():
     assert max(table.forward_seconds) == 512  # stopped once two sizes gained nothing, past 2 * floor
     assert abs(table.seconds_per_context_pair - 1e-6) < 1e-9
     assert abs(table.seconds_per_chunk_pair - 1e-7) < 1e-10
+    assert abs(table.seconds_per_chunk - 1e-3) < 1e-9
     assert runner.kv_cache.abs().sum() == 0  # scratch KV zeroed again
 
 

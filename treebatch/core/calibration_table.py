@@ -7,7 +7,8 @@ that both can read it.
 A step's time is modelled as
 
     forward_seconds(tokens) + seconds_per_context_pair * single-query pairs
-        + seconds_per_chunk_pair * many-query pairs + seconds_per_decode * decodes:
+        + seconds_per_chunk_pair * many-query pairs + seconds_per_decode * decodes
+        + seconds_per_chunk * prefill chunks:
 
 the first term is everything that grows with the number of tokens in the step (projections, MLP,
 logits, overheads), measured on prefill chunks of moderate length; the next two are attention over
@@ -15,8 +16,10 @@ keys already in the cache, one pair per (query token, cached key). A decode's pa
 reading its keys from memory costs (a decode over a long context is dearer than one over a short
 one); a prefill chunk's queries read their keys together in one matrix product, which costs
 arithmetic, several times less per pair on a CPU (core/step_layout.py counts both kinds). The
-last is what a decode costs beyond a prompt token of the same step (its own attention call, its
-block table), from the same decode measurement.
+last two are what a decode, and a prefill chunk, cost beyond as many prompt tokens in one
+long chunk (each its own attention call per layer, its mask, its block table): a step of 25
+ten-token chunks took 1.4x the time of one 256-token chunk (measured on a few-shot labelling
+batch), which the token count alone does not say.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ class CalibrationTable:
     is_complete: bool = True  # False: cut short by the time limit (not cached, fallback budget)
     seconds_per_decode: float = 0.0
     seconds_per_chunk_pair: float = 0.0  # a prefill chunk's attention over cached keys, per pair
+    seconds_per_chunk: float = 0.0  # a prefill chunk beyond its tokens
 
     def __post_init__(self) -> None:
         assert self.forward_seconds and all(t > 0 for t in self.forward_seconds.values())
-        assert self.token_budget > 0 and self.seconds_per_context_pair >= 0 and self.seconds_per_chunk_pair >= 0
+        assert self.token_budget > 0 and min(self.seconds_per_context_pair, self.seconds_per_chunk_pair) >= 0
 
     def forward_time(self, num_tokens: int) -> float:
         """Seconds of a forward pass over `num_tokens` tokens: piecewise linear between the
@@ -55,9 +59,11 @@ class CalibrationTable:
         return t_lo + (t_hi - t_lo) * (num_tokens - lo) / (hi - lo)
 
     def step_time(
-        self, num_tokens: int, num_context_pairs: int = 0, num_decodes: int = 0, num_chunk_pairs: int = 0
+        self, num_tokens: int, num_context_pairs: int = 0, num_decodes: int = 0, num_chunk_pairs: int = 0,
+        num_chunks: int = 0,
     ) -> float:
-        """`num_context_pairs`: single-query (decode) pairs; `num_chunk_pairs`: many-query ones."""
+        """`num_context_pairs`: single-query (decode) pairs; `num_chunk_pairs`: many-query ones;
+        `num_chunks`: prefill chunks (of more than one query)."""
         if num_tokens <= 0:
             return 0.0
         return (
@@ -65,6 +71,7 @@ class CalibrationTable:
             + self.seconds_per_context_pair * num_context_pairs
             + self.seconds_per_chunk_pair * num_chunk_pairs
             + self.seconds_per_decode * num_decodes
+            + self.seconds_per_chunk * max(0, num_chunks - 1)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +83,7 @@ class CalibrationTable:
             "is_complete": self.is_complete,
             "seconds_per_decode": self.seconds_per_decode,
             "seconds_per_chunk_pair": self.seconds_per_chunk_pair,
+            "seconds_per_chunk": self.seconds_per_chunk,
         }
 
     @classmethod
@@ -88,6 +96,7 @@ class CalibrationTable:
             is_complete=bool(data.get("is_complete", True)),
             seconds_per_decode=float(data.get("seconds_per_decode", 0.0)),
             seconds_per_chunk_pair=float(data.get("seconds_per_chunk_pair", 0.0)),
+            seconds_per_chunk=float(data.get("seconds_per_chunk", 0.0)),
         )
 
 

@@ -75,7 +75,7 @@ def replay(
         layout = layout_step(step.chunks, min_queries, min_decodes)
         num_decodes = step.num_decode_tokens
         single, many = layout.context_pairs()
-        seconds += table.step_time(step.num_tokens, single, num_decodes, many)
+        seconds += table.step_time(step.num_tokens, single, num_decodes, many, layout.num_prefill_chunks)
         steps += 1
         prefill += sum(c.num_computed_prompt_tokens for c in step.chunks)
         sampled = {c.request_id: 0 for c in step.chunks if c.needs_sample}

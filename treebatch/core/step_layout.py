@@ -57,6 +57,11 @@ class StepLayout:
                 ids.append(chunk.request_id)
         return rows, ids
 
+    @property
+    def num_prefill_chunks(self) -> int:
+        """Chunks of more than one query, plain or in a group."""
+        return sum(1 for c in self.ordered if not c.is_single_query)
+
     def context_pairs(self) -> tuple[int, int]:
         """(query, cached key) pairs the step's attention reads, as (single-query, many-query).
 

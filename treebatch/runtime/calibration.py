@@ -31,7 +31,7 @@ from treebatch.core.calibration_table import MIN_TOKEN_BUDGET, CalibrationTable,
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 from treebatch.host import cpu_model
 
-FORMAT = 6  # bump when what is measured changes, so stale files are not reused
+FORMAT = 8  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _SEQUENCE_LEN = 256  # a prefill step is made of prompts this long (attention stays moderate)
 _DECODE_BATCH = 16
@@ -39,6 +39,11 @@ _DECODE_CONTEXTS = (64, 1024)
 # A prefill chunk of this many tokens at position 0 and at _CHUNK_START: the difference is its
 # queries' attention over the keys before it.
 _CHUNK_TOKENS, _CHUNK_START = 128, 896
+# 256 tokens after a 256-token prefix as one chunk, and as 16 group members' chunks of 16.
+_SHORT_CHUNKS, _SHORT_CHUNK_LEN, _GROUP_PREFIX = 16, 16, 256
+# The scratch group's id: no engine group has a negative id, so the runner's store of gathered
+# prefixes (keyed by group id) never serves its scratch keys to a real group.
+_CALIBRATION_GROUP = -1
 _TIME_LIMIT_S = 4.0
 FALLBACK_TOKEN_BUDGET = 512
 _CODE_FILES = (
@@ -130,11 +135,17 @@ def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.
         chunk_short, chunk_long = (
             _best_time(runner, _chunk_plan(_CHUNK_TOKENS, start, table), timer) for start in (0, _CHUNK_START)
         )
+        # The same tokens after the same 256 cached keys, as one chunk and as the short chunks
+        # of 16 members of a prefix group: what a chunk costs beyond its tokens.
+        tokens = _SHORT_CHUNKS * _SHORT_CHUNK_LEN
+        one_chunk = _best_time(runner, _chunk_plan(tokens, _GROUP_PREFIX, table), timer)
+        many_chunks = _best_time(runner, _group_plan(tables, block_size), timer)
     finally:
         runner.kv_cache[:, :, : used * block_size] = 0  # scratch KV back to zeros
     pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[1] - _DECODE_CONTEXTS[0])
     per_pair = max(0.0, (long - short) / pairs)
     per_chunk_pair = max(0.0, (chunk_long - chunk_short) / (_CHUNK_TOKENS * _CHUNK_START))
+    per_chunk = max(0.0, (many_chunks - one_chunk) / (_SHORT_CHUNKS - 1))
     partial = CalibrationTable(forward, per_pair, 1)
     # What the short-context decodes cost beyond as many prompt tokens and their keys.
     short_pairs = _DECODE_BATCH * (_DECODE_CONTEXTS[0] + 1)
@@ -150,6 +161,7 @@ def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.
         is_complete=is_complete,
         seconds_per_decode=per_decode,
         seconds_per_chunk_pair=per_chunk_pair,
+        seconds_per_chunk=per_chunk,
     )
 
 
@@ -241,6 +253,22 @@ def _prefill_plan(num_tokens: int, sequence_len: int, block_table: list[int]) ->
 def _chunk_plan(num_tokens: int, start: int, block_table: list[int]) -> StepPlan:
     ids = np.random.default_rng(start).integers(100, 1000, size=num_tokens).tolist()
     return StepPlan([ScheduledChunk("calibration-chunk", ids, start, block_table, False, 0)])
+
+
+def _group_plan(block_tables: list[list[int]], block_size: int) -> StepPlan:
+    """_SHORT_CHUNKS members of one group, each a _SHORT_CHUNK_LEN-token chunk after the group's
+    _GROUP_PREFIX shared tokens (the first table's blocks), each in blocks of its own after them."""
+    num_shared = _GROUP_PREFIX // block_size
+    shared = block_tables[0][:num_shared]
+    own = -(-_SHORT_CHUNK_LEN // block_size)
+    rng = np.random.default_rng(_GROUP_PREFIX)
+    chunks = [
+        ScheduledChunk(f"calibration-member-{i}", rng.integers(100, 1000, size=_SHORT_CHUNK_LEN).tolist(),
+                       _GROUP_PREFIX, shared + table[num_shared : num_shared + own], False, 0,
+                       group_id=_CALIBRATION_GROUP, num_shared_tokens=_GROUP_PREFIX)
+        for i, table in zip(range(_SHORT_CHUNKS), block_tables)
+    ]
+    return StepPlan(chunks)
 
 
 def _decode_plan(context: int, block_tables: list[list[int]]) -> StepPlan:
