@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from treebatch.core.calibration_table import MIN_TOKEN_BUDGET, CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 from treebatch.host import cpu_model
+from treebatch.runtime.machine_cache import write_atomically
 
 FORMAT = 8  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -107,7 +106,7 @@ def load_or_measure(runner: Any, key: dict[str, Any], cache_dir: Path, timer: Ti
         pass  # missing or unreadable: measure again
     table = measure(runner, key, timer)
     if table.is_complete:  # an interrupted measurement is not worth keeping: retry next start
-        _write_atomically(path, json.dumps(table.to_dict(), indent=1))
+        write_atomically(path, json.dumps(table.to_dict(), indent=1))
     return table
 
 
@@ -276,14 +275,3 @@ def _decode_plan(context: int, block_tables: list[list[int]]) -> StepPlan:
         ScheduledChunk(f"calibration-{i}", [100 + i], context, table, False, 0) for i, table in enumerate(block_tables)
     ]
     return StepPlan(chunks)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only means measuring again next time

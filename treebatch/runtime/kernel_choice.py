@@ -12,14 +12,12 @@ follows the answer: the largest probed size up to which packed wins at every pro
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
+from typing import Any
 
 import torch
 
-from treebatch.host import cache_root, cpu_model, cpuinfo_field
 from treebatch.layers.linear import ALL_ROWS, PACKED_MAX_ROWS, Linear
+from treebatch.runtime.machine_cache import best_seconds, cached, machine_key
 
 PROBE_ROWS = (48, 160, 512)
 # Packed is chosen up to 10% slower than the plain kernel: chosen for every size it saves the
@@ -30,23 +28,13 @@ TOLERANCE = 1.10
 
 def packed_max_rows(dtype: torch.dtype, in_features: int, out_features: int) -> int:
     """The measured crossover for a [out_features, in_features] weight in `dtype` (cached)."""
-    key = {"cpu": cpu_model(), "flags": cpuinfo_field("flags", "Features") or "", "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "dtype": str(dtype), "shape": [out_features, in_features],
-           "rows": list(PROBE_ROWS)}
-    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
-    path = cache_root() / "calibration" / f"kernels-{name}.json"
-    try:
-        return int(json.loads(path.read_text())["packed_max_rows"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    timings = probe(dtype, in_features, out_features)
-    choice = crossover(timings)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "seconds": timings, "packed_max_rows": choice}))
-    except OSError:
-        pass  # a read-only cache only means measuring again next start
-    return choice
+    key = machine_key(dtype=str(dtype), shape=[out_features, in_features], rows=list(PROBE_ROWS))
+
+    def measure() -> dict[str, Any]:
+        timings = probe(dtype, in_features, out_features)
+        return {"seconds": timings, "packed_max_rows": crossover(timings)}
+
+    return int(cached("kernels", key, measure)["packed_max_rows"])
 
 
 def crossover(timings: dict[int, tuple[float, float]]) -> int:
@@ -70,18 +58,7 @@ def probe(dtype: torch.dtype, in_features: int, out_features: int, repeats: int 
         return {}
     plain = Linear(weight, pack=False)
     timings: dict[int, tuple[float, float]] = {}
-    with torch.inference_mode():
-        for rows in PROBE_ROWS:
-            x = torch.randn(rows, in_features, generator=generator).to(dtype)
-            timings[rows] = (_best(packed, x, repeats), _best(plain, x, repeats))
+    for rows in PROBE_ROWS:
+        x = torch.randn(rows, in_features, generator=generator).to(dtype)
+        timings[rows] = (best_seconds(lambda: packed(x), repeats), best_seconds(lambda: plain(x), repeats))
     return timings
-
-
-def _best(linear: Linear, x: torch.Tensor, repeats: int) -> float:
-    linear(x)  # the first call builds the kernel
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        linear(x)
-        best = min(best, time.perf_counter() - start)
-    return best

@@ -14,15 +14,13 @@ TREEBATCH_FORCE_FP32_CPU=1 to treat the CPU as one without bf16 instructions.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import time
 
 import torch
 
-from treebatch.host import cache_root, cpu_model, cpuinfo_field
+from treebatch.host import cpuinfo_field
 from treebatch.layers.linear import Linear
+from treebatch.runtime.machine_cache import best_seconds, cached, machine_key
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # bfloat16 must be at least this much faster than float32 on the probe to be chosen.
@@ -51,32 +49,14 @@ def resolve_dtype(requested: str) -> str:
 def bf16_speedup() -> float:
     """float32 seconds over bfloat16 seconds for one projection of a 1B-class layer's width, as
     `Linear` runs it: measured once per machine and cached."""
-    key = {"cpu": cpu_model(), "flags": cpuinfo_field("flags", "Features") or "", "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "probe": [_PROBE_ROWS, _PROBE_IN, _PROBE_OUT]}
-    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
-    path = cache_root() / "calibration" / f"precision-{name}.json"
-    try:
-        return float(json.loads(path.read_text())["bf16_speedup"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    speedup = _probe_seconds(torch.float32) / _probe_seconds(torch.bfloat16)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "bf16_speedup": speedup}))
-    except OSError:
-        pass  # a read-only cache only means measuring again next start
-    return speedup
+    def measure() -> dict[str, float]:
+        return {"bf16_speedup": _probe_seconds(torch.float32) / _probe_seconds(torch.bfloat16)}
+
+    return float(cached("precision", machine_key(probe=[_PROBE_ROWS, _PROBE_IN, _PROBE_OUT]), measure)["bf16_speedup"])
 
 
 def _probe_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
     generator = torch.Generator().manual_seed(0)
     linear = Linear(torch.randn(_PROBE_OUT, _PROBE_IN, generator=generator).to(dtype))
     x = torch.randn(_PROBE_ROWS, _PROBE_IN, generator=generator).to(dtype)
-    best = float("inf")
-    with torch.inference_mode():
-        linear(x)  # the first call builds the kernel
-        for _ in range(repeats):
-            start = time.perf_counter()
-            linear(x)
-            best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(lambda: linear(x), repeats)
