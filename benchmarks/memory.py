@@ -41,8 +41,6 @@ def child(model: str, dtype: str) -> None:
     import time
 
     from treebatch import LLM
-    from treebatch.layers.linear import ALL_ROWS
-    from treebatch.runtime.memory import weight_bytes
 
     # The kernel keeps no peak of anonymous memory (VmHWM also counts the pages of memory-mapped
     # weight files, which the page cache can take back): sample RssAnon while loading.
@@ -62,11 +60,10 @@ def child(model: str, dtype: str) -> None:
     loading.clear()
     sampler.join()
     engine = llm.engine
-    copies = 1 if engine.packed_max_rows >= ALL_ROWS else 2
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     kib = {key: int(status[key].split()[0]) for key in ("VmHWM", "VmRSS")}
-    print(json.dumps({"weights_as_held_mib": weight_bytes(engine.model_config, 2 if dtype == "bfloat16" else 4, copies) / 2**20,
-                      "copies": copies, "peak_mib": kib["VmHWM"] / 1024, "resident_mib": kib["VmRSS"] / 1024,
+    print(json.dumps({"weights_as_held_mib": engine.memory_need.weights / 2**20,
+                      "copies": engine.memory_need.copies, "peak_mib": kib["VmHWM"] / 1024, "resident_mib": kib["VmRSS"] / 1024,
                       "peak_anon_mib": peak_anon[0] / 1024, "anon_mib": _status_kib("RssAnon") / 1024,
                       "parameters": engine.model_config.num_parameters}))
 

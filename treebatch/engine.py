@@ -91,8 +91,8 @@ class LLMEngine:
         # The weights are still memory-mapped here: refuse a model that cannot fit before
         # converting any of them.
         copies = 1 if self.packed_max_rows >= ALL_ROWS else 2
-        need = memory_need(c, dtype.itemsize, copies, self.max_model_len, available_memory_bytes())
-        check_fits(need, loaded.name, self.dtype)
+        self.memory_need = memory_need(c, dtype.itemsize, copies, self.max_model_len, available_memory_bytes())
+        check_fits(self.memory_need, loaded.name, self.dtype)
         self._calibration_key = calibration_key(loaded.weights, c, self.dtype, config.cache.block_size)
         self._calibration_key["packed_max_rows"] = self.packed_max_rows  # another choice, other step costs
         model = LlamaForCausalLM(c, loaded.weights, dtype, self.max_model_len, self.packed_max_rows)

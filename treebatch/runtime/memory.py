@@ -20,6 +20,7 @@ class MemoryNeed:
     weights: int  # bytes of the weights as the kernels hold them
     kv_cache: int  # bytes of KV for one sequence of the full context
     available: int
+    copies: int = 1  # of every projection: 1 packed only, 2 plain and packed
 
     @property
     def total(self) -> int:
@@ -40,7 +41,7 @@ def weight_bytes(config: ModelConfig, dtype_bytes: int, copies: int) -> int:
 
 def memory_need(config: ModelConfig, dtype_bytes: int, copies: int, max_model_len: int, available: int) -> MemoryNeed:
     return MemoryNeed(weight_bytes(config, dtype_bytes, copies),
-                      config.kv_bytes_per_token(dtype_bytes) * max_model_len, available)
+                      config.kv_bytes_per_token(dtype_bytes) * max_model_len, available, copies)
 
 
 def check_fits(need: MemoryNeed, model_name: str, dtype: str) -> None:
