@@ -47,8 +47,16 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        return chat_token_ids(self.tokenizer, messages, add_generation_prompt)
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The prompt token ids of one conversation, as `chat` computes them. ValueError if the
+        model has no chat template (a base model) or `chat_template_kwargs` is not an object of
+        JSON values."""
+        return chat_token_ids(self.tokenizer, messages, add_generation_prompt, chat_template_kwargs, self.model_name)
 
     def chat(
         self,
@@ -56,10 +64,15 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them. `chat_template_kwargs` are extra
+        variables for the chat template (Qwen3: `{"enable_thinking": False}`), the same for every
+        conversation. A model without a chat template raises ValueError before anything runs."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            {"prompt_token_ids": self.apply_chat_template(list(c), add_generation_prompt)} for c in conversations
+            {"prompt_token_ids": self.apply_chat_template(list(c), add_generation_prompt, chat_template_kwargs)}
+            for c in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -8,6 +8,7 @@ call per line is what makes planning a 100k-line file take seconds.
 
 from __future__ import annotations
 
+import json
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from treebatch.batch.reader import BatchEntry, LineError
 from treebatch.batch.requests import RequestError, fit_context
 from treebatch.inputs import TokenIdError, check_token_ids
 from treebatch.sampling_params import SamplingParams
+from treebatch.tokenizer import has_chat_template, render_chat
 
 _ENCODE_CHUNK = 4096
 
@@ -38,12 +40,13 @@ class PromptTokenizer:
 
     The tokenizer must be callable on a list of texts (`tokenizer(texts, add_special_tokens=...)`
     returning `input_ids`) and render chat templates (`apply_chat_template(messages, tokenize=False,
-    add_generation_prompt=True)`).
+    add_generation_prompt=True, **chat_template_kwargs)`). `model_name` names the model in errors.
     """
 
-    def __init__(self, tokenizer: Any, max_model_len: int) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: int, model_name: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.model_name = model_name
         try:
             self.vocab_size: int | None = len(tokenizer)
         except TypeError:
@@ -52,7 +55,7 @@ class PromptTokenizer:
     @classmethod
     def of(cls, llm: Any) -> PromptTokenizer:
         """From anything with `tokenizer` and `max_model_len` (an LLM, or the tokenizer-only load)."""
-        return cls(llm.tokenizer, llm.max_model_len)
+        return cls(llm.tokenizer, llm.max_model_len, getattr(llm, "model_name", None))
 
     def encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         out: list[list[int]] = []
@@ -61,22 +64,50 @@ class PromptTokenizer:
             out.extend(self.tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"])
         return out
 
-    def render_chats(self, conversations: list[list[dict[str, str]]]) -> list[str | Exception]:
+    @property
+    def has_chat_template(self) -> bool:
+        return has_chat_template(self.tokenizer)
+
+    def render_chats(
+        self,
+        conversations: list[list[dict[str, str]]],
+        template_kwargs: list[dict[str, Any] | None] | None = None,
+    ) -> list[str | Exception]:
         """Each conversation as text (later encoded without special tokens: the template writes
-        BOS itself, the rule of treebatch.tokenizer.chat_token_ids), or the template's error."""
-        if not conversations:
-            return []
-        try:  # one batched call: the template's per-call setup is a good part of its cost
-            return list(self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True))
+        BOS itself, the rule of treebatch.tokenizer.chat_token_ids), or the template's error.
+
+        `template_kwargs[i]` holds conversation i's extra template variables (None: none).
+        Conversations with equal kwargs render together in one batched call: the template's
+        per-call setup is a good part of its cost, and a call takes one set of kwargs."""
+        if template_kwargs is None:
+            template_kwargs = [None] * len(conversations)
+        batches: dict[str, list[int]] = {}
+        for i, kwargs in enumerate(template_kwargs):
+            batches.setdefault(_kwargs_key(kwargs), []).append(i)
+        out: list[str | Exception] = [""] * len(conversations)
+        for members in batches.values():
+            kwargs = template_kwargs[members[0]]
+            for i, text in zip(members, self._render_batch([conversations[i] for i in members], kwargs)):
+                out[i] = text
+        return out
+
+    def _render_batch(self, conversations: list[list[dict[str, str]]], kwargs: dict[str, Any] | None) -> list[str | Exception]:
+        try:  # one batched call
+            return list(render_chat(self.tokenizer, conversations, True, kwargs))
         except Exception:
             pass  # some conversation is bad: render one by one to pin it down
         out: list[str | Exception] = []
         for messages in conversations:
             try:
-                out.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+                out.append(render_chat(self.tokenizer, messages, True, kwargs))
             except Exception as exc:  # template errors (e.g. role order) belong to that line only
                 out.append(exc)
         return out
+
+
+def _kwargs_key(kwargs: dict[str, Any] | None) -> str:
+    """One key per distinct set of template variables (validated JSON values, so they dump)."""
+    return json.dumps(kwargs, sort_keys=True) if kwargs else ""
 
 
 def prepare_window(entries: list[BatchEntry], tokenizer: PromptTokenizer) -> list[PreparedRequest | LineError]:
@@ -95,7 +126,18 @@ def prepare_window(entries: list[BatchEntry], tokenizer: PromptTokenizer) -> lis
             ids[i] = request.prompt
     chats: list[int] = []
     chat_texts: list[str] = []
-    rendered = tokenizer.render_chats([entries[i].request.messages for i in chat_lines])
+    if chat_lines and not tokenizer.has_chat_template:  # a base model: never a guessed template
+        reason = RequestError(
+            f"model {tokenizer.model_name or 'in use'} has no chat template; use /v1/completions",
+            code="no_chat_template",
+        )
+        for i in chat_lines:
+            results[i] = _error(entries[i], reason)
+        chat_lines = []
+    rendered = tokenizer.render_chats(
+        [entries[i].request.messages for i in chat_lines],
+        [entries[i].request.chat_template_kwargs for i in chat_lines],
+    )
     for i, text in zip(chat_lines, rendered):
         if isinstance(text, Exception):
             results[i] = _error(entries[i], RequestError(f"messages: chat template failed: {text}"))

@@ -13,6 +13,7 @@ from typing import Any
 
 from treebatch.inputs import ContextLengthError, fit_max_tokens
 from treebatch.sampling_params import SamplingParams
+from treebatch.tokenizer import check_chat_template_kwargs
 
 COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"
@@ -57,6 +58,7 @@ _SAMPLING_FIELDS = frozenset(
 _COMPLETIONS_FIELDS = _SAMPLING_FIELDS | {"prompt", "logprobs", "best_of"}
 _CHAT_FIELDS = _SAMPLING_FIELDS | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+    "chat_template_kwargs",  # vLLM's extension: extra template variables (Qwen3's enable_thinking)
 }
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
 
@@ -83,6 +85,8 @@ class ParsedRequest:
     logprobs: int | None = None
     model: str | None = None
     max_tokens_given: bool = False  # False: the default may be shortened to fit the context
+    # Chat: extra chat-template variables, e.g. {"enable_thinking": False}; None when none.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -162,7 +166,16 @@ def _parse_chat(body: dict[str, Any]) -> ParsedRequest:
         logprobs=logprobs,
         model=_model(body),
         max_tokens_given=max_tokens is not None,
+        chat_template_kwargs=_chat_template_kwargs(body.get("chat_template_kwargs")),
     )
+
+
+def _chat_template_kwargs(value: Any) -> dict[str, Any] | None:
+    try:
+        kwargs = check_chat_template_kwargs(value)
+    except ValueError as exc:
+        raise RequestError(f"chat_template_kwargs: {exc}") from exc
+    return kwargs or None
 
 
 def _sampling_params(body: dict[str, Any], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
