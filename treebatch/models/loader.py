@@ -46,12 +46,16 @@ class LoadedModel:
 def load_model(path: str | None, cache_dir: str | Path | None = None) -> LoadedModel:
     """Load `path`: a HF folder, a .gguf file, or None for the embedded default model.
 
-    `cache_dir` replaces `cache_root()` for the GGUF conversion cache.
+    `cache_dir` replaces `cache_root()` for the GGUF conversion cache. A known model name
+    (treebatch/models/named.py: "gemma3-270m") is fetched once and served under that name.
     """
-    if path is None:
-        from treebatch.models.default import default_model_path
+    from treebatch.models.named import resolve_model
 
-        path = str(default_model_path())
+    path, served_name = resolve_model(path)
+    if served_name is not None:
+        named = load_model(path, cache_dir)
+        named.name = served_name
+        return named
     p = Path(path).expanduser()
     if p.is_dir():
         return load_hf_folder(p)
@@ -318,10 +322,13 @@ def load_tokenizer_files(path: str | None, cache_dir: str | Path | None = None) 
     A GGUF file already converted is served from its cache folder; otherwise only its tokenizer
     is converted (from the metadata), into `tokenizers/<hash>/` beside the model cache.
     """
-    if path is None:
-        from treebatch.models.default import default_model_path
+    from treebatch.models.named import resolve_model
 
-        path = str(default_model_path())
+    path, served_name = resolve_model(path)
+    if served_name is not None:
+        named = load_tokenizer_files(path, cache_dir)
+        named.name = served_name
+        return named
     p = Path(path).expanduser()
     if p.is_dir():
         cfg = _read_json(p / "config.json") or {}
