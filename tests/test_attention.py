@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
-from treebatch.layers.attention import paged_attention
+from treebatch.layers.attention import LayerAttention, paged_attention
 from treebatch.core.step_layout import StepLayout, layout_step
 from treebatch.runtime.step_inputs import build_step_inputs
 
@@ -16,20 +16,34 @@ BLOCK = 4
 HEADS, KV_HEADS, DIM = 6, 2, 8
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """q: [n, H, D] at positions start..; k, v: [start + n, KV, D]; explicit softmax per head."""
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """q: [n, H, D] at positions start..; k, v: [start + n, KV, D]; explicit softmax per head
+    (over the last `window` keys; scores soft-capped by `softcap`)."""
     group = HEADS // KV_HEADS
     out = torch.empty_like(q)
     for i in range(q.shape[0]):
+        first = max(0, start + i + 1 - window) if window else 0
         for h in range(HEADS):
-            keys = k[: start + i + 1, h // group]
-            weights = (keys @ q[i, h] / math.sqrt(DIM)).softmax(0)
-            out[i, h] = weights @ v[: start + i + 1, h // group]
+            keys = k[first : start + i + 1, h // group]
+            scores = keys @ q[i, h] / math.sqrt(DIM)
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            out[i, h] = scores.softmax(0) @ v[first : start + i + 1, h // group]
     return out
 
 
+# Plain; windows that cut the prefix of the group test below partly (3) or wholly (1) for every
+# query; a window with soft-capped scores.
+ATTENTIONS = [LayerAttention(DIM**-0.5), LayerAttention(DIM**-0.5, window=3), LayerAttention(DIM**-0.5, window=1),
+              LayerAttention(DIM**-0.5, window=5, softcap=0.8)]
+ATTENTION_IDS = ["plain", "window3", "window1", "window5-softcap"]
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS, ids=ATTENTION_IDS)
 @pytest.mark.parametrize("native_decode", [True, False])
-def test_decodes_and_chunks_match_reference(native_decode: bool):
+def test_decodes_and_chunks_match_reference(native_decode: bool, attn: LayerAttention):
     torch.manual_seed(0)
     num_blocks = 32
     k_cache = torch.randn(num_blocks * BLOCK, KV_HEADS, DIM)
@@ -44,12 +58,12 @@ def test_decodes_and_chunks_match_reference(native_decode: bool):
     _, _, slot_mapping, metadata = build_step_inputs(StepLayout(chunks[:2], chunks[2:]), BLOCK)
     metadata.native_decode = native_decode  # the C kernel, or gathered blocks + torch's kernel
     q = torch.randn(slot_mapping.numel(), HEADS, DIM)
-    out = paged_attention(q, k_cache, v_cache, metadata, DIM**-0.5)
+    out = paged_attention(q, k_cache, v_cache, metadata, attn)
 
     row = 0
     for start, n, table in layout:
         slots = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start + n)]
-        expected = reference(q[row : row + n], k_cache[slots], v_cache[slots], start)
+        expected = reference(q[row : row + n], k_cache[slots], v_cache[slots], start, attn.window, attn.softcap)
         torch.testing.assert_close(out[row : row + n], expected, atol=1e-5, rtol=1e-5)
         row += n
     # The step's own tokens are written at the slots of their positions.
@@ -65,8 +79,9 @@ def _rows_by_request(chunks_in_order):
     return rows
 
 
+@pytest.mark.parametrize("attn", ATTENTIONS, ids=ATTENTION_IDS)
 @pytest.mark.parametrize("native_decode", [True, False])
-def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: bool):
+def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: bool, attn: LayerAttention):
     """Ragged group: decodes with different suffix lengths and prefill chunks of several sizes,
     all continuing one 8-token (2-block) shared prefix; plus a plain request beside them."""
     torch.manual_seed(1)
@@ -86,7 +101,6 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
         for r, start, n, own in layout
     ]
     chunks.append(ScheduledChunk("plain", [0] * 3, 4, [20, 21], True, 1))
-    scale = DIM**-0.5
 
     plain_chunks = [
         ScheduledChunk(c.request_id, c.token_ids, c.start_position, c.block_table, True, 1) for c in chunks
@@ -95,7 +109,7 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
     plain_prefills = [c for c in plain_chunks if c.num_tokens > 1]
     _, _, plain_slots, plain_meta = build_step_inputs(StepLayout(plain_decodes, plain_prefills), BLOCK)
     q_plain = torch.randn(plain_slots.numel(), HEADS, DIM)
-    expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, scale)
+    expected = paged_attention(q_plain, k_cache, v_cache, plain_meta, attn)
     plain_rows = _rows_by_request(plain_decodes + plain_prefills)
 
     layout = layout_step(chunks, min_queries=2, min_decodes=1)
@@ -107,7 +121,9 @@ def test_shared_prefix_attention_equals_plain_paged_attention(native_decode: boo
     q = torch.empty_like(q_plain)
     for chunk in order:  # the same queries, in the cascade layout
         q[rows[chunk.request_id]] = q_plain[plain_rows[chunk.request_id]]
-    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    out = paged_attention(q, k_cache, v_cache, meta, attn)
+    if attn.window == 1:  # every query's window starts after the prefix: its product is skipped
+        assert meta.cascades[0].masks[1] == "skip"
     assert sorted(slots.tolist()) == sorted(plain_slots.tolist())
     for chunk in order:
         torch.testing.assert_close(

@@ -32,6 +32,6 @@ def test_the_engine_refuses_before_building_the_model(monkeypatch):
     import treebatch.engine as engine
 
     monkeypatch.setattr(engine, "available_memory_bytes", lambda: 16 << 20)
-    monkeypatch.setattr(engine, "LlamaForCausalLM", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(engine, "DecoderForCausalLM", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(MemoryError, match="16 MiB|0.02 GiB"):
         engine.LLMEngine(engine.EngineConfig(dtype="float32"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from treebatch.core.outputs import ScheduledChunk
-from treebatch.models.llama import LlamaForCausalLM
+from treebatch.models.decoder import DecoderForCausalLM
 from treebatch.models.loader import load_model
 from treebatch.runtime.kv_cache import allocate_kv_cache
 from treebatch.core.step_layout import StepLayout
@@ -63,7 +63,7 @@ def test_tiny_model_prefill_and_chunks_match_transformers(build, tmp_path):
     reference = build().eval()
     reference.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
-    model = LlamaForCausalLM(loaded.config, loaded.weights)
+    model = DecoderForCausalLM(loaded.config, loaded.weights)
     block_size = 4
     kv_cache = allocate_kv_cache(loaded.config, 64, block_size, torch.float32)
 

@@ -11,16 +11,17 @@ from treebatch.layers.attention import attention_with_lse_reference
 needs_kernel = pytest.mark.skipif(native.paged_decode_kernel() is None, reason="no C compiler here")
 
 
-def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale):
+def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale, window=None, softcap=None):
     num_seqs, num_heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     outs, lses = [], []
     for s in range(num_seqs):
         length = int(lengths[s])
-        slots = [int(tables[s, t // block_size]) * block_size + t % block_size for t in range(length)]
+        first = max(0, length - window) if window else 0
+        slots = [int(tables[s, t // block_size]) * block_size + t % block_size for t in range(first, length)]
         keys = k_cache[slots].repeat_interleave(num_heads // kv_heads, dim=1).transpose(0, 1)  # [H, L, D]
         values = v_cache[slots].repeat_interleave(num_heads // kv_heads, dim=1).transpose(0, 1)
-        out, lse = attention_with_lse_reference(q[s].unsqueeze(1), keys, values, scale)
+        out, lse = attention_with_lse_reference(q[s].unsqueeze(1), keys, values, scale, softcap=softcap)
         outs.append(out.squeeze(1))
         lses.append(lse.squeeze(1))
     return torch.stack(outs), torch.stack(lses)
@@ -44,6 +45,27 @@ def test_kernel_equals_explicit_softmax(num_heads, kv_heads, dim, block_size):
     expected = _reference(q, k_cache, v_cache, tables, lengths, block_size, 0.3)
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(5, None), (16, None), (21, 2.0), (None, 1.5)])
+def test_sliding_window_and_softcap_equal_the_explicit_softmax(window, softcap, dtype):
+    """Windows that start mid-block, on a block edge and across several blocks; soft-caps that
+    bite (the scores here reach +-5). bf16 tolerance as in the test above."""
+    torch.manual_seed(7)
+    num_blocks, block_size, kv_heads, dim = 40, 16, 3, 64
+    k_cache = (2 * torch.randn(num_blocks * block_size, kv_heads, dim)).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(dtype)
+    lengths = torch.tensor([1, 4, 16, 17, 40, 77], dtype=torch.int64)
+    tables = torch.stack([torch.randperm(num_blocks)[:5] for _ in lengths])
+    q = torch.randn(len(lengths), 9, dim).to(dtype)
+    got = native.paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size, 0.3, window, softcap)
+    assert got is not None
+    out, lse = _reference(q.float(), k_cache.float(), v_cache.float(), tables, lengths, block_size, 0.3, window, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got[0].float(), out, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
 
 
 @needs_kernel

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral)."""
+    """Architecture of a decoder-only transformer: Llama's, plus the features other families
+    switch on (treebatch/models/families.py says which family sets which)."""
 
     vocab_size: int
     hidden_size: int
@@ -34,10 +38,41 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "llama"
+    # Per layer, its sliding window (a query at position p sees keys (p - w, p]) or None for full
+    # attention; () when no layer has a window.
+    layer_windows: tuple[int | None, ...] = ()
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotation (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # norms scale by (norm_offset + weight): 1.0 in Gemma
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma 2, 3)
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" or "gelu_tanh"
+    embedding_multiplier: float = 1.0  # embeddings scaled by this (Gemma: sqrt(hidden_size))
+    attn_logit_softcap: float | None = None  # scores -> c tanh(scores / c) (Gemma 2)
+    final_logit_softcap: float | None = None  # the same for the logits
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    partial_rotary_factor: float = 1.0  # the rotation covers this fraction of each head (Phi-3)
+    # The rotary base of the sliding-window layers, where it differs (Gemma 3); they take no scaling.
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
-        assert self.head_dim % 2 == 0, "rotary embeddings need an even head_dim"
+        assert self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim, "rotary dims must be even"
+        assert not self.layer_windows or len(self.layer_windows) == self.num_layers
+        assert all(w is None or w > 0 for w in self.layer_windows)
+        assert self.hidden_act in HIDDEN_ACTS, f"hidden_act must be one of {HIDDEN_ACTS}"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def max_window(self) -> int | None:
+        """The longest sliding window, or None when some layer attends to every key."""
+        if not self.layer_windows or any(w is None for w in self.layer_windows):
+            return None
+        return max(self.layer_windows)  # type: ignore[type-var]
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -48,7 +83,8 @@ class ModelConfig:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        norms = (4 if self.sandwich_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + norms
         embeddings = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + h
 

@@ -20,9 +20,9 @@ from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
 from treebatch.host import cache_root
 from treebatch.layers.linear import ALL_ROWS
-from treebatch.models.llama import LlamaForCausalLM
+from treebatch.models.decoder import DecoderForCausalLM
 from treebatch.models.loader import load_model
-from treebatch.runtime.calibration import calibration_key, load_or_measure, warm_up
+from treebatch.runtime.calibration import MAX_POSITION, calibration_key, load_or_measure, warm_up
 from treebatch.runtime.kernel_choice import packed_max_rows
 from treebatch.runtime.kv_cache import allocate_kv_cache, available_memory_bytes, num_kv_blocks
 from treebatch.runtime.memory import check_fits, memory_need
@@ -95,7 +95,8 @@ class LLMEngine:
         check_fits(self.memory_need, loaded.name, self.dtype)
         self._calibration_key = calibration_key(loaded.weights, c, self.dtype, config.cache.block_size)
         self._calibration_key["packed_max_rows"] = self.packed_max_rows  # another choice, other step costs
-        model = LlamaForCausalLM(c, loaded.weights, dtype, self.max_model_len, self.packed_max_rows)
+        positions = max(self.max_model_len, MAX_POSITION)  # start-up timing runs past a short context
+        model = DecoderForCausalLM(c, loaded.weights, dtype, positions, self.packed_max_rows)
         del loaded
 
         block_size = config.cache.block_size

@@ -9,6 +9,13 @@ Everything that depends only on the step (block indices, masks as additive biase
 by the runner or at the first layer; per layer there remain block gathers, the attention products
 and one concatenation. On a few CPU cores each extra small op costs a thread-pool round trip, and
 a step pays it once per layer.
+
+A layer may differ from plain softmax attention in two ways (`LayerAttention`): a sliding window
+(a query at position p sees keys (p - window, p]: Mistral, the local layers of Gemma 2 and 3) and
+soft-capped scores (Gemma 2). Every path honours both: the in-place kernel skips the blocks before
+the window, a prefill chunk attends only from its window's first key, and a group whose prefix
+lies wholly before every one of its queries' windows skips that layer's prefix product. The
+window masks are made at the first layer that needs them and kept for the step (`masks`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,16 @@ import torch.nn.functional as F
 from treebatch.layers import native
 
 
+@dataclass(frozen=True, slots=True)
+class LayerAttention:
+    """One layer's attention: softmax(q k^T * scale) v, with optionally a sliding window and
+    soft-capped scores."""
+
+    scale: float
+    window: int | None = None  # a query at position p sees keys at (p - window, p]
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), before the mask
+
+
 @dataclass(slots=True)
 class PrefillChunk:
     query_start: int  # first row of this chunk in the step's flat token batch
@@ -28,6 +45,7 @@ class PrefillChunk:
     context_len: int  # keys this chunk attends to: positions [0, context_len)
     context_blocks: torch.Tensor  # [ceil(context_len / block_size)] the sequence's blocks
     bias: torch.Tensor | None  # [num_queries, context_len] additive mask; None when plainly causal
+    masks: dict = field(default_factory=dict)  # per sliding window: (first key, bias)
 
 
 @dataclass(slots=True)
@@ -39,6 +57,7 @@ class SuffixChunk:
     suffix_len: int  # keys at positions [prefix_len, prefix_len + suffix_len)
     mask: torch.Tensor  # [num_queries, suffix_len] bool (True = attend)
     folded_bias: torch.Tensor | None = None  # the mask in the GQA-folded layout, made at first use
+    masks: dict = field(default_factory=dict)  # per sliding window: its folded bias
 
 
 @dataclass(slots=True)
@@ -58,6 +77,7 @@ class CascadeGroup:
     # Per layer, the prefix's gathered (K, V), kept by the runner across steps (see
     # prefix_store.py) and filled here at first use; None: gather every step.
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    masks: dict = field(default_factory=dict)  # per sliding window: the prefix's mask, or "skip"
 
 
 @dataclass(slots=True)
@@ -74,6 +94,9 @@ class AttentionMetadata:
     # Single-query rows read the paged cache in place with the C kernel (native.py) when it is
     # built; False, or no kernel: gather the padded blocks and use torch's fused attention.
     native_decode: bool = True
+    # [T] each row's position; the window masks read it (None: no layer has a window).
+    positions: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)  # per sliding window: the decodes' padding bias
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -104,11 +127,15 @@ def paged_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
-    scale: float,
+    attn: LayerAttention | float,
     layer: int = 0,
 ) -> torch.Tensor:
     """q: [T, heads, D] -> [T, heads, D]. Keys and values must already be written to the cache
-    (`layer`: which layer's cache this is, for the prefixes kept across steps)."""
+    (`layer`: which layer's cache this is, for the prefixes kept across steps). `attn`: the
+    layer's attention, or just its scale for plain softmax attention."""
+    if not isinstance(attn, LayerAttention):
+        attn = LayerAttention(float(attn))
+    scale, window, softcap = attn.scale, attn.window, attn.softcap
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -119,7 +146,7 @@ def paged_attention(
     num_decodes = metadata.num_decodes
     in_place = None
     if num_decodes:
-        in_place = _native_decode(q[:num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks, metadata.decode_lengths, scale)
+        in_place = _native_decode(q[:num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks, metadata.decode_lengths, attn)
     if in_place is not None:
         parts.append(in_place[0])
     elif num_decodes:
@@ -129,30 +156,74 @@ def paged_attention(
         values = gather_blocks(v_rows, metadata.decode_blocks, num_kv_heads, head_dim)
         keys = keys.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)  # [S, kv_heads, L, D]
         values = values.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-        if metadata.decode_bias is None:  # once per step, reused by every layer
-            metadata.decode_bias = padding_bias(metadata.decode_lengths, keys.shape[2], q.dtype)
-        decoded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.decode_bias, scale=scale)
+        bias = _decode_bias(metadata, metadata.decode_lengths, keys.shape[2], q.dtype, window)
+        if softcap:
+            decoded, _ = attention_with_lse(queries, keys, values, scale, bias, softcap)
+        else:
+            decoded = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, scale=scale)
         parts.append(decoded.reshape(num_decodes, num_heads, head_dim))
 
     for chunk in metadata.prefills:
-        queries = q[chunk.query_start : chunk.query_start + chunk.num_queries].transpose(0, 1).unsqueeze(0)
+        chunk_q = q[chunk.query_start : chunk.query_start + chunk.num_queries]
+        first_key, bias = _prefill_bias(chunk, window)
         length = chunk.context_len
-        keys = gather_blocks(k_rows, chunk.context_blocks, num_kv_heads, head_dim)[:length]
-        values = gather_blocks(v_rows, chunk.context_blocks, num_kv_heads, head_dim)[:length]
+        keys = gather_blocks(k_rows, chunk.context_blocks, num_kv_heads, head_dim)[first_key:length]
+        values = gather_blocks(v_rows, chunk.context_blocks, num_kv_heads, head_dim)[first_key:length]
+        if softcap:
+            if bias is None:  # a square causal block
+                bias = additive_mask(torch.ones(length, length, dtype=torch.bool).tril())
+            out, _ = folded_attention_with_lse(chunk_q, keys, values, scale, _as(fold_mask(bias, group), q), softcap)
+            parts.append(out)
+            continue
         attended = F.scaled_dot_product_attention(
-            queries,  # [1, heads, n, D]
+            chunk_q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, D]
             keys.transpose(0, 1).unsqueeze(0),
             values.transpose(0, 1).unsqueeze(0),
-            attn_mask=_as(chunk.bias, q),
-            is_causal=chunk.bias is None,
+            attn_mask=_as(bias, q),
+            is_causal=bias is None,
             scale=scale,
             enable_gqa=group > 1,
         )
         parts.append(attended.squeeze(0).transpose(0, 1))
 
     for cascade in metadata.cascades:
-        parts.append(_cascade_attention(q, k_cache, v_cache, metadata, cascade, scale, layer))
+        parts.append(_cascade_attention(q, k_cache, v_cache, metadata, cascade, attn, layer))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _decode_bias(
+    metadata: AttentionMetadata, lengths: torch.Tensor, width: int, dtype: torch.dtype, window: int | None,
+    owner: object | None = None,
+) -> torch.Tensor:
+    """The padding bias of a batch of single-query rows (and their window), made once per step.
+    `owner`: the CascadeGroup whose suffix decodes these are (None: the plain decodes)."""
+    if window is None:
+        if owner is None:
+            if metadata.decode_bias is None:
+                metadata.decode_bias = padding_bias(lengths, width, dtype)
+            return metadata.decode_bias
+        if owner.decode_suffix_bias is None:
+            owner.decode_suffix_bias = padding_bias(lengths, width, dtype)
+        return owner.decode_suffix_bias
+    masks = (owner or metadata).masks
+    key = ("decode", window)
+    if key not in masks:
+        masks[key] = padding_bias(lengths, width, dtype, window)
+    return masks[key]
+
+
+def _prefill_bias(chunk: PrefillChunk, window: int | None) -> tuple[int, torch.Tensor | None]:
+    """(first key the chunk's queries can see, their additive mask over keys from there on)."""
+    if window is None:
+        return 0, chunk.bias
+    if window not in chunk.masks:
+        start = chunk.context_len - chunk.num_queries
+        first_key = max(0, start - window + 1)
+        key_positions = torch.arange(first_key, chunk.context_len).unsqueeze(0)
+        query_positions = torch.arange(start, chunk.context_len).unsqueeze(1)
+        visible = (key_positions <= query_positions) & (key_positions > query_positions - window)
+        chunk.masks[window] = (first_key, additive_mask(visible))
+    return chunk.masks[window]
 
 
 def _native_decode(
@@ -162,18 +233,24 @@ def _native_decode(
     metadata: AttentionMetadata,
     padded_blocks: torch.Tensor,
     lengths: torch.Tensor | None,
-    scale: float,
+    attn: LayerAttention,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Single-query rows by the in-place C kernel, or None for the torch path."""
     if not metadata.native_decode:
         return None
     tables = padded_blocks.view(q.shape[0], -1)
-    return native.paged_decode_attention(q, k_cache, v_cache, tables, lengths, metadata.block_size, scale)
+    return native.paged_decode_attention(
+        q, k_cache, v_cache, tables, lengths, metadata.block_size, attn.scale, attn.window, attn.softcap
+    )
 
 
-def padding_bias(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """[S, 1, 1, width] additive bias letting row s see its first lengths[s] keys of a padded batch."""
-    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+def padding_bias(lengths: torch.Tensor, width: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """[S, 1, 1, width] additive bias letting row s see its first lengths[s] keys of a padded
+    batch (of those, with a sliding window, only the last `window`)."""
+    keys = torch.arange(width).unsqueeze(0)
+    mask = keys < lengths.unsqueeze(1)
+    if window is not None:
+        mask &= keys >= lengths.unsqueeze(1) - window
     return additive_mask(mask, dtype).view(len(lengths), 1, 1, width)
 
 
@@ -190,17 +267,24 @@ def _cascade_attention(
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
     cascade: CascadeGroup,
-    scale: float,
+    attn: LayerAttention,
     layer: int,
 ) -> torch.Tensor:
+    scale, window, softcap = attn.scale, attn.window, attn.softcap
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     k_rows = k_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
     v_rows = v_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
     queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
-    prefix_k, prefix_v = _prefix_kv(k_rows, v_rows, cascade, layer, num_kv_heads, head_dim)
-    prefix_out, prefix_lse = shared_prefix_attention(queries, prefix_k, prefix_v, scale)
+    prefix_mask = _prefix_window_mask(metadata, cascade, group, window)
+    if prefix_mask == "skip":  # the whole prefix lies before every query's window
+        prefix_out = prefix_lse = None
+    else:
+        # All the group's queries against its prefix in one product, reading the prefix once (each
+        # query sits after the prefix: no causal mask).
+        prefix_k, prefix_v = _prefix_kv(k_rows, v_rows, cascade, layer, num_kv_heads, head_dim)
+        prefix_out, prefix_lse = folded_attention_with_lse(queries, prefix_k, prefix_v, scale, prefix_mask, softcap)
 
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
@@ -209,7 +293,7 @@ def _cascade_attention(
     if num_decodes:
         in_place = _native_decode(
             queries[:num_decodes], k_cache, v_cache, metadata, cascade.decode_suffix_blocks,
-            cascade.decode_suffix_lengths, scale,
+            cascade.decode_suffix_lengths, attn,
         )
     if in_place is not None:
         outs.append(in_place[0])
@@ -220,24 +304,65 @@ def _cascade_attention(
         values = gather_blocks(v_rows, cascade.decode_suffix_blocks, num_kv_heads, head_dim)
         keys = keys.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
         values = values.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-        if cascade.decode_suffix_bias is None:  # once per step, reused by every layer
-            cascade.decode_suffix_bias = padding_bias(cascade.decode_suffix_lengths, keys.shape[2], q.dtype)
-        out, lse = attention_with_lse(folded, keys, values, scale, cascade.decode_suffix_bias)
+        bias = _decode_bias(metadata, cascade.decode_suffix_lengths, keys.shape[2], q.dtype, window, cascade)
+        out, lse = attention_with_lse(folded, keys, values, scale, bias, softcap)
         outs.append(out.reshape(num_decodes, num_heads, head_dim))
         lses.append(lse.reshape(num_decodes, num_heads))
     row = num_decodes
     for chunk in cascade.chunks:
-        if chunk.folded_bias is None:  # once per step, reused by every layer
-            chunk.folded_bias = _as(additive_mask(fold_mask(chunk.mask, group)), q)
+        bias = _suffix_bias(metadata, cascade, chunk, row, group, window, q.dtype)
         keys = gather_blocks(k_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
         values = gather_blocks(v_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
-        out, lse = folded_attention_with_lse(queries[row : row + chunk.num_queries], keys, values, scale, chunk.folded_bias)
+        out, lse = folded_attention_with_lse(queries[row : row + chunk.num_queries], keys, values, scale, bias, softcap)
         outs.append(out)
         lses.append(lse)
         row += chunk.num_queries
     suffix_out = outs[0] if len(outs) == 1 else torch.cat(outs)
     suffix_lse = lses[0] if len(lses) == 1 else torch.cat(lses)
+    if prefix_out is None:
+        return suffix_out
     return merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
+
+
+def _prefix_window_mask(
+    metadata: AttentionMetadata, cascade: CascadeGroup, group: int, window: int | None
+) -> torch.Tensor | str | None:
+    """The group's queries' sliding-window mask over its prefix, in the folded layout (boolean,
+    so that a query that sees none of the prefix is an empty part), None where every query sees
+    all of it, or "skip" where none sees any of it. Made once per step and window."""
+    if window is None:
+        return None
+    if window not in cascade.masks:
+        prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
+        rows = metadata.positions[cascade.row_start : cascade.row_start + cascade.num_rows]
+        first_visible = rows - window + 1  # each query's first key in its window
+        if int(first_visible.min()) >= prefix_len:
+            cascade.masks[window] = "skip"
+        elif int(first_visible.max()) <= 0:
+            cascade.masks[window] = None
+        else:
+            visible = torch.arange(prefix_len).unsqueeze(0) >= first_visible.unsqueeze(1)
+            cascade.masks[window] = fold_mask(visible, group)
+    return cascade.masks[window]
+
+
+def _suffix_bias(
+    metadata: AttentionMetadata, cascade: CascadeGroup, chunk: SuffixChunk, row: int, group: int,
+    window: int | None, dtype: torch.dtype,
+) -> torch.Tensor:
+    """A member chunk's folded additive mask over its own keys (and the window), once per step."""
+    if window is None:
+        if chunk.folded_bias is None:
+            chunk.folded_bias = additive_mask(fold_mask(chunk.mask, group), dtype)
+        return chunk.folded_bias
+    if window not in chunk.masks:
+        first = cascade.row_start + row
+        query_positions = metadata.positions[first : first + chunk.num_queries].unsqueeze(1)
+        prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
+        key_positions = torch.arange(prefix_len, prefix_len + chunk.suffix_len).unsqueeze(0)
+        visible = chunk.mask & (key_positions > query_positions - window)
+        chunk.masks[window] = additive_mask(fold_mask(visible, group), dtype)
+    return chunk.masks[window]
 
 
 def _prefix_kv(
@@ -263,33 +388,49 @@ _FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of each query's scores.
 
     q: [B, H, M, D], k and v: [B, H, L, D]; mask broadcastable to [B, H, M, L], boolean (True =
-    attend) or an additive bias; every query must see at least one key. Returns out [B, H, M, D]
-    and lse [B, H, M].
+    attend) or an additive bias. Returns out [B, H, M, D] and lse [B, H, M]. The fused kernel
+    takes the common case; soft-capped scores, and a boolean mask that hides every key of some
+    query (a sliding window can), take the explicit form.
     """
-    if _FUSED_WITH_LSE is None or q.device.type != "cpu":
-        return attention_with_lse_reference(q, k, v, scale, mask)
+    if _FUSED_WITH_LSE is None or q.device.type != "cpu" or softcap:
+        return attention_with_lse_reference(q, k, v, scale, mask, softcap)
     if mask is not None and mask.dtype == torch.bool:
+        if not bool(mask.any(-1).all()):
+            return attention_with_lse_reference(q, k, v, scale, mask)
         mask = additive_mask(mask, q.dtype)
     out, lse = _FUSED_WITH_LSE(q, k, v, scale=scale, attn_mask=mask)
     return out, lse
 
 
 def attention_with_lse_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The explicit form of `attention_with_lse`: the slow path its fused form is tested against.
-    A query that sees no key gets out 0 and lse -inf, which merging treats as an empty part."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    A query that sees no key gets out 0 and lse -inf, which merging treats as an empty part.
+    Scores and weights are float32 whatever the inputs' dtype."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(scores.dtype).min))
-    return torch.matmul(weights, v), lse
+    return torch.matmul(weights.to(v.dtype), v), lse
 
 
 def merge_attention(
@@ -305,18 +446,6 @@ def merge_attention(
     return torch.lerp(out_b, out_a, weight_a.to(out_a.dtype))
 
 
-def shared_prefix_attention(
-    q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of a group's queries against the group's shared prefix, reading the prefix once.
-
-    q: [N, heads, D] (decode tokens and prefill chunk rows of every member alike: each sits after
-    the prefix, so no mask is needed); prefix_k, prefix_v: [P, kv_heads, D]. Returns out
-    [N, heads, D] and lse [N, heads].
-    """
-    return folded_attention_with_lse(q, prefix_k, prefix_v, scale)
-
-
 def fold_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     """[N, L] mask of N queries -> [1, 1, N * group, L]: row (query i, head g) of the folded layout
     takes row i."""
@@ -324,7 +453,12 @@ def fold_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def folded_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, folded_mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    folded_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries of one key set with grouped-query heads folded into the query dimension, so the
     whole set is one [kv_heads, N * group, L] product. q: [N, heads, D]; k, v: [L, kv_heads, D];
@@ -336,7 +470,7 @@ def folded_attention_with_lse(
     folded = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
     folded = folded.reshape(1, num_kv_heads, num_queries * group, head_dim)
     out, lse = attention_with_lse(
-        folded, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale, folded_mask
+        folded, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), scale, folded_mask, softcap
     )
     out = out.view(num_kv_heads, num_queries, group, head_dim).permute(1, 0, 2, 3)
     lse = lse.view(num_kv_heads, num_queries, group).permute(1, 0, 2)

@@ -71,8 +71,11 @@ class Linear:
         self.packed: torch.Tensor | None = None
         packable = weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
         if pack and packable and _packing_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-            if packed_max_rows >= ALL_ROWS:
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            except RuntimeError:  # bf16 on a CPU without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
+                self.packed = None
+            if self.packed is not None and packed_max_rows >= ALL_ROWS:
                 self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

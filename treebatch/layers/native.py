@@ -36,8 +36,8 @@ _POINTER, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ct
 # Each library: its source in kernels/ and the C signatures of the functions it exports.
 _SIGNATURES = {
     "paged_decode": {
-        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _POINTER,
-               _POINTER, _INT]
+        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
+               _F32, _POINTER, _POINTER, _INT]
         for name in ("paged_decode_attention", "paged_decode_attention_bf16")
     },
 }
@@ -103,6 +103,8 @@ def paged_decode_attention(
     lengths: torch.Tensor,
     block_size: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One query per sequence against its paged keys, read in place.
 
@@ -111,7 +113,9 @@ def paged_decode_attention(
     block); lengths: [S] int64 keys per sequence. Returns out [S, H, D] in q's dtype and lse
     [S, H] float32, or None where the kernel is unavailable or does not take these arguments
     (the caller then uses the torch path). A bfloat16 cache is read as it is, widened to float32
-    per element inside the kernel; the queries and the result (a few KB) cross as float32."""
+    per element inside the kernel; the queries and the result (a few KB) cross as float32.
+    `window`: each query sees only its last `window` keys; `softcap`: scores soft-capped to
+    +-softcap by tanh (None: neither)."""
     kernel = paged_decode_kernel()
     function = _DECODE_BY_DTYPE.get(k_cache.dtype)
     if kernel is None or function is None or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
@@ -126,7 +130,7 @@ def paged_decode_attention(
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32)
     status = getattr(kernel, function)(
         queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        lengths.data_ptr(), num_seqs, num_heads, k_cache.shape[1], dim, block_size, scale,
+        lengths.data_ptr(), num_seqs, num_heads, k_cache.shape[1], dim, block_size, scale, window or 0, softcap or 0.0,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
     )
     return (out.to(q.dtype), lse) if status == 0 else None

@@ -9,6 +9,7 @@ so the results are bit-identical to ``gguf.quants.dequantize`` (the tests check)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +20,7 @@ from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES
 
 from treebatch.config import ModelConfig
-
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+from treebatch.models.families import GEMMA, GGUF_ARCHITECTURES, PERMUTED_QK, gguf_features, gguf_longrope
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -154,10 +154,15 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
     "rope_freqs.weight": "rope_freqs",
+    "rope_factors_short.weight": "rope_factors_short",
+    "rope_factors_long.weight": "rope_factors_long",
 }
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
@@ -169,16 +174,26 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma's four norms per layer: llama.cpp calls the pre-MLP one ffn_norm, as Llama's.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+# Phi-3's ffn_up is the fused gate/up projection (gate first), with no ffn_gate beside it.
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA_LAYER_NAMES if arch in GEMMA else _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES
     m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise ValueError(f"unexpected tensor {gguf_name!r} in GGUF file")
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
+    raise ValueError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF file (treebatch does not know what it does)")
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -204,8 +219,8 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> tuple[ModelConfig, int]:
     """ModelConfig and context length from GGUF metadata."""
     arch = meta["general.architecture"]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; expected one of {SUPPORTED_ARCHITECTURES}")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -215,11 +230,13 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> tuple[
     vocab = get("vocab_size")
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
     context_length = int(get("context_length", 4096))
+    num_layers = int(get("block_count"))
+    features = gguf_features(arch, meta, tensor_names, int(head_dim), num_layers, hidden, heads)
     config = ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(head_dim),
@@ -233,6 +250,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> tuple[
         bos_token_id=int(meta["tokenizer.ggml.bos_token_id"]) if "tokenizer.ggml.bos_token_id" in meta else None,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
         architecture=arch,
+        **features,
     )
     return config, context_length
 
@@ -247,15 +265,22 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dic
         embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
         meta[f"{arch}.vocab_size"] = int(embd.shape[-1])
     config, _ = config_from_metadata(meta, names)
-    # llama.cpp permutes q/k rows only for Llama-style models; Qwen2 keeps the HF order.
-    permuted = config.architecture in ("llama", "mistral")
+    arch = config.architecture
+    # llama.cpp permutes q/k rows only for Llama-style models; the others keep the HF order.
+    permuted = arch in PERMUTED_QK
     weights: dict[str, np.ndarray] = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         w = dequantize(t.data, t.tensor_type)
         if permuted and ".self_attn.q_proj." in name:
             w = unpermute_qk(w, config.num_heads)
         elif permuted and ".self_attn.k_proj." in name:
             w = unpermute_qk(w, config.num_kv_heads)
+        elif arch in GEMMA and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w) norms as 1 + w
         weights[name] = np.ascontiguousarray(w, dtype=np.float32)
+    short, long = weights.pop("rope_factors_short", None), weights.pop("rope_factors_long", None)
+    if long is not None:
+        scaling = gguf_longrope(meta, arch, short.tolist() if short is not None else [1.0] * len(long), long.tolist())
+        config = dataclasses.replace(config, rope_scaling=scaling)
     return config, weights, meta

@@ -27,10 +27,10 @@ import torch
 
 from treebatch.config import ModelConfig
 from treebatch.host import cache_root
+from treebatch.models.families import HF_MODEL_TYPES, hf_features, hf_rope_scaling, rope_theta
 
 # Bump when the conversion changes, so stale caches are not reused.
-CACHE_FORMAT = b"treebatch-gguf-2"
-_HF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+CACHE_FORMAT = b"treebatch-gguf-3"
 
 
 @dataclass
@@ -67,18 +67,6 @@ def load_model(path: str | None, cache_dir: str | Path | None = None) -> LoadedM
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def _normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    scaling = {k: v for k, v in raw.items() if k != "rope_theta"}  # `rope_parameters` also holds theta
-    if "type" in scaling:  # older configs name the kind `type`
-        kind = scaling.pop("type")
-        scaling.setdefault("rope_type", kind)
-    if scaling.get("rope_type", "default") == "default":
-        return None
-    return scaling
-
-
 def _as_ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -88,13 +76,13 @@ def _as_ids(value: Any) -> list[int]:
 def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
     """ModelConfig from a config.json dict (and generation_config.json, for extra EOS ids)."""
     model_type = cfg.get("model_type", "llama")
-    if model_type not in _HF_ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {sorted(_HF_ARCHITECTURES)}")
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    theta = cfg.get("rope_theta")
-    if theta is None and isinstance(rope, dict):
-        theta = rope.get("rope_theta")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(HF_MODEL_TYPES))}")
+    family = HF_MODEL_TYPES[model_type]
+    if "text_config" in cfg:  # a multimodal wrapper (Gemma 3 4B+): only its text model is supported
+        raise ValueError(f"{model_type}: a multimodal model; point treebatch at its text-only checkpoint")
     heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
     eos = _as_ids(cfg.get("eos_token_id")) + _as_ids((generation or {}).get("eos_token_id"))
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
@@ -103,17 +91,18 @@ def config_from_hf(cfg: dict[str, Any], generation: dict[str, Any] | None = None
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(theta if theta is not None else 10000.0),
-        rope_scaling=_normalize_rope_scaling(rope),
+        rope_theta=rope_theta(cfg),
+        rope_scaling=hf_rope_scaling(cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family in ("gemma2", "gemma3"))),
         # Qwen2 always has q/k/v biases, though its config.json does not say so.
-        attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos)),
-        architecture=_HF_ARCHITECTURES[model_type],
+        architecture=family,
+        **hf_features(family, cfg, int(cfg["num_hidden_layers"]), head_dim),
     )
 
 
@@ -172,6 +161,8 @@ def load_hf_folder(folder: Path) -> LoadedModel:
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
     weights = LazyWeights(files)
+    if not config.tie_word_embeddings and "lm_head.weight" not in weights:
+        config = dataclasses.replace(config, tie_word_embeddings=True)  # saved without its tied copy
     if config.tie_word_embeddings:
         weights.discard("lm_head.weight")  # the embedding serves as the output head
     if "model.layers.0.self_attn.q_proj.bias" in weights and not config.attention_bias:
@@ -228,6 +219,7 @@ def _read_cache(folder: Path) -> LoadedModel:
     info = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     fields = dict(info["config"])
     fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    fields["layer_windows"] = tuple(fields["layer_windows"])
     return LoadedModel(
         config=ModelConfig(**fields),
         weights=load_file(str(folder / "weights.safetensors")),

@@ -40,10 +40,15 @@ _DECODE_CONTEXTS = (64, 1024)
 _CHUNK_TOKENS, _CHUNK_START = 128, 896
 # 256 tokens after a 256-token prefix as one chunk, and as 16 group members' chunks of 16.
 _SHORT_CHUNKS, _SHORT_CHUNK_LEN, _GROUP_PREFIX = 16, 16, 256
+# The furthest position a timed pass reaches, whatever the model's context: the model's rotary
+# tables must reach it too.
+MAX_POSITION = max(_DECODE_CONTEXTS[-1], _CHUNK_START + _CHUNK_TOKENS, _GROUP_PREFIX + _SHORT_CHUNK_LEN, _SEQUENCE_LEN) + 1
 # The scratch group's id: no engine group has a negative id, so the runner's store of gathered
 # prefixes (keyed by group id) never serves its scratch keys to a real group.
 _CALIBRATION_GROUP = -1
 _TIME_LIMIT_S = 4.0
+# Token ids of the timed passes lie below this (any id costs the same; every vocabulary has 256).
+_TOKEN_IDS = 256
 FALLBACK_TOKEN_BUDGET = 512
 _CODE_FILES = (
     "runtime/model_runner.py",
@@ -53,7 +58,8 @@ _CODE_FILES = (
     "layers/native.py",
     "layers/kernels/paged_decode.c",
     "layers/kernels/fast_exp.h",
-    "models/llama.py",
+    "models/decoder.py",
+    "models/rope.py",
     "layers/linear.py",
 )
 
@@ -244,13 +250,13 @@ def _prefill_plan(num_tokens: int, sequence_len: int, block_table: list[int]) ->
     chunks = []
     for index, start in enumerate(range(0, num_tokens, sequence_len)):
         length = min(sequence_len, num_tokens - start)
-        ids = rng.integers(100, 1000, size=length).tolist()
+        ids = rng.integers(1, _TOKEN_IDS, size=length).tolist()
         chunks.append(ScheduledChunk(f"calibration-{index}", ids, 0, block_table, False, 0))
     return StepPlan(chunks)
 
 
 def _chunk_plan(num_tokens: int, start: int, block_table: list[int]) -> StepPlan:
-    ids = np.random.default_rng(start).integers(100, 1000, size=num_tokens).tolist()
+    ids = np.random.default_rng(start).integers(1, _TOKEN_IDS, size=num_tokens).tolist()
     return StepPlan([ScheduledChunk("calibration-chunk", ids, start, block_table, False, 0)])
 
 
@@ -262,7 +268,7 @@ def _group_plan(block_tables: list[list[int]], block_size: int) -> StepPlan:
     own = -(-_SHORT_CHUNK_LEN // block_size)
     rng = np.random.default_rng(_GROUP_PREFIX)
     chunks = [
-        ScheduledChunk(f"calibration-member-{i}", rng.integers(100, 1000, size=_SHORT_CHUNK_LEN).tolist(),
+        ScheduledChunk(f"calibration-member-{i}", rng.integers(1, _TOKEN_IDS, size=_SHORT_CHUNK_LEN).tolist(),
                        _GROUP_PREFIX, shared + table[num_shared : num_shared + own], False, 0,
                        group_id=_CALIBRATION_GROUP, num_shared_tokens=_GROUP_PREFIX)
         for i, table in zip(range(_SHORT_CHUNKS), block_tables)
@@ -272,6 +278,6 @@ def _group_plan(block_tables: list[list[int]], block_size: int) -> StepPlan:
 
 def _decode_plan(context: int, block_tables: list[list[int]]) -> StepPlan:
     chunks = [
-        ScheduledChunk(f"calibration-{i}", [100 + i], context, table, False, 0) for i, table in enumerate(block_tables)
+        ScheduledChunk(f"calibration-{i}", [1 + i % (_TOKEN_IDS - 1)], context, table, False, 0) for i, table in enumerate(block_tables)
     ]
     return StepPlan(chunks)

@@ -15,7 +15,7 @@ from treebatch.config import RunnerConfig
 from treebatch.core.outputs import StepPlan, StepResult
 from treebatch.core.step_layout import layout_step
 from treebatch.layers import native
-from treebatch.models.llama import LlamaForCausalLM
+from treebatch.models.decoder import DecoderForCausalLM
 from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
 from treebatch.runtime.step_inputs import build_step_inputs
@@ -37,7 +37,7 @@ def resolve_runner_config(config: RunnerConfig) -> RunnerConfig:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: DecoderForCausalLM,
         kv_cache: torch.Tensor,
         block_size: int,
         eos_token_ids: tuple[int, ...],

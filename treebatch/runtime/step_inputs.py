@@ -66,6 +66,7 @@ def build_step_inputs(
         row += cascade.num_queries
 
     slot_mapping = torch.from_numpy(np.concatenate(slot_parts))
+    position_ids = torch.from_numpy(np.concatenate(positions))
     metadata = AttentionMetadata(
         slot_mapping=slot_mapping,
         block_size=block_size,
@@ -74,9 +75,10 @@ def build_step_inputs(
         decode_lengths=decode_lengths,
         prefills=prefill_chunks,
         cascades=cascade_groups,
+        positions=position_ids,
     )
     input_ids = torch.tensor(ids, dtype=torch.long)
-    return input_ids, torch.from_numpy(np.concatenate(positions)), slot_mapping, metadata
+    return input_ids, position_ids, slot_mapping, metadata
 
 
 def _slots(block_table: list[int], start: int, stop: int, block_size: int, offsets: np.ndarray) -> np.ndarray:

@@ -16,6 +16,10 @@
  * and summed as in float32. Widening inside the dot products instead would repeat it for every
  * query head of the group and, measured, made the bf16 kernel slower than the float32 one.
  * A sequence with no key gets out 0 and lse -inf.
+ *
+ * `window` > 0: a sliding window, each query seeing only its last `window` keys (Mistral, Gemma's
+ * local layers); blocks wholly before it are not read. `softcap` > 0: scores are soft-capped,
+ * s -> softcap * tanh(s / softcap), before the softmax (Gemma 2). 0 turns either off.
  */
 #include <math.h>
 #include <stdint.h>
@@ -99,7 +103,8 @@ static inline void widen(const uint16_t *restrict from, int64_t rows, int64_t di
 static inline __attribute__((always_inline)) void attend_one(const float *restrict q, const void *k, const void *v,
                        const int bf16, const int64_t *restrict table, int64_t length, int64_t kv_heads,
                        int64_t head, int64_t group, int64_t dim, int64_t block_size, float scale,
-                       float *restrict out, float *restrict lse, const void *reduce) {
+                       int64_t window, float softcap, float *restrict out, float *restrict lse,
+                       const void *reduce) {
     float maxes[MAX_GROUP], sums[MAX_GROUP];
     float acc[MAX_GROUP * MAX_DIM];
     float scores[MAX_GROUP * MAX_BLOCK];
@@ -110,9 +115,13 @@ static inline __attribute__((always_inline)) void attend_one(const float *restri
     }
     memset(acc, 0, sizeof(float) * group * dim);
 
-    for (int64_t start = 0; start < length; start += block_size) {
-        const int64_t n = length - start < block_size ? length - start : block_size;
-        const int64_t first_slot = table[start / block_size] * block_size;
+    /* A sliding window of W keys: the query (the last key) sees keys [length - W, length). */
+    const int64_t first_key = window > 0 && length > window ? length - window : 0;
+    for (int64_t start = first_key - first_key % block_size; start < length; start += block_size) {
+        /* Keys [start + skip, start + skip + n) of this block are attended. */
+        const int64_t skip = first_key > start ? first_key - start : 0;
+        const int64_t n = (length - start < block_size ? length - start : block_size) - skip;
+        const int64_t first_slot = table[start / block_size] * block_size + skip;
         int64_t stride = kv_heads * dim; /* from one slot's row of this head to the next */
         const int64_t offset = (first_slot * kv_heads + head) * dim;
         const float *restrict keys = (const float *)k + offset;
@@ -145,6 +154,10 @@ static inline __attribute__((always_inline)) void attend_one(const float *restri
                 scores[g * block_size + j] = dot * scale;
             }
         }
+        if (softcap > 0.0f) /* Gemma 2's logit soft-capping: s -> c tanh(s / c) */
+            for (int64_t g = 0; g < group; ++g)
+                for (int64_t j = 0; j < n; ++j)
+                    scores[g * block_size + j] = softcap * tanhf(scores[g * block_size + j] / softcap);
         for (int64_t g = 0; g < group; ++g) {
             float *restrict row = scores + g * block_size;
             float block_max = row[0];
@@ -192,7 +205,7 @@ static inline __attribute__((always_inline)) void attend_one(const float *restri
 static inline __attribute__((always_inline)) int attend_all(const float *q, const void *k, const void *v, const int bf16,
                       const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_seqs,
                       int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale,
-                      float *out, float *lse, int num_threads) {
+                      int64_t window, float softcap, float *out, float *lse, int num_threads) {
     const int64_t group = num_heads / kv_heads;
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
         return -1;
@@ -212,28 +225,33 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
         float *o = out + (s * num_heads + first_head) * dim, *l = lse + s * num_heads + first_head;
         /* Constant head sizes let the compiler unroll the inner loops into whole vectors. */
         if (dim == 64 && block_size == 16)
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, 16, scale, o, l, reduce);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, 16, scale, window,
+                       softcap, o, l, reduce);
         else if (dim == 64)
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, block_size, scale, o, l, reduce);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, block_size, scale, window,
+                       softcap, o, l, reduce);
         else if (dim == 128)
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 128, block_size, scale, o, l, reduce);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 128, block_size, scale, window,
+                       softcap, o, l, reduce);
         else
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, dim, block_size, scale, o, l, reduce);
+            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, dim, block_size, scale, window,
+                       softcap, o, l, reduce);
     }
     return 0;
 }
 
 int paged_decode_attention(const float *q, const float *k, const float *v, const int64_t *tables, int64_t width,
                            const int64_t *lengths, int64_t num_seqs, int64_t num_heads, int64_t kv_heads,
-                           int64_t dim, int64_t block_size, float scale, float *out, float *lse, int num_threads) {
+                           int64_t dim, int64_t block_size, float scale, int64_t window, float softcap, float *out,
+                           float *lse, int num_threads) {
     return attend_all(q, k, v, 0, tables, width, lengths, num_seqs, num_heads, kv_heads, dim, block_size, scale,
-                      out, lse, num_threads);
+                      window, softcap, out, lse, num_threads);
 }
 
 int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *tables,
                                 int64_t width, const int64_t *lengths, int64_t num_seqs, int64_t num_heads,
-                                int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float *out,
-                                float *lse, int num_threads) {
+                                int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window,
+                                float softcap, float *out, float *lse, int num_threads) {
     return attend_all(q, k, v, 1, tables, width, lengths, num_seqs, num_heads, kv_heads, dim, block_size, scale,
-                      out, lse, num_threads);
+                      window, softcap, out, lse, num_threads);
 }

@@ -1,0 +1,163 @@
+"""The decoder-only transformer every supported family is, written for a paged KV cache.
+
+Llama's layer (RMSNorm, attention with rotary embeddings, a gated MLP) with the features other
+families switch on in their ModelConfig (models/families.py): q/k norms, sandwich norms, (1 + w)
+norms, GELU gates, scaled embeddings, sliding windows per layer, soft-capped scores and logits,
+partial rotary, a second rotary base for the local layers, fused qkv and gate/up weights.
+
+The forward pass takes one flat batch of tokens from many sequences (decodes and prefill chunks
+alike), writes each token's K and V into its cache slot, and attends through the block tables in
+`AttentionMetadata`. Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from treebatch.config import ModelConfig
+from treebatch.layers.attention import AttentionMetadata, LayerAttention, paged_attention
+from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, PACKED_MAX_ROWS, Linear
+from treebatch.models.rope import apply_rope, rope_tables
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One fused op where torch has it (the explicit form costs six per call)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+class _Layer:
+    __slots__ = ("input_norm", "qkv", "q_norm", "k_norm", "o_proj", "post_attention_norm", "pre_mlp_norm",
+                 "gate_up", "down", "post_mlp_norm", "attention", "rope")
+
+
+class DecoderForCausalLM:
+    """Weights in Hugging Face naming -> fused, ready-to-run tensors."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        max_positions: int | None = None,
+        packed_max_rows: int = PACKED_MAX_ROWS,
+    ) -> None:
+        """`packed_max_rows`: up to how many rows a projection takes its packed kernel (the
+        engine measures it for this CPU; layers/linear.py)."""
+        self.config = config
+        self.dtype = dtype
+
+        def take(name: str) -> torch.Tensor:
+            return weights[name].to(dtype).contiguous()
+
+        def norm(name: str) -> torch.Tensor:
+            # (offset + w) once, in float32, as the reference computes it.
+            return (weights[name].float() + config.norm_offset).to(dtype).contiguous()
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, packed_max_rows=packed_max_rows)
+
+        self.embed = take("model.embed_tokens.weight")
+        lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.head = Linear(lm_head, packed_max_rows=max(packed_max_rows, HEAD_PACKED_MAX_ROWS))
+        self.final_norm = norm("model.norm.weight")
+        num_positions = max_positions or config.max_position_embeddings
+        self.ropes = [rope_tables(config, num_positions, dtype, rope_freqs=weights.get("rope_freqs"))]
+        if config.local_rope_theta is not None and any(w is not None for w in config.layer_windows):
+            self.ropes.append(rope_tables(config, num_positions, dtype, local=True))
+        scale = config.attention_scale if config.attention_scale is not None else config.head_dim**-0.5
+        self.layers: list[_Layer] = []
+        for i in range(config.num_layers):
+            prefix = f"model.layers.{i}."
+            layer = _Layer()
+            attn, mlp = prefix + "self_attn.", prefix + "mlp."
+            layer.input_norm = norm(prefix + "input_layernorm.weight")
+            # One matmul for q, k and v; one for gate and up (Phi-3 stores them fused already).
+            if attn + "qkv_proj.weight" in weights:
+                layer.qkv = linear(take(attn + "qkv_proj.weight"))
+            else:
+                bias = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"]) if config.attention_bias else None
+                layer.qkv = linear(torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]), bias)
+            layer.q_norm = norm(attn + "q_norm.weight") if config.qk_norm else None
+            layer.k_norm = norm(attn + "k_norm.weight") if config.qk_norm else None
+            layer.o_proj = linear(take(attn + "o_proj.weight"))
+            if config.sandwich_norms:
+                layer.post_attention_norm = norm(prefix + "post_attention_layernorm.weight")
+                layer.pre_mlp_norm = norm(prefix + "pre_feedforward_layernorm.weight")
+                layer.post_mlp_norm = norm(prefix + "post_feedforward_layernorm.weight")
+            else:
+                layer.post_attention_norm = layer.post_mlp_norm = None
+                layer.pre_mlp_norm = norm(prefix + "post_attention_layernorm.weight")
+            if mlp + "gate_up_proj.weight" in weights:
+                layer.gate_up = linear(take(mlp + "gate_up_proj.weight"))
+            else:
+                layer.gate_up = linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
+            layer.down = linear(take(mlp + "down_proj.weight"))
+            window = config.window(i)
+            layer.attention = LayerAttention(scale, window, config.attn_logit_softcap)
+            layer.rope = 1 if window is not None and len(self.ropes) > 1 else 0
+            self.layers.append(layer)
+        self._gate = F.silu if config.hidden_act == "silu" else _gelu_tanh
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, D] -> logits [S, V]."""
+        cfg = self.config
+        eps = cfg.rms_norm_eps
+        num_tokens = input_ids.shape[0]
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        num_qk_heads = cfg.num_heads + cfg.num_kv_heads
+        rotations = [(cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)) for cos, sin in self.ropes]
+
+        hidden = F.embedding(input_ids, self.embed)
+        if cfg.embedding_multiplier != 1.0:
+            hidden = hidden * torch.tensor(cfg.embedding_multiplier, dtype=self.dtype)
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(hidden, layer.input_norm, eps)
+            qkv = layer.qkv(x).contiguous()
+            if layer.q_norm is not None:
+                q = rms_norm(qkv[:, :q_size].view(num_tokens, cfg.num_heads, cfg.head_dim), layer.q_norm, eps)
+                k = rms_norm(qkv[:, q_size : q_size + kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim), layer.k_norm, eps)
+                qk = torch.cat([q, k], dim=1)
+            else:
+                qk = qkv[:, : q_size + kv_size].view(num_tokens, num_qk_heads, cfg.head_dim)
+            # Queries and keys rotate together: one rotation for all their heads.
+            qk = apply_rope(qk, *rotations[layer.rope])
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+            v = qkv[:, q_size + kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
+            k_cache.index_copy_(0, metadata.slot_mapping, k)
+            v_cache.index_copy_(0, metadata.slot_mapping, v)
+            attn = paged_attention(q, k_cache, v_cache, metadata, layer.attention, index)
+            out = layer.o_proj(attn.reshape(num_tokens, q_size))
+            if layer.post_attention_norm is not None:
+                out = rms_norm(out, layer.post_attention_norm, eps)
+            hidden = hidden + out
+
+            x = rms_norm(hidden, layer.pre_mlp_norm, eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            out = layer.down(self._gate(gate) * up)
+            if layer.post_mlp_norm is not None:
+                out = rms_norm(out, layer.post_mlp_norm, eps)
+            hidden = hidden + out
+
+        last = hidden.index_select(0, logits_indices)
+        last = rms_norm(last, self.final_norm, eps)
+        logits = self.head(last).float()
+        if cfg.final_logit_softcap:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
