@@ -174,3 +174,30 @@ def test_gguf_greedy_matches_transformers(family, gguf_file, reference):
     llm = LLM(model=str(gguf_file), dtype="float32", kv_cache_memory=32 << 20, max_num_batched_tokens=128)
     outputs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], _greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == reference
+
+
+# ---------------------------------------------------------------- what is refused, by name
+
+_BASE = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"model_type": "falcon"}, "unsupported model_type 'falcon'"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+        ({"model_type": "qwen3", "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
+        ({"model_type": "gemma2", "hidden_activation": "relu"}, "hidden activation 'relu'"),
+        ({"model_type": "qwen3", "layer_types": ["full_attention", "chunked_attention"], "sliding_window": 8},
+         "chunked_attention"),
+        ({"model_type": "llama", "sliding_window": 4096}, "sliding_window in a llama config"),
+        ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0]}}, "longrope scaling needs"),
+        ({"model_type": "gemma3", "text_config": {}}, "multimodal"),
+    ],
+)
+def test_what_is_not_implemented_is_refused_by_name(fields, message):
+    from treebatch.models.loader import config_from_hf
+
+    with pytest.raises(ValueError, match=message):
+        config_from_hf({**_BASE, **fields})
