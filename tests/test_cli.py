@@ -207,20 +207,30 @@ def test_bad_engine_options_and_missing_input_fail_before_loading(tmp_path, caps
         cli.main(["run", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--block-size", "big"])
 
 
-def test_engine_failure_still_gives_every_line_an_answer(tmp_path):
+def test_an_engine_failure_on_one_request_fails_that_request_only(tmp_path):
+    """The engine raises whenever c1's prompt is in its batch: the window's unanswered requests
+    run again one at a time, and only c1 gets an (engine_error) record."""
+
     class Broken(FakeLLM):
         def generate_iter(self, prompts, sampling_params, use_tqdm=False):
-            yield 1, self._answer(1, prompts[1], sampling_params[1])
-            raise RuntimeError("out of memory")
+            self.calls.append((prompts, sampling_params))
+            poison = [self.tokenizer.decode(p["prompt_token_ids"]) == "Say hi" for p in prompts]
+            for i in range(len(prompts)):
+                if not poison[i]:
+                    yield i, self._answer(i, prompts[i], sampling_params[i])
+            if any(poison):
+                raise RuntimeError("out of memory")
 
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(MIXED[:3]) + "\n")
     target = tmp_path / "out.jsonl"
-    assert cli.main(["run", str(source), "-o", str(target)], llm_factory=Broken) == 1
-    assert [o["custom_id"] for o in read_records(target)] == ["c2"]  # finished before the failure
+    llm = {}
+    assert cli.main(["run", str(source), "-o", str(target)], llm_factory=lambda **o: llm.setdefault(0, Broken(**o))) == 1
+    assert [len(prompts) for prompts, _ in llm[0].calls] == [3, 1]  # the window, then c1 alone
+    assert sorted(o["custom_id"] for o in read_records(target)) == ["c2", "h1"]
     errors = read_records(tmp_path / "out.errors.jsonl")
-    assert sorted(o["custom_id"] for o in errors) == ["c1", "h1"]
-    assert all(o["error"]["code"] == "engine_error" and "out of memory" in o["error"]["message"] for o in errors)
+    assert [o["custom_id"] for o in errors] == ["c1"]
+    assert errors[0]["error"]["code"] == "engine_error" and "out of memory" in errors[0]["error"]["message"]
 
 
 def test_an_all_bad_file_does_not_call_the_engine(tmp_path):

@@ -22,13 +22,20 @@ from typing import Any
 from treebatch.batch.job import DEFAULT_WINDOW, BatchJob, JobOptions, default_error_file
 from treebatch.batch.progress import JobProgress, format_summary
 from treebatch.batch.reader import count_lines
+from treebatch.batch.lock import OutputLock, OutputLocked
 from treebatch.batch.resume import FinishedSet, ResumeError, scan_finished
+from treebatch.batch.writer import WriteFault
 from treebatch.config import CacheConfig, EngineConfig, RunnerConfig, SchedulerConfig
 
 LLMFactory = Callable[..., Any]
 TokenizerFactory = Callable[..., Any]
 _CONFIG_CLASSES = (EngineConfig, CacheConfig, SchedulerConfig, RunnerConfig)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# Exit status: 0 every line answered or recorded as invalid input; 1 the engine failed on some
+# request (an engine_error record each); 2 usage (bad flags, files, a model that cannot load);
+# 3 a fault (an output or error file could not be written, another run holds the output): a
+# rerun resumes; 130 / 143 stopped by SIGINT / SIGTERM: a rerun resumes.
+EXIT_FAULT = 3
 EXIT_SIGINT = 130  # the shell's 128 + signal number
 EXIT_SIGTERM = 143
 
@@ -145,7 +152,16 @@ def run(args: argparse.Namespace, llm_factory: LLMFactory) -> int:
     options = _engine_options(args)
     if options is None:
         return 2
+    try:
+        with OutputLock(args.output):
+            return _run_locked(args, llm_factory, options, error_file)
+    except OutputLocked as exc:
+        print(f"treebatch: error: {exc}", file=sys.stderr)
+        return EXIT_FAULT
 
+
+def _run_locked(args: argparse.Namespace, llm_factory: LLMFactory, options: dict[str, Any], error_file: Path) -> int:
+    """`run` once the output is this process's alone."""
     finished = FinishedSet()
     if args.overwrite or not (args.resume or args.output.exists()):
         for path in (args.output, error_file):
@@ -178,6 +194,11 @@ def run(args: argparse.Namespace, llm_factory: LLMFactory) -> int:
         except _Interrupted as exc:
             status = exc.status
             print("treebatch: stopped by signal; finished results are saved, run again to resume", file=sys.stderr)
+        except WriteFault as exc:
+            status = EXIT_FAULT
+            print(f"treebatch: error: {exc}. Every result written before it is kept and no request was "
+                  "marked failed for it; free the space (or lift the limit) and run the same command again "
+                  "to resume", file=sys.stderr)
         finally:
             if progress is not None:
                 progress.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Counts and token ids beyond this do not fit the int32/int64 tensors they become.
+_INDEX_MAX = (1 << 31) - 1
 # Below this temperature sampling is greedy (argmax).
 _GREEDY_EPSILON = 1e-5
 
@@ -76,8 +78,16 @@ class SamplingParams:
             fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not isinstance(s, str) or not s for s in self._stop_list):
             fail("stop must be a non-empty string or a list of non-empty strings")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 64):
+            fail(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}")
+        if self.top_k > _INDEX_MAX:
+            fail(f"top_k must be at most {_INDEX_MAX} (any value from the vocabulary size on means all), got {self.top_k}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= _INDEX_MAX for t in self.stop_token_ids):
+            fail(f"stop_token_ids must be integers in [0, {_INDEX_MAX}]")
+        for name in ("max_tokens", "min_tokens", "logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > _INDEX_MAX:
+                fail(f"{name} must be at most {_INDEX_MAX}, got {value}")
 
     @property
     def is_greedy(self) -> bool:

@@ -126,7 +126,9 @@ def _parse_line(number: int, text: str, seen: set[str]) -> BatchEntry | LineErro
         return LineError(number, custom_id, code, f"line {number}: {message}")
 
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        return error(f"duplicate key {exc.key!r} in one object (which one is meant is not clear)", code="invalid_json")
     except json.JSONDecodeError as exc:
         return error(f"not valid JSON ({exc.msg} at column {exc.colno})", code="invalid_json")
     except RecursionError:
@@ -165,6 +167,23 @@ def _parse_line(number: int, text: str, seen: set[str]) -> BatchEntry | LineErro
     except RequestError as exc:
         return error(f"body.{exc.message}", custom_id, code=exc.code)
     return BatchEntry(number, custom_id, url, request)
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key.encode("ascii", "backslashreplace").decode()
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return record
 
 
 def _not_unicode(char: str) -> str:

@@ -17,6 +17,19 @@ from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
 TokenText = Callable[[int], str]
 
 
+class WriteFault(OSError):
+    """A result file could not be written (disk full, a file-size limit, an I/O error, a vanished
+    folder): a fault of the job, not of any request. What was written before it stays; a rerun
+    resumes after it."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot write {path}: {cause.strerror or cause}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class BatchWriter:
     """One JSON object per line, each written whole and flushed at once, so a crash loses at most
     the line being written (a torn last line, which resuming drops). The file is opened on the
@@ -31,6 +44,7 @@ class BatchWriter:
         self._last_fsync = time.monotonic()
         self.num_responses = 0
         self.num_errors = 0
+        self._failed: WriteFault | None = None
 
     def write_response(self, custom_id: str, body: dict[str, Any], status_code: int = 200) -> None:
         self.write_line(response_line(custom_id, body, status_code), is_error=False)
@@ -40,10 +54,16 @@ class BatchWriter:
 
     def write_line(self, line: str, is_error: bool) -> None:
         """Write one serialized record (ending in a newline)."""
-        if self._file is None:
-            self._file = open(self.path, self._mode, encoding="utf-8")
-        self._file.write(line)
-        self._file.flush()
+        if self._failed is not None:
+            raise self._failed
+        try:
+            if self._file is None:
+                self._file = open(self.path, self._mode, encoding="utf-8")
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:
+            self._failed = WriteFault(self.path, exc)
+            raise self._failed from exc
         if is_error:
             self.num_errors += 1
         else:
@@ -52,12 +72,24 @@ class BatchWriter:
             self._sync()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            if self._fsync_interval is not None:
-                self._sync()
-            self._file.close()
-            self._file = None
+        """Flush, fsync and close. After a fault the file is closed without its unwritable tail
+        (a torn last line, which resuming cuts off), and the fault is not raised again."""
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        try:
+            if self._failed is None:
+                file.flush()
+                if self._fsync_interval is not None:
+                    os.fsync(file.fileno())
+        except OSError as exc:
+            self._failed = WriteFault(self.path, exc)
+            raise self._failed from exc
+        finally:
+            try:
+                file.close()
+            except OSError:
+                pass  # its buffer could not be written: the fault is already raised or recorded
 
     def __enter__(self) -> "BatchWriter":
         return self
@@ -67,7 +99,11 @@ class BatchWriter:
 
     def _sync(self) -> None:
         assert self._file is not None
-        os.fsync(self._file.fileno())
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._failed = WriteFault(self.path, exc)
+            raise self._failed from exc
         self._last_fsync = time.monotonic()
 
 

@@ -93,6 +93,7 @@ class Sampler:
                 self._penalize(logits[row], state)
             if len(state.output_token_ids) < params.min_tokens:
                 banned = list(self.eos_token_ids if not params.ignore_eos else ()) + params.stop_token_ids
+                banned = [t for t in banned if t < self.vocab_size]  # ids past the vocabulary never come
                 if banned:
                     logits[row, torch.tensor(banned)] = float("-inf")
         return logits
@@ -119,7 +120,7 @@ class Sampler:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             if needs_top_k:
                 vocab = logits.shape[-1]
-                k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).unsqueeze(1)
+                k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]).unsqueeze(1)
                 ranks = torch.arange(vocab).unsqueeze(0)
                 sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
             if needs_top_p:
