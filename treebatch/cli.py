@@ -25,6 +25,7 @@ from treebatch.batch.reader import count_lines
 from treebatch.batch.lock import OutputLock, OutputLocked
 from treebatch.batch.resume import FinishedSet, ResumeError, scan_finished
 from treebatch.batch.writer import WriteFault
+from treebatch.models.checks import ModelLoadError
 from treebatch.config import CacheConfig, EngineConfig, RunnerConfig, SchedulerConfig
 
 LLMFactory = Callable[..., Any]
@@ -187,7 +188,11 @@ def _run_locked(args: argparse.Namespace, llm_factory: LLMFactory, options: dict
     progress: JobProgress | None = None
     with _stop_on_signals():
         try:
-            llm = llm_factory(**options)
+            try:
+                llm = llm_factory(**options)
+            except (ModelLoadError, FileNotFoundError, MemoryError) as exc:
+                print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
+                return 2
             progress = JobProgress(total, interval=args.progress_interval)
             job = BatchJob(llm, job_options, finished, progress)
             status = job.run()

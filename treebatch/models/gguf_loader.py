@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES
 
 from treebatch.config import ModelConfig
+from treebatch.models.checks import ModelLoadError, check_shapes
 from treebatch.models.families import GEMMA, GGUF_ARCHITECTURES, PERMUTED_QK, gguf_features, gguf_longrope
 
 
@@ -255,9 +257,26 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> tuple[
     return config, context_length
 
 
+def open_gguf(path: str | Path) -> GGUFReader:
+    """The file's reader, once its header parses and every tensor's data lies within the file."""
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as exc:
+        size = Path(path).stat().st_size
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({size} bytes; truncated or corrupt: {exc})") from exc
+    size = Path(path).stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelLoadError(
+                f"{path}: truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes:,}, the file has {size:,}"
+            )
+    return reader
+
+
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """Config, float32 weights (HF names, HF q/k order) and metadata of a GGUF file."""
-    reader = GGUFReader(str(path))
+    """Config, float32 weights (HF names, HF q/k order) and metadata of a GGUF file. A file
+    that is not GGUF, is cut short or holds what treebatch cannot read raises ModelLoadError."""
+    reader = open_gguf(path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     arch = meta.get("general.architecture")
@@ -269,9 +288,16 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dic
     # llama.cpp permutes q/k rows only for Llama-style models; the others keep the HF order.
     permuted = arch in PERMUTED_QK
     weights: dict[str, np.ndarray] = {}
+    by_name = {hf_name(t.name, arch): t for t in reader.tensors}
+    # GGML lists a tensor's dimensions fastest first: reversed, they are the HF shape.
+    check_shapes(config, by_name, lambda name: tuple(int(n) for n in reversed(by_name[name].shape)), str(path))
     for t in reader.tensors:
         name = hf_name(t.name, arch)
-        w = dequantize(t.data, t.tensor_type)
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as exc:
+            kind = getattr(t.tensor_type, "name", t.tensor_type)
+            raise ModelLoadError(f"{path}: tensor {t.name}: quantization type {kind} cannot be read ({exc})") from exc
         if permuted and ".self_attn.q_proj." in name:
             w = unpermute_qk(w, config.num_heads)
         elif permuted and ".self_attn.k_proj." in name:

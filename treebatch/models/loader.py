@@ -27,6 +27,7 @@ import torch
 
 from treebatch.config import ModelConfig
 from treebatch.host import cache_root
+from treebatch.models.checks import ModelLoadError, check_shapes
 from treebatch.models.families import HF_MODEL_TYPES, hf_features, hf_rope_scaling, rope_theta
 
 # Bump when the conversion changes, so stale caches are not reused.
@@ -134,13 +135,20 @@ class LazyWeights(Mapping[str, torch.Tensor]):
 
         self._where: dict[str, Any] = {}
         for f in files:
-            handle = safe_open(str(f), framework="pt")
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as exc:  # safetensors' own error type: a truncated or corrupt file
+                raise ModelLoadError(f"{f}: not a readable safetensors file (truncated or corrupt: {exc})") from exc
             for name in handle.keys():
                 if not name.endswith("rotary_emb.inv_freq"):  # an old buffer, recomputed from the config
                     self._where[name] = handle
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name).to(torch.float32)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header (no data read)."""
+        return tuple(self._where[name].get_slice(name).get_shape())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -167,6 +175,7 @@ def load_hf_folder(folder: Path) -> LoadedModel:
         weights.discard("lm_head.weight")  # the embedding serves as the output head
     if "model.layers.0.self_attn.q_proj.bias" in weights and not config.attention_bias:
         config = dataclasses.replace(config, attention_bias=True)
+    check_shapes(config, weights, weights.shape, str(folder))
     return LoadedModel(
         config=config,
         weights=weights,
@@ -341,11 +350,9 @@ def load_tokenizer_files(path: str | None, cache_dir: str | Path | None = None) 
 
 
 def _convert_tokenizer_only(path: Path, dest: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+    from treebatch.models.gguf_loader import open_gguf, read_metadata
 
-    from treebatch.models.gguf_loader import read_metadata
-
-    meta = read_metadata(GGUFReader(str(path)))  # memory-mapped: touches no tensor data
+    meta = read_metadata(open_gguf(path))  # memory-mapped: touches no tensor data
     arch = meta.get("general.architecture")
     template = meta.get("tokenizer.chat_template")
     info = {
