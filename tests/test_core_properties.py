@@ -21,6 +21,7 @@ from treebatch.core.scheduler import Scheduler
 from treebatch.sampling_params import SamplingParams
 
 BLOCK = 4
+BUDGET = 24
 SETTINGS = settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -54,18 +55,23 @@ def build(prompts, outputs, samples, policy, sharing):
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
             sequences.append(Request(f"{p}#{k}", list(prompt), params, max_tokens=max_tokens))
     config = SchedulerConfig(
-        max_num_batched_tokens=24, min_shared_prefix_tokens=2, order_policy=policy, enable_prefix_sharing=sharing
+        max_num_batched_tokens=BUDGET, min_shared_prefix_tokens=2, order_policy=policy, enable_prefix_sharing=sharing
     )
     plan = plan_batch([s.prompt_token_ids for s in sequences], [s.max_tokens for s in sequences], config, BLOCK)
     return sequences, config, plan
 
 
-def smallest_sound_pool(plan, sequences) -> int:
+def smallest_sound_pool(plan, sequences, window: int | None = None) -> int:
     """The smallest pool the scheduler promises to finish in: the longest sequence, a block for
     each level of nesting (a copy of a partial prefix block each) and one more. Tiny pools force
-    preemptions, and group prefixes pinned elsewhere are given back when nothing else can run."""
+    preemptions, and group prefixes pinned elsewhere are given back when nothing else can run.
+    Under a sliding window a sequence holds at most a window's worth of blocks (chunks of the
+    budget included) and each enclosing group as much, when that is less than its length."""
+    depth = plan.summary.max_depth
     longest = max(num_blocks_for(s.max_num_tokens, BLOCK) for s in sequences)
-    return longest + plan.summary.max_depth + 1
+    if window is not None:
+        longest = min(longest, KVCacheManager(1, BLOCK, window).peak_blocks(10**6, BUDGET) * (depth + 1))
+    return longest + depth + 1
 
 
 def step(scheduler: Scheduler, finished: list[str]) -> int:
@@ -79,12 +85,15 @@ def step(scheduler: Scheduler, finished: list[str]) -> int:
 
 
 @SETTINGS
-@given(batches(), st.sampled_from(["fcfs", "dfs", "ratio", "blend"]), st.booleans(), st.integers(0, 16))
-def test_every_sequence_finishes_once_and_kv_comes_back(batch, policy, sharing, spare_blocks):
+@given(
+    batches(), st.sampled_from(["fcfs", "dfs", "ratio", "blend"]), st.booleans(), st.integers(0, 16),
+    st.sampled_from([None, None, 3, 6, 13]),
+)
+def test_every_sequence_finishes_once_and_kv_comes_back(batch, policy, sharing, spare_blocks, window):
     prompts, outputs, samples = batch
     sequences, config, plan = build(prompts, outputs, samples, policy, sharing)
-    num_blocks = smallest_sound_pool(plan, sequences) + spare_blocks
-    scheduler = Scheduler(config, KVCacheManager(num_blocks, BLOCK), max_model_len=4096)
+    num_blocks = smallest_sound_pool(plan, sequences, window) + spare_blocks
+    scheduler = Scheduler(config, KVCacheManager(num_blocks, BLOCK, window), max_model_len=4096)
     scheduler.add_plan(plan, sequences)
     finished: list[str] = []
     computed = 0
@@ -99,6 +108,7 @@ def test_every_sequence_finishes_once_and_kv_comes_back(batch, policy, sharing, 
     recomputed = scheduler.num_preemptions + scheduler.num_unpinned_prefixes
     event("recomputed" if recomputed else "nothing recomputed")
     event(f"{plan.summary.num_groups > 0 and 'with' or 'without'} groups")
+    event("windowed" if window else "full attention")
     if not recomputed:  # the plan's count exactly
         assert computed == plan.summary.num_planned_tokens
     else:

@@ -124,7 +124,9 @@ def _check_prefill_logits(name, model, config, weights) -> None:
     ids=["shared", "no-sharing", "chunked-preempted"],
 )
 def test_greedy_matches_transformers_in_one_batch(family, reference, options):
-    _, _, folder = family
+    name, _, folder = family
+    if name in ("mistral", "phi3") and "num_blocks" in options:  # every layer windowed: blocks leave
+        options = {**options, "num_blocks": 20}  # the window and 40 would hold the batch unpreempted
     llm = LLM(model=str(folder), dtype="float32", kv_cache_memory=32 << 20, check_integrity=True, **options)
     outputs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], _greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == reference
@@ -139,6 +141,32 @@ def test_greedy_matches_transformers_one_at_a_time(family, reference):
     llm = LLM(model=str(folder), dtype="float32", kv_cache_memory=32 << 20, max_num_batched_tokens=128)
     for prompt, expected in zip(_prompts(), reference):
         assert llm.generate({"prompt_token_ids": prompt}, _greedy(), use_tqdm=False)[0].outputs[0].token_ids == expected
+
+
+def test_a_windowed_model_generates_past_its_cache_in_a_window_of_blocks(tmp_path):
+    # Every Mistral layer has a window of 24: KV blocks behind it go back to the pool, so two
+    # sequences of 4 windows each (26 blocks of 4 apiece) run in a pool of 16 and hold at most
+    # what the window needs, with transformers' greedy tokens.
+    model = build("mistral")
+    model.save_pretrained(tmp_path)
+    load_tokenizer_only().tokenizer.save_pretrained(tmp_path)
+    prompts = [_prompts()[0][:30], _prompts()[-2][:20]]
+    num_tokens = 4 * WINDOW
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.pad_token_id = [], 0
+    config.max_new_tokens, config.do_sample = num_tokens, False
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            expected.append(model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt):].tolist())
+    llm = LLM(model=str(tmp_path), dtype="float32", num_blocks=16, block_size=4, max_num_batched_tokens=8, check_integrity=True)
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    summary = llm.last_run_summary
+    # A decode keeps ceil(23 / 4) + 1 = 7 blocks live, a chunk of 8 at most 9 (KVCacheManager).
+    assert summary["preemptions"] == 0 and summary["peak_kv_blocks"] <= 2 * 7 + 2
 
 
 # ---------------------------------------------------------------- the same through GGUF

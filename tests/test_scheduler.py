@@ -20,8 +20,8 @@ def make_request(rid: str, num_prompt: int, max_tokens: int = 4, **params) -> Re
     return Request(rid, list(range(100, 100 + num_prompt)), sp, eos_token_ids=(0,))
 
 
-def make_scheduler(num_blocks=8, block_size=4, budget=16, max_seqs=8, max_model_len=64):
-    kv = KVCacheManager(num_blocks, block_size)
+def make_scheduler(num_blocks=8, block_size=4, budget=16, max_seqs=8, max_model_len=64, window=None):
+    kv = KVCacheManager(num_blocks, block_size, window)
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
     return Scheduler(config, kv, max_model_len)
 
@@ -268,3 +268,61 @@ def test_decodes_come_before_running_prefill_chunks():
     for _ in range(3):
         plan, _ = run_step(s)
         assert [(c.request_id, c.num_tokens) for c in plan.chunks] == [("a", 1), ("b", 7)]
+
+
+# ---------------------------------------------------------------- sliding windows
+
+
+def test_blocks_leave_the_window_as_a_long_generation_goes_on():
+    # Window 8, blocks of 4: a query at p reads keys p-7..p, so a decode keeps at most 3 blocks
+    # live and a chunk of 4 at most 4. The request's 10 + 40 tokens need 13 blocks whole; a pool
+    # of 4 holds it without preempting.
+    s = make_scheduler(num_blocks=4, block_size=4, budget=4, max_model_len=64, window=8)
+    r = make_request("a", 10, max_tokens=40, ignore_eos=True)
+    s.add_request(r)
+    null = s.kv.null_block
+    assert null == 4
+    while r.num_computed_tokens < 11:  # the prompt in chunks, then the first decode at 10
+        run_step(s)
+    assert s.kv.block_tables["a"] == [0, 1, 2]
+    run_step(s)  # the query at 11 reads keys 4..11: block 0 (0..3) is dead
+    assert s.kv.block_tables["a"] == [null, 1, 2] and s.kv.num_live_blocks(r) == 2
+    while s.has_unfinished_requests:
+        plan, _ = run_step(s)
+        assert not plan.preempted_request_ids
+        if s.has_unfinished_requests:
+            assert s.kv.num_live_blocks(r) <= s.kv.peak_blocks(50) == 3
+    assert r.num_output_tokens == 40 and s.kv.num_free_blocks == 4
+    assert s.kv.pool.peak_used_blocks == 3 == s.kv.peak_blocks(50, chunk=4) - 1
+
+
+def test_a_window_lets_a_request_longer_than_the_cache_in():
+    whole = make_scheduler(num_blocks=4, block_size=4, budget=8, max_model_len=64)
+    with pytest.raises(ValueError, match="more than the whole cache"):
+        whole.add_request(make_request("a", 30, max_tokens=20))
+    # Chunks of 8 under window 8: the 7 keys before a chunk and the chunk span at most 5 blocks.
+    assert KVCacheManager(4, 4, window=8).peak_blocks(50, chunk=8) == 5
+    windowed = make_scheduler(num_blocks=5, block_size=4, budget=8, max_model_len=64, window=8)
+    r = make_request("a", 30, max_tokens=20, ignore_eos=True)
+    windowed.add_request(r)
+    while windowed.has_unfinished_requests:
+        run_step(windowed)
+    assert r.num_output_tokens == 20 and windowed.kv.num_free_blocks == 5
+
+
+def test_a_group_keeps_only_its_prefix_window_and_members_keep_its_entries():
+    s = make_scheduler(num_blocks=12, block_size=4, budget=32, window=8)
+    prefix = list(range(40, 60))  # 20 tokens: 5 blocks, of which keys 13..19 stay in the window
+    a = Request("a", prefix + [1, 2], SamplingParams(max_tokens=3), eos_token_ids=(0,))
+    b = Request("b", prefix + [3, 4, 5], SamplingParams(max_tokens=3), eos_token_ids=(0,))
+    plan_into(s, [a, b])
+    run_step(s)  # the prefix, then its blocks before position 13 (blocks 0..2) are freed
+    null = s.kv.null_block
+    group = s.groups.groups[0]
+    assert group.blocks == [null, null, null, 3, 4] and s.kv.num_free_blocks == 10
+    run_step(s)  # the members begin with the group's entries, nulls included
+    assert s.kv.block_tables["a"][:5] == s.kv.block_tables["b"][:5] == [null, null, null, 3, 4]
+    while s.has_unfinished_requests:
+        run_step(s)  # the members never free the group's blocks; the group does, once
+    assert s.kv.num_free_blocks == 12 and not s.groups.held_blocks()
+

@@ -46,6 +46,7 @@ class EngineStats:
     num_preemptions: int = 0  # Scheduler.num_preemptions (the one count) since these stats began
     preemptions_at_start: int | None = None  # Scheduler.num_preemptions at the first step
     peak_kv_usage: float = 0.0
+    peak_kv_blocks: int = 0  # the most KV blocks in use at once (BlockPool.peak_used_blocks)
     num_unique_prompt_tokens: int = 0  # the prefix tree's optimum (0: not planned)
     num_groups: int = 0
     share_histogram: dict[int, int] = field(default_factory=dict)
@@ -66,6 +67,7 @@ class EngineStats:
             "steps": self.num_steps,
             "preemptions": self.num_preemptions,
             "peak_kv_usage": round(self.peak_kv_usage, 4),
+            "peak_kv_blocks": self.peak_kv_blocks,
             "elapsed_s": round(elapsed, 3),
             "generated_tokens_per_s": round(self.num_generated_tokens / elapsed, 2),
             "total_tokens_per_s": round(
@@ -101,7 +103,10 @@ class LLMEngine:
 
         block_size = config.cache.block_size
         self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
-        kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, block_size, dtype)
+        # When every layer has a sliding window, blocks that leave it go back to the pool and
+        # their table entries name one more block past the pool's (KVCacheManager.null_block).
+        window = self.model_config.max_window
+        kv_cache = allocate_kv_cache(self.model_config, self.num_blocks + (window is not None), block_size, dtype)
         self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids, config.runner)
         warm_up(self.runner)  # one-off first-pass costs belong to start-up, not to the first step
         # The configs as they run: the runner's thresholds and the token budget resolved for
@@ -113,7 +118,8 @@ class LLMEngine:
             self.scheduler_config = dataclasses.replace(
                 config.scheduler, max_num_batched_tokens=self.calibration.token_budget
             )
-        self.scheduler = Scheduler(self.scheduler_config, KVCacheManager(self.num_blocks, block_size), self.max_model_len)
+        kv_manager = KVCacheManager(self.num_blocks, block_size, window)
+        self.scheduler = Scheduler(self.scheduler_config, kv_manager, self.max_model_len)
         self._trace = open(config.trace_file, "w", buffering=1) if config.trace_file else None
         self._num_traced_steps = 0
         # A batch waiting for its warm-up sample to finish: (sequences, their plan, the sample).
@@ -135,6 +141,7 @@ class LLMEngine:
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
+        self.scheduler.kv.pool.reset_peak()
 
     def _register(self, request: Request) -> None:
         """A request the scheduler has queued (`Scheduler.add_plan`): count it, track it."""
@@ -243,6 +250,7 @@ class LLMEngine:
         stats.num_generated_tokens += len(result.sampled_token_ids)
         stats.num_preemptions = scheduler.num_preemptions - stats.preemptions_at_start
         stats.peak_kv_usage = max(stats.peak_kv_usage, scheduler.kv.usage)
+        stats.peak_kv_blocks = max(stats.peak_kv_blocks, scheduler.kv.pool.peak_used_blocks)
         processor = self.output_processor
         sampled = result.sampled_token_ids
         for chunk, request in zip(plan.chunks, requests):

@@ -18,6 +18,7 @@ class BlockPool:
         # A deque: allocation pops the head, release appends to the tail, both O(1).
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self.peak_used_blocks = 0  # the most blocks in use at once since `reset_peak`
 
     @property
     def num_free_blocks(self) -> int:
@@ -41,7 +42,12 @@ class BlockPool:
         blocks = [self._free.popleft() for _ in range(num_blocks)]
         for block_id in blocks:
             self._ref_counts[block_id] = 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_blocks - len(self._free))
         return blocks
+
+    def reset_peak(self) -> None:
+        """Start counting the peak again from the blocks in use now."""
+        self.peak_used_blocks = self.num_used_blocks
 
     def add_reference(self, block_ids: list[int]) -> None:
         for block_id in block_ids:

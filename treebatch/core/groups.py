@@ -9,6 +9,12 @@ exactly who needs what.
 A member joins a ready group by sharing the group's full blocks (a reference each) and, when the
 prefix ends inside a block, by copying that partial block's KV into a block of its own
 (copy-on-write), since the member writes its own tokens into the rest of it.
+
+With sliding windows (KVCacheManager.window), a prefix's blocks wholly before its last
+`window - 1` positions are read by nobody: every member's and child group's queries sit at or
+after the prefix's end. The prefix request frees them as it computes and the group frees the
+rest when it takes the blocks, so a group pins at most a window's worth of blocks; their table
+entries are `null_block`, and members' tables begin with exactly the group's entries.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ class GroupManager:
         copy = None
         tail = group.prefix_end % block_size
         if tail:
+            assert group.blocks[num_full] != self.kv.null_block, "a prefix's last block is inside every window"
             (target,) = self.kv.pool.allocate(1)
             self.kv.block_tables[request.request_id].append(target)
             copy = (group.blocks[num_full], target, tail)
@@ -102,6 +109,8 @@ class GroupManager:
 
     def on_prefix_computed(self, request: Request) -> None:
         group = self.groups[request.prefix_of]
+        # Members start at the prefix's end: what lies before its window is never read again.
+        self.kv.free_out_of_window(request, self.num_shared_tokens(group.parent) // self.kv.block_size)
         group.blocks = self.kv.take_table(request)
         assert len(group.blocks) == num_blocks_for(group.prefix_end, self.kv.block_size)
         group.is_ready = True
@@ -145,10 +154,11 @@ class GroupManager:
         group.is_ready = False
 
     def _drop_blocks(self, group: GroupState) -> None:
-        self.kv.pool.release(group.blocks[::-1])
+        self.kv.release_blocks(group.blocks[::-1])
         group.blocks = []
         if group.group_id in self._pinned:
             self._pinned.remove(group.group_id)
 
     def held_blocks(self) -> list[list[int]]:
+        """The groups' tables (`null_block` entries included), for the integrity check."""
         return [g.blocks for g in self.groups.values() if g.blocks]

@@ -7,8 +7,6 @@ definition of each rule, so a prediction cannot drift from what runs.
 
 from __future__ import annotations
 
-from treebatch.core.kv_manager import num_blocks_for
-
 # Fraction of the running requests' expected KV growth that admission keeps free. All of it
 # (1.0) never preempts when estimates are exact but leaves blocks idle while requests are young
 # and holds back requests that stop early; none (0.0) admits until decodes run out of blocks and
@@ -24,9 +22,11 @@ def chunk_size(num_remaining: int, budget: int, enable_chunked_prefill: bool) ->
     return budget if enable_chunked_prefill else 0
 
 
-def expected_growth(estimated_num_tokens: int, num_held_blocks: int, block_size: int) -> int:
-    """KV blocks a request is expected to add before it finishes."""
-    return max(0, num_blocks_for(estimated_num_tokens, block_size) - num_held_blocks)
+def expected_growth(estimated_peak_blocks: int, num_held_blocks: int) -> int:
+    """KV blocks a request is expected to add before it finishes: the most it is expected to
+    hold at once (its whole length, or a window's worth when blocks leave the window) less what
+    it holds."""
+    return max(0, estimated_peak_blocks - num_held_blocks)
 
 
 def growth_reserve(total_expected_growth: int) -> int:

@@ -10,6 +10,11 @@ token anyway, the most recently admitted request not yet scheduled in this step 
 blocks are freed and it goes back to the head of the queue to recompute its prompt and outputs
 later (recompute preemption keeps the output exact, since sampled tokens are kept, not redrawn).
 
+On a model whose every layer has a sliding window (the KV manager's `window`), each step first
+gives back the running requests' blocks that fell out of the window (core/kv_manager.py), so a
+long generation holds a window's worth of KV, and admission counts what a request holds and
+will hold at most under the window, not its whole length.
+
 `add_plan` is the only door for a planned batch (core/plan.py): it registers the plan's groups,
 makes each group's prefix request and gives members their group. The rules themselves (chunk
 size, growth reserve, group admission) are the pure functions of core/rules.py, which the cost
@@ -63,7 +68,8 @@ class Scheduler:
                 f"not fit the model's context of {self.max_model_len} tokens"
             )
         longest = min(request.max_num_tokens, self.max_model_len)
-        if not self.kv.fits_at_all(longest):
+        chunk = min(self.token_budget, longest) if self.config.enable_chunked_prefill else longest
+        if not self.kv.fits_at_all(longest, chunk):
             raise ValueError(
                 f"request {request.request_id!r} needs KV for {longest} tokens, more than the whole "
                 f"cache holds ({self.kv.pool.num_blocks} blocks of {self.kv.block_size}); "
@@ -106,6 +112,9 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         scheduled: set[str] = set()
+        if self.kv.window is not None:
+            for request in self.running:
+                self.kv.free_out_of_window(request, self._num_protected(request))
 
         # Running requests: decodes first, then unfinished prefill chunks, each in admission order.
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
@@ -120,6 +129,8 @@ class Scheduler:
                 continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._preemption_victim(scheduled)
+                if victim is request and len(self.running) == 1 and self._unpin_for(request):
+                    continue  # alone, it would only be admitted again: pinned prefixes give way
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -187,13 +198,13 @@ class Scheduler:
         return None
 
     def _unpin_for(self, request: Request) -> bool:
-        """Nothing runs and `request`, the first waiting request that could start, does not fit:
-        give back the KV of the most recently readied group prefix that no other pinned group
-        builds on, that `request` does not start from, and whose waiting dependents all come
+        """Nothing else runs and `request` (the first waiting request that could start, or the one
+        running request) does not fit: give back the KV of the most recently readied group prefix
+        that no other pinned group builds on, that `request` does not start from, and whose waiting dependents all come
         after `request` in the queue (so two groups never take turns evicting each other). Its
         prefix request waits again right before its first dependent. False when there is none
         (the cache is too small for the batch's nesting)."""
-        head = self.waiting.index(request)
+        head = next((i for i, w in enumerate(self.waiting) if w is request), -1)  # -1: it runs
         first_dependent: dict[int, int] = {}
         for index, waiting in enumerate(self.waiting):
             for group_id in self.groups.chain(waiting.group_id):
@@ -238,7 +249,7 @@ class Scheduler:
             return 0
         after_chunk = num_blocks_for(start + num_new, block_size)
         first_chunk = copied + max(0, after_chunk - held)
-        own_growth = max(0, num_blocks_for(request.estimated_num_tokens, block_size) - after_chunk)
+        own_growth = max(0, self.kv.peak_blocks(request.estimated_num_tokens) - after_chunk)
         if not self.kv.pool.can_allocate(first_chunk) or not fits_with_growth(
             self.kv.num_free_blocks, first_chunk, reserve, own_growth, bool(self.running)
         ):
@@ -253,8 +264,11 @@ class Scheduler:
 
     def _expected_growth(self, request: Request) -> int:
         """KV blocks a running request is expected to add before it finishes."""
-        held = len(self.kv.block_tables.get(request.request_id, ()))
-        return expected_growth(request.estimated_num_tokens, held, self.kv.block_size)
+        return expected_growth(self.kv.peak_blocks(request.estimated_num_tokens), self.kv.num_live_blocks(request))
+
+    def _num_protected(self, request: Request) -> int:
+        """Entries the request's table begins with that are its group's to free, not its own."""
+        return self.groups.num_shared_tokens(request.group_id) // self.kv.block_size
 
     def _preemption_victim(self, scheduled: set[str]) -> Request:
         """The most recently admitted running request that has no chunk in this step yet."""
