@@ -50,6 +50,17 @@ def test_unknown_name_is_refused_listing_the_known_ones(tmp_path):
         load_tokenizer_files(str(tmp_path / "missing.gguf"))
 
 
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_the_cli_refuses_an_unknown_name_in_one_line(tmp_path, capsys, command):
+    batch = tmp_path / "in.jsonl"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    batch.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+    args = [command, str(batch), "--model", "gemma-9000b"] + (["-o", str(tmp_path / "out.jsonl")] if command == "run" else [])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("treebatch: error: cannot load the model: gemma-9000b: no such file or folder")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
 def test_a_path_wins_over_a_name(tmp_path, monkeypatch):
     (tmp_path / "gemma3-270m").mkdir()
     monkeypatch.chdir(tmp_path)

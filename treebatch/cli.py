@@ -234,11 +234,14 @@ def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory, llm_fact
     if options is None:
         return 2
     config = EngineConfig.from_kwargs(**options)
-    loaded = tokenizer_factory(config.model, config.tokenizer, config.max_model_len)
+    try:
+        loaded = tokenizer_factory(config.model, config.tokenizer, config.max_model_len)
+        predict = llm_factory(**options).engine.predict if args.predict and llm_factory else None
+    except (ModelLoadError, FileNotFoundError, MemoryError) as exc:
+        print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
+        return 2
     analysis = analyze_batch(
-        args.input, PromptTokenizer.of(loaded), args.window, config,
-        model_name=loaded.model_name,
-        predict=llm_factory(**options).engine.predict if args.predict and llm_factory else None,
+        args.input, PromptTokenizer.of(loaded), args.window, config, model_name=loaded.model_name, predict=predict
     )
     print(json.dumps(analysis, indent=1) if args.json else format_plan(analysis))
     return 0
