@@ -346,7 +346,8 @@ def test_writer_lines_have_the_batch_output_shape(tmp_path):
     assert set(ok["response"]) == {"status_code", "request_id", "body"}
     assert ok["response"]["status_code"] == 200 and isinstance(ok["response"]["request_id"], str)
     assert ok["response"]["body"] == {"x": 1}
-    assert bad["response"] is None and bad["error"] == {"code": "invalid_request", "message": "line 2: nope"}
+    assert bad["response"] is None
+    assert bad["error"] == {"code": "invalid_request", "message": "line 2: nope", "retryable": False}
     assert anonymous["custom_id"] is None
     assert (writer.num_responses, writer.num_errors) == (1, 2)
     with BatchWriter(path, append=True) as writer:

@@ -231,6 +231,32 @@ def test_an_engine_failure_on_one_request_fails_that_request_only(tmp_path):
     errors = read_records(tmp_path / "out.errors.jsonl")
     assert [o["custom_id"] for o in errors] == ["c1"]
     assert errors[0]["error"]["code"] == "engine_error" and "out of memory" in errors[0]["error"]["message"]
+    assert errors[0]["error"]["retryable"] is True
+
+
+def test_retry_failed_runs_the_engine_errors_again_and_keeps_invalid_input_final(tmp_path, capsys):
+    class Broken(FakeLLM):
+        def generate_iter(self, prompts, sampling_params, use_tqdm=False):
+            raise RuntimeError("out of memory")
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(MIXED[:3] + ["not json"]) + "\n")
+    target, error_file = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    assert cli.main(["run", str(source), "-o", str(target)], llm_factory=Broken) == 1
+    errors = read_records(error_file)
+    assert sorted((o["custom_id"] or "", o["error"]["retryable"]) for o in errors) == [
+        ("", False), ("c1", True), ("c2", True), ("h1", True)
+    ]
+    llm = {}
+    factory = lambda **o: llm.setdefault(0, FakeLLM(**o))  # noqa: E731
+    assert cli.main(["run", str(source), "-o", str(target)], llm_factory=factory) == 0
+    assert llm[0].calls == []  # a plain rerun skips every record, retryable or not
+    capsys.readouterr()
+    assert cli.main(["run", str(source), "-o", str(target), "--retry-failed"], llm_factory=factory) == 0
+    assert "3 retryable error records taken out" in capsys.readouterr().err
+    assert sorted(o["custom_id"] for o in read_records(target)) == ["c1", "c2", "h1"]
+    assert [(o["custom_id"], o["error"]["code"]) for o in read_records(error_file)] == [(None, "invalid_json")]
+    assert cli.main(["run", str(source), "-o", str(target), "--retry-failed", "--overwrite"], llm_factory=factory) == 2
 
 
 def test_an_all_bad_file_does_not_call_the_engine(tmp_path):

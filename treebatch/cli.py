@@ -23,7 +23,7 @@ from treebatch.batch.job import DEFAULT_WINDOW, BatchJob, JobOptions, default_er
 from treebatch.batch.progress import JobProgress, format_summary
 from treebatch.batch.reader import count_lines
 from treebatch.batch.lock import OutputLock, OutputLocked
-from treebatch.batch.resume import FinishedSet, ResumeError, scan_finished
+from treebatch.batch.resume import FinishedSet, ResumeError, drop_retryable, scan_finished
 from treebatch.batch.writer import WriteFault
 from treebatch.models.checks import ModelLoadError
 from treebatch.config import CacheConfig, EngineConfig, RunnerConfig, SchedulerConfig
@@ -33,7 +33,8 @@ TokenizerFactory = Callable[..., Any]
 _CONFIG_CLASSES = (EngineConfig, CacheConfig, SchedulerConfig, RunnerConfig)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Exit status: 0 every line answered or recorded as invalid input; 1 the engine failed on some
-# request (an engine_error record each); 2 usage (bad flags, files, a model that cannot load);
+# request (a retryable engine_error record each: --retry-failed runs them again); 2 usage (bad
+# flags, files, a model that cannot load);
 # 3 a fault (an output or error file could not be written, another run holds the output): a
 # rerun resumes; 130 / 143 stopped by SIGINT / SIGTERM: a rerun resumes.
 EXIT_FAULT = 3
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip requests already in the output/error files (the default when the output exists)",
     )
     resume.add_argument("--overwrite", action="store_true", help="start fresh, replacing the output/error files")
+    run_parser.add_argument(
+        "--retry-failed", action="store_true",
+        help="on resuming, also run again the requests whose error records are retryable (engine errors); "
+        "invalid input stays final",
+    )
     run_parser.add_argument(
         "--ordered", action="store_true", help="write results in input order (early ones wait in a bounded buffer)"
     )
@@ -150,6 +156,9 @@ def run(args: argparse.Namespace, llm_factory: LLMFactory) -> int:
     if args.window < 1:
         print("treebatch: error: --window must be at least 1", file=sys.stderr)
         return 2
+    if args.retry_failed and args.overwrite:
+        print("treebatch: error: --retry-failed resumes a run; --overwrite starts afresh", file=sys.stderr)
+        return 2
     options = _engine_options(args)
     if options is None:
         return 2
@@ -168,6 +177,14 @@ def _run_locked(args: argparse.Namespace, llm_factory: LLMFactory, options: dict
         for path in (args.output, error_file):
             path.unlink(missing_ok=True)
     else:
+        try:
+            retried = drop_retryable(error_file) if args.retry_failed else 0
+        except OSError as exc:
+            print(f"treebatch: error: cannot rewrite {error_file} for --retry-failed: {exc}", file=sys.stderr)
+            return EXIT_FAULT
+        if args.retry_failed:
+            print(f"treebatch: --retry-failed: {retried} retryable error records taken out of {error_file}; "
+                  "their requests run again", file=sys.stderr)
         try:
             finished = scan_finished([args.output, error_file])
         except ResumeError as exc:

@@ -108,7 +108,7 @@ class BatchJob:
                 if exc is not None:
                     entry = ready[index].entry
                     message = f"line {entry.line}: {type(exc).__name__}: {exc}"
-                    self._write_error(errors, entry.custom_id, "engine_error", message)
+                    self._write_error(errors, entry.custom_id, "engine_error", message, retryable=True)
                     if ordered is not None:
                         ordered.skip(base + index)
                     status = 1
@@ -146,8 +146,10 @@ class BatchJob:
             return exc
         return None
 
-    def _write_error(self, errors: BatchWriter, custom_id: str | None, code: str, message: str) -> None:
-        errors.write_error(custom_id, code, message)
+    def _write_error(
+        self, errors: BatchWriter, custom_id: str | None, code: str, message: str, retryable: bool = False
+    ) -> None:
+        errors.write_error(custom_id, code, message, retryable)
         self.progress.advance(failed=1)
 
     def _token_text(self, token_id: int) -> str:

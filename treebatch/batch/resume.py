@@ -57,6 +57,43 @@ def scan_finished(paths: list[Path]) -> FinishedSet:
     return finished
 
 
+def drop_retryable(path: Path) -> int:
+    """Take the retryable error records (engine errors: `error.retryable`, or an `engine_error`
+    code in files written before records carried it) out of the error file at `path`, so the
+    run that follows answers their requests again; returns how many. The file is rewritten
+    beside itself, fsynced, then renamed over the old one: a crash leaves the old or the new."""
+    if not path.is_file():
+        return 0
+    drop_torn_tail(path)
+    kept: list[bytes] = []
+    dropped = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if _is_retryable(raw):
+                dropped += 1
+            else:
+                kept.append(raw)
+    if dropped:
+        staged = path.with_name(path.name + ".retry-tmp")
+        with open(staged, "wb") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staged, path)
+    return dropped
+
+
+def _is_retryable(raw: bytes) -> bool:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return False  # not a record: scanning names it
+    error = record.get("error") if isinstance(record, dict) else None
+    if not isinstance(error, dict):
+        return False
+    return bool(error.get("retryable", error.get("code") == "engine_error"))
+
+
 def drop_torn_tail(path: Path) -> int:
     """Truncate an unterminated or unparsable last line; returns the bytes removed."""
     size = path.stat().st_size

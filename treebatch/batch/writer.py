@@ -49,8 +49,8 @@ class BatchWriter:
     def write_response(self, custom_id: str, body: dict[str, Any], status_code: int = 200) -> None:
         self.write_line(response_line(custom_id, body, status_code), is_error=False)
 
-    def write_error(self, custom_id: str | None, code: str, message: str) -> None:
-        self.write_line(error_line(custom_id, code, message), is_error=True)
+    def write_error(self, custom_id: str | None, code: str, message: str, retryable: bool = False) -> None:
+        self.write_line(error_line(custom_id, code, message, retryable), is_error=True)
 
     def write_line(self, line: str, is_error: bool) -> None:
         """Write one serialized record (ending in a newline)."""
@@ -118,13 +118,18 @@ def response_line(custom_id: str, body: dict[str, Any], status_code: int = 200) 
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def error_line(custom_id: str | None, code: str, message: str) -> str:
-    """A failed Batch output record (`response: null`), serialized with its newline."""
+def error_line(custom_id: str | None, code: str, message: str, retryable: bool = False) -> str:
+    """A failed Batch output record (`response: null`), serialized with its newline.
+
+    `retryable`: the error's class. False (final) for invalid input: the line itself is wrong and
+    would fail the same way again. True for an engine error on one request (already retried once
+    alone in its run): the cause may lie in the run (memory, the machine, a bug since fixed), so
+    `treebatch run --retry-failed` runs it again. Faults are never written as records."""
     record = {
         "id": _new_id("batch_req_"),
         "custom_id": custom_id,
         "response": None,
-        "error": {"code": code, "message": message},
+        "error": {"code": code, "message": message, "retryable": retryable},
     }
     return json.dumps(record, ensure_ascii=False) + "\n"
 
