@@ -1,5 +1,5 @@
 """Faults are not request errors: a write that fails mid-job (a real file-size limit, in a
-subprocess), a second run on the same output, a model file that cannot load. Each stops cleanly
+subprocess), SIGTERM mid-job, a second run on the same output, a model file that cannot load. Each stops cleanly
 with a message that says what happened; nothing is marked failed that did not fail; a rerun
 answers every custom_id exactly once."""
 
@@ -9,8 +9,10 @@ import collections
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,40 @@ def test_a_write_that_fails_mid_job_loses_nothing_and_a_rerun_answers_each_reque
     assert counts == {f"q{i}": 1 for i in range(60)}
     assert all(r["error"] is None for r in records)
 
+
+def test_sigterm_mid_job_loses_nothing_and_a_rerun_answers_each_request_once(tmp_path):
+    # (SIGKILL, which cannot be handled: tests/test_resume.py.)
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _requests(source, 40)
+    args = [*TREEBATCH, "run", str(source), "-o", str(target), "--window", "8", "--fsync-interval", "0",
+            "--dtype", "float32"]
+    log = open(tmp_path / "stderr.txt", "w")
+    process = subprocess.Popen(args, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if target.exists() and target.read_bytes().count(b"\n") >= 5:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+        log.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert returncode == cli.EXIT_SIGTERM and "stopped by signal" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out.errors.jsonl").exists()  # nothing was marked failed
+    done_before = target.read_bytes().count(b"\n")
+    assert 5 <= done_before < 40
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming" in second.stderr
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert collections.Counter(r["custom_id"] for r in records) == {f"q{i}": 1 for i in range(40)}
+    assert all(r["error"] is None for r in records)
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, capsys):
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
