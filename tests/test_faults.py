@@ -1,5 +1,6 @@
 """Faults are not request errors: a write that fails mid-job (a real file-size limit, in a
-subprocess), SIGTERM mid-job, a second run on the same output, a model file that cannot load. Each stops cleanly
+subprocess), SIGTERM mid-job, a second run on the same output, a model file that cannot load
+(truncated, corrupt, a tensor missing or misshapen, an unknown quantization type). Each stops cleanly
 with a message that says what happened; nothing is marked failed that did not fail; a rerun
 answers every custom_id exactly once."""
 
@@ -113,6 +114,27 @@ def test_a_truncated_gguf_file_is_named(tmp_path, keep):
     with pytest.raises(ModelLoadError, match=rf"cut.gguf: (not a readable GGUF file|truncated)"):
         read_gguf(cut)
 
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [(99, "quantization type unknown to treebatch's gguf reader"), (9, "quantization type Q8_1 cannot be read")],
+    ids=["unknown-id", "unreadable-Q8_1"],
+)
+def test_an_unknown_quantization_type_is_named(tmp_path, code, message):
+    import gguf
+
+    from families import build, write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf("mistral", build("mistral"), path)
+    field = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q.weight").field
+    type_offset = field.offset + sum(part.nbytes for part in field.parts[:4])  # name, dims, shape, then type
+    data = bytearray(path.read_bytes())
+    assert int.from_bytes(data[type_offset : type_offset + 4], "little") == int(gguf.GGMLQuantizationType.F32)
+    data[type_offset : type_offset + 4] = code.to_bytes(4, "little")
+    path.write_bytes(data)
+    with pytest.raises(ModelLoadError, match=message):
+        read_gguf(path)
 
 @pytest.fixture
 def tiny_folder(tmp_path):

@@ -262,6 +262,11 @@ def open_gguf(path: str | Path) -> GGUFReader:
     try:
         reader = GGUFReader(str(path))
     except (ValueError, IndexError, KeyError, OSError, struct.error) as exc:
+        if "GGMLQuantizationType" in str(exc):
+            raise ModelLoadError(
+                f"{path}: a tensor has a quantization type unknown to treebatch's gguf reader ({exc}); "
+                "the file may come from a newer llama.cpp, or be corrupt"
+            ) from exc
         size = Path(path).stat().st_size
         raise ModelLoadError(f"{path}: not a readable GGUF file ({size} bytes; truncated or corrupt: {exc})") from exc
     size = Path(path).stat().st_size
