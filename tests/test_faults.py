@@ -1,8 +1,8 @@
 """Faults are not request errors: a write that fails mid-job (a real file-size limit, in a
 subprocess), SIGTERM mid-job, a second run on the same output, a model file that cannot load
-(truncated, corrupt, a tensor missing or misshapen, an unknown quantization type). Each stops cleanly
-with a message that says what happened; nothing is marked failed that did not fail; a rerun
-answers every custom_id exactly once."""
+(truncated, corrupt, a tensor missing or misshapen, an unknown quantization type). Each stops
+cleanly with a message that says what happened; nothing is marked failed that did not fail; a
+rerun answers every custom_id exactly once."""
 
 from __future__ import annotations
 
