@@ -6,7 +6,9 @@ a line is blank when it is whitespace once decoded as UTF-8 (a byte-order mark b
 dropped) and yields nothing; every other line yields exactly one record, in file order: a
 `BatchEntry` or a `LineError` whose message starts with "line N: " and says why. `count_lines`
 counts those same lines. An entry holds only strings that encode to UTF-8, so the tokenizer and
-the output writer take it as it is; `prepare_window` and `analyze_batch` then never raise either.
+the output writer take it as it is; `prepare_window` and `analyze_batch` then never raise either,
+and a whole `treebatch run` (on a fake engine) writes exactly one record per line and, rerun,
+finds nothing left to do.
 
 Lines come from hypothesis: raw bytes, and OpenAI Batch request lines built field by field with
 valid values, wrong types, missing and extra fields, huge, negative and non-finite numbers, lone
@@ -346,6 +348,31 @@ def test_whole_files_each_line_answered_or_reported(tmp_path_factory, data):
     lines, records = read_file(tmp_path_factory.mktemp("fuzz"), data)
     check_records(lines, records)
 
+
+@settings(FUZZ, max_examples=60)
+@given(data=files())
+def test_a_whole_job_on_a_generated_file_writes_one_record_per_line_and_resumes_to_nothing(tmp_path_factory, data):
+    from test_cli import FakeLLM  # the engine's interface, answering at once
+
+    from treebatch import cli
+
+    folder = tmp_path_factory.mktemp("job")
+    source, target = folder / "in.jsonl", folder / "out.jsonl"
+    source.write_bytes(data)
+    made: list[FakeLLM] = []
+    factory = lambda **options: made.append(FakeLLM(**options)) or made[-1]  # noqa: E731
+    status = cli.main(["run", str(source), "-o", str(target), "--window", "3"], llm_factory=factory)
+    assert status == 0
+    written = [json.loads(line) for path in (target, folder / "out.errors.jsonl") if path.exists()
+               for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(written) == count_lines(source)  # each line answered or reported, exactly once
+    answered = [r["custom_id"] for r in written if r["error"] is None]
+    assert len(answered) == len(set(answered))
+    assert all(r["error"]["message"].startswith("line ") for r in written if r["error"] is not None)
+    before = [path.read_bytes() for path in (target, folder / "out.errors.jsonl") if path.exists()]
+    assert cli.main(["run", str(source), "-o", str(target), "--window", "3"], llm_factory=factory) == 0
+    assert [path.read_bytes() for path in (target, folder / "out.errors.jsonl") if path.exists()] == before
+    assert all(not llm.calls for llm in made[1:])  # the rerun had nothing left to answer
 
 @settings(FUZZ, max_examples=60)
 @given(data=files())
