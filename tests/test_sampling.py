@@ -23,7 +23,7 @@ def make_sampler(**params_by_id: SamplingParams) -> Sampler:
 
 
 def draws(sampler: Sampler, rid: str, logits: torch.Tensor, count: int) -> list[int]:
-    return [sampler.sample(logits.unsqueeze(0), [rid])[0][0] for _ in range(count)]
+    return [sampler.sample(logits.unsqueeze(0), [rid]).tokens[0] for _ in range(count)]
 
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0])
@@ -31,11 +31,11 @@ LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0])
 
 def test_greedy_picks_argmax_and_min_tokens_bans_eos():
     sampler = make_sampler(a=SamplingParams(temperature=0, min_tokens=2), b=SamplingParams(temperature=0))
-    tokens, _ = sampler.sample(torch.stack([LOGITS, LOGITS]), ["a", "b"])
+    tokens = sampler.sample(torch.stack([LOGITS, LOGITS]), ["a", "b"]).tokens
     assert tokens == [0, EOS]  # a may not stop yet: EOS (the argmax) is banned
-    tokens, _ = sampler.sample(torch.stack([LOGITS, LOGITS]), ["a", "b"])
+    tokens = sampler.sample(torch.stack([LOGITS, LOGITS]), ["a", "b"]).tokens
     assert tokens == [0, EOS]
-    tokens, _ = sampler.sample(LOGITS.unsqueeze(0), ["a"])
+    tokens = sampler.sample(LOGITS.unsqueeze(0), ["a"]).tokens
     assert tokens == [EOS]  # two outputs reached: EOS allowed again
 
 
@@ -68,7 +68,7 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     crowd = make_sampler(x=SamplingParams(temperature=0.7), s=SamplingParams(temperature=1.0, seed=5))
     crowd._states["s"].generator.manual_seed(1000)  # same seed as "s" in `alone`
     batch = torch.stack([LOGITS.flip(0), LOGITS])
-    together = [crowd.sample(batch, ["x", "s"])[0][1] for _ in range(50)]
+    together = [crowd.sample(batch, ["x", "s"]).tokens[1] for _ in range(50)]
     assert draws(alone, "s", LOGITS, 50) == together
 
 
@@ -86,7 +86,8 @@ def test_penalties_change_the_logits_as_documented():
 
 def test_logprobs_are_raw_log_softmax_with_ranks():
     sampler = make_sampler(l=SamplingParams(temperature=0, logprobs=2))
-    tokens, logprobs = sampler.sample(LOGITS.unsqueeze(0), ["l"])
+    sampled = sampler.sample(LOGITS.unsqueeze(0), ["l"])
+    tokens, logprobs = sampled.tokens, sampled.logprobs
     reference = LOGITS.log_softmax(-1)
     entry = logprobs["l"]
     assert list(entry) == [EOS, 0]

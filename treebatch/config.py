@@ -152,6 +152,9 @@ class RunnerConfig:
     shared_prefix_attention_min_decodes: int | None = None
     # Memory for group prefixes' K and V gathered once and kept across steps (0: every step).
     prefix_store_memory: int = 256 << 20
+    # Structured outputs: tokens a grammar forces are appended and computed as one chunk in the
+    # next step (jump-forward), not sampled one decode step each.
+    enable_jump_forward: bool = True
 
     def __post_init__(self) -> None:
         assert self.shared_prefix_attention_min_queries >= 1

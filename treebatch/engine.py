@@ -22,6 +22,7 @@ from treebatch.host import cache_root
 from treebatch.layers.linear import ALL_ROWS
 from treebatch.models.decoder import DecoderForCausalLM
 from treebatch.models.loader import load_model
+from treebatch.runtime.guidance import Guide
 from treebatch.runtime.calibration import MAX_POSITION, calibration_key, load_or_measure, warm_up
 from treebatch.runtime.kernel_choice import packed_max_rows
 from treebatch.runtime.kv_cache import allocate_kv_cache, available_memory_bytes, num_kv_blocks
@@ -47,6 +48,7 @@ class EngineStats:
     preemptions_at_start: int | None = None  # Scheduler.num_preemptions at the first step
     peak_kv_usage: float = 0.0
     peak_kv_blocks: int = 0  # the most KV blocks in use at once (BlockPool.peak_used_blocks)
+    num_forced_tokens: int = 0  # output tokens a grammar forced (jump-forward), not sampled
     num_unique_prompt_tokens: int = 0  # the prefix tree's optimum (0: not planned)
     num_groups: int = 0
     share_histogram: dict[int, int] = field(default_factory=dict)
@@ -68,6 +70,7 @@ class EngineStats:
             "preemptions": self.num_preemptions,
             "peak_kv_usage": round(self.peak_kv_usage, 4),
             "peak_kv_blocks": self.peak_kv_blocks,
+            "forced_tokens": self.num_forced_tokens,
             "elapsed_s": round(elapsed, 3),
             "generated_tokens_per_s": round(self.num_generated_tokens / elapsed, 2),
             "total_tokens_per_s": round(
@@ -107,7 +110,9 @@ class LLMEngine:
         # their table entries name one more block past the pool's (KVCacheManager.null_block).
         window = self.model_config.max_window
         kv_cache = allocate_kv_cache(self.model_config, self.num_blocks + (window is not None), block_size, dtype)
-        self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids, config.runner)
+        vocab_size = c.vocab_size
+        guide = lambda: Guide(self.tokenizer, vocab_size, self.eos_token_ids)  # noqa: E731  (on first use)
+        self.runner = ModelRunner(model, kv_cache, block_size, self.eos_token_ids, config.runner, guide)
         warm_up(self.runner)  # one-off first-pass costs belong to start-up, not to the first step
         # The configs as they run: the runner's thresholds and the token budget resolved for
         # this machine. The scheduler, the runner and the cost model all read these.
@@ -243,23 +248,27 @@ class LLMEngine:
         # The scheduler holds the one registry of live requests; `update` drops the finished ones
         # (and completed group prefixes) from it, so the step's requests are looked up first.
         requests = [scheduler.requests[chunk.request_id] for chunk in plan.chunks]
+        num_outputs = [request.num_output_tokens for request in requests]
         result = self.runner.execute(plan)
         finished = scheduler.update(plan, result)
 
         stats.num_steps += 1
-        stats.num_generated_tokens += len(result.sampled_token_ids)
+        stats.num_generated_tokens += sum(r.num_output_tokens - n for r, n in zip(requests, num_outputs))
+        stats.num_forced_tokens += sum(map(len, result.forced_token_ids.values()))
         stats.num_preemptions = scheduler.num_preemptions - stats.preemptions_at_start
         stats.peak_kv_usage = max(stats.peak_kv_usage, scheduler.kv.usage)
         stats.peak_kv_blocks = max(stats.peak_kv_blocks, scheduler.kv.pool.peak_used_blocks)
         processor = self.output_processor
-        sampled = result.sampled_token_ids
-        for chunk, request in zip(plan.chunks, requests):
+        for chunk, request, before in zip(plan.chunks, requests, num_outputs):
             stats.num_computed_prompt_tokens += chunk.num_computed_prompt_tokens
-            # Every sampled token goes to the output processor, also the one that ended its request.
-            if chunk.needs_sample and processor.add_token(chunk.request_id, sampled[chunk.request_id]):
-                if not request.is_finished:  # a stop string
-                    scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
-                    finished.append(request)
+            # Every new output token (sampled, or forced by a grammar) goes to the output
+            # processor, also the one that ended its request.
+            for token in request.output_token_ids[before:] if chunk.needs_sample else ():
+                if processor.add_token(chunk.request_id, token):
+                    if not request.is_finished:  # a stop string
+                        scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+                        finished.append(request)
+                    break
         for request in finished:
             processor.finish(request)
         if self.config.check_integrity:

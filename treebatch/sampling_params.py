@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from treebatch.structured_outputs import StructuredOutputsParams
+
 # Counts and token ids beyond this do not fit the int32/int64 tensors they become.
 _INDEX_MAX = (1 << 31) - 1
 # Below this temperature sampling is greedy (argmax).
@@ -36,6 +38,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain the answer to a JSON schema, regex, choice or grammar (treebatch/structured_outputs.py).
+    structured_outputs: StructuredOutputsParams | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +50,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -84,6 +90,8 @@ class SamplingParams:
             fail(f"top_k must be at most {_INDEX_MAX} (any value from the vocabulary size on means all), got {self.top_k}")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= _INDEX_MAX for t in self.stop_token_ids):
             fail(f"stop_token_ids must be integers in [0, {_INDEX_MAX}]")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
         for name in ("max_tokens", "min_tokens", "logprobs"):
             value = getattr(self, name)
             if value is not None and value > _INDEX_MAX:

@@ -90,3 +90,7 @@ class StepResult:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, Any] = field(default_factory=dict)
+    # Structured outputs: tokens the grammar forces after the sampled one (appended as if
+    # sampled, computed next step as one chunk), and the requests whose grammar is complete.
+    forced_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    grammar_done: set[str] = field(default_factory=set)

@@ -307,18 +307,27 @@ class Scheduler:
     # -- results ---------------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Append sampled tokens, apply token-level stops; return the requests that finished."""
+        """Append sampled tokens (and the tokens a grammar forces after them), apply token-level
+        stops after each; return the requests that finished. Forced tokens are outputs not yet
+        computed: the request's next chunk computes them with its next sample's position."""
         finished: list[Request] = []
         for chunk in plan.chunks:
-            request = self.requests[chunk.request_id]
+            request_id = chunk.request_id
+            request = self.requests[request_id]
             if request.is_prefix and request.num_computed_tokens == request.num_tokens:
                 self._complete_prefix(request)
             if not chunk.needs_sample:
                 continue
-            request.append_output_token(result.sampled_token_ids[chunk.request_id])
-            if chunk.request_id in result.logprobs:
-                request.output_logprobs.append(result.logprobs[chunk.request_id])
-            status = request.check_stop(self.max_model_len)
+            if request_id in result.logprobs:
+                request.output_logprobs.append(result.logprobs[request_id])
+            status = None
+            for token in [result.sampled_token_ids[request_id], *result.forced_token_ids.get(request_id, ())]:
+                request.append_output_token(token)
+                status = request.check_stop(self.max_model_len)
+                if status is not None:
+                    break
+            if status is None and request_id in result.grammar_done:
+                status = RequestStatus.FINISHED_STOPPED  # the answer is complete
             if status is not None:
                 self.finish_request(request, status)
                 finished.append(request)

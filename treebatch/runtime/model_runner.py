@@ -8,6 +8,7 @@ runtime/step_inputs.py; the runner copies partial prefix blocks, runs the model 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +17,7 @@ from treebatch.core.outputs import StepPlan, StepResult
 from treebatch.core.step_layout import layout_step
 from treebatch.layers import native
 from treebatch.models.decoder import DecoderForCausalLM
+from treebatch.runtime.guidance import Guide
 from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
 from treebatch.runtime.step_inputs import build_step_inputs
@@ -42,6 +44,7 @@ class ModelRunner:
         block_size: int,
         eos_token_ids: tuple[int, ...],
         config: RunnerConfig,
+        guide: Callable[[], Guide] | None = None,
     ) -> None:
         self.model = model
         self.config = resolve_runner_config(config)
@@ -53,7 +56,7 @@ class ModelRunner:
             if self.config.prefix_store_memory > 0
             else None
         )
-        self.sampler = Sampler(model.config.vocab_size, eos_token_ids)
+        self.sampler = Sampler(model.config.vocab_size, eos_token_ids, guide, self.config.enable_jump_forward)
 
     def execute(self, plan: StepPlan) -> StepResult:
         for request_id in plan.finished_request_ids:
@@ -71,8 +74,8 @@ class ModelRunner:
         )
         if not sample_ids:
             return StepResult({})
-        tokens, logprobs = self.sampler.sample(logits, sample_ids)
-        return StepResult(dict(zip(sample_ids, tokens)), logprobs)
+        sampled = self.sampler.sample(logits, sample_ids)
+        return StepResult(dict(zip(sample_ids, sampled.tokens)), sampled.logprobs, sampled.forced, sampled.grammar_done)
 
     def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy-on-write of partial prefix blocks: a member's own copy of the prefix's tail KV."""

@@ -5,11 +5,20 @@ tokens, then greedy argmax or temperature -> top-k -> top-p -> min-p -> a draw. 
 a torch.Generator seeded from its seed, and draws exactly one exponential vector per token, so a
 seeded request yields the same tokens whatever else shares its batch. Logprobs are the model's raw
 log-softmax (before penalties and temperature), as users of the OpenAI API expect.
+
+Structured outputs: a constrained request's state holds its own llguidance matcher
+(runtime/guidance.py). Its row's logits are masked to the tokens the grammar admits, after the
+penalties and bans and before any sampling rule; then the matcher consumes the drawn token and,
+with jump-forward on (and no logprobs asked for), the tokens the grammar now forces, which go
+back to the scheduler to be appended and computed as one chunk instead of a decode step each.
+A matcher whose grammar is complete ends its request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,26 +35,56 @@ class _SamplingState:
     generator: torch.Generator
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
+    matcher: Any = None  # an llguidance matcher, for a constrained request
+
+
+@dataclass(slots=True)
+class SampleResult:
+    tokens: list[int]
+    logprobs: dict[str, TokenLogprobs]
+    forced: dict[str, list[int]] = field(default_factory=dict)  # tokens the grammar forces next
+    grammar_done: set[str] = field(default_factory=set)  # complete answers
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, vocab_size: int, eos_token_ids: tuple[int, ...], guide: Callable[[], Any] | None = None,
+        jump_forward: bool = True,
+    ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self._states: dict[str, _SamplingState] = {}
+        self._make_guide = guide  # made on the first constrained request
+        self._guide: Any = None
+        self.jump_forward = jump_forward
 
     def add_request(self, new: NewRequestData) -> None:
         generator = torch.Generator().manual_seed(new.seed)
-        self._states[new.request_id] = _SamplingState(new.sampling_params, generator, new.prompt_token_ids)
+        state = _SamplingState(new.sampling_params, generator, new.prompt_token_ids)
+        constraint = new.sampling_params.structured_outputs
+        if constraint is not None:
+            state.matcher = self.guide.matcher(constraint.llguidance_grammar)
+        self._states[new.request_id] = state
+
+    @property
+    def guide(self) -> Any:
+        if self._guide is None:
+            assert self._make_guide is not None, "structured outputs need the engine's tokenizer"
+            self._guide = self._make_guide()
+        return self._guide
 
     def remove_request(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str]) -> tuple[list[int], dict[str, TokenLogprobs]]:
-        """logits: [N, V] float32, one row per request id. Returns tokens and requested logprobs."""
+    def sample(self, logits: torch.Tensor, request_ids: list[str]) -> SampleResult:
+        """logits: [N, V] float32, one row per request id. Returns tokens and requested logprobs
+        (and, for constrained requests, forced tokens and complete answers)."""
         states = [self._states[rid] for rid in request_ids]
         raw = logits
         logits = self._apply_penalties_and_bans(logits, states)
+        guided = [i for i, s in enumerate(states) if s.matcher is not None]
+        if guided:
+            logits = self._apply_grammars(logits, raw, [states[i].matcher for i in guided], guided)
 
         tokens = torch.empty(len(states), dtype=torch.long)
         greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
@@ -63,8 +102,36 @@ class Sampler:
         token_list = tokens.tolist()
         for state, token in zip(states, token_list):
             state.output_token_ids.append(token)
-        logprobs = self._logprobs(raw, states, request_ids, token_list)
-        return token_list, logprobs
+        result = SampleResult(token_list, self._logprobs(raw, states, request_ids, token_list))
+        for i in guided:
+            self._advance(states[i], request_ids[i], token_list[i], result)
+        return result
+
+    def _apply_grammars(self, logits: torch.Tensor, raw: torch.Tensor, matchers: list[Any], rows: list[int]) -> torch.Tensor:
+        """Mask the constrained rows to what their grammars admit. A row the min_tokens ban has
+        emptied (the grammar admits only its end) is masked from the raw logits instead."""
+        allowed = self.guide.allowed(matchers)
+        if logits is raw:
+            logits = logits.clone()
+        index = torch.tensor(rows)
+        masked = logits[index].masked_fill_(~allowed, float("-inf"))
+        empty = torch.isneginf(masked).all(dim=-1)
+        if bool(empty.any()):
+            masked[empty] = raw[index][empty].masked_fill(~allowed[empty], float("-inf"))
+        logits[index] = masked
+        return logits
+
+    def _advance(self, state: _SamplingState, request_id: str, token: int, result: SampleResult) -> None:
+        matcher = state.matcher
+        matcher.consume_token(token)
+        if self.jump_forward and state.params.logprobs is None and not matcher.is_stopped():
+            forced = matcher.compute_ff_tokens()
+            if forced:
+                matcher.consume_tokens(forced)
+                state.output_token_ids.extend(forced)
+                result.forced[request_id] = forced
+        if matcher.is_stopped():
+            result.grammar_done.add(request_id)
 
     @staticmethod
     def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
