@@ -170,7 +170,7 @@ def test_chat_body_maps_messages_and_logprobs():
         (CHAT_URL, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
-        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format.type"),
         (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -4}, "max_completion_tokens"),
         (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
         (CHAT_URL, {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "prompt"),
@@ -180,6 +180,149 @@ def test_invalid_body_fields_name_the_field(url, body, field):
     with pytest.raises(RequestError) as info:
         parse_body(url, body)
     assert field in info.value.message
+
+
+# --- structured outputs ----------------------------------------------------------------
+
+_SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}}, "required": ["label"]}
+
+
+def _body(url: str, **fields: object) -> dict:
+    base = {"messages": [{"role": "user", "content": "x"}]} if url == CHAT_URL else {"prompt": "x"}
+    return {**base, **fields}
+
+
+both_urls = pytest.mark.parametrize("url", [COMPLETIONS_URL, CHAT_URL])
+
+
+@both_urls
+@pytest.mark.parametrize(
+    ("fields", "kind", "value"),
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object", True),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "label", "schema": _SCHEMA, "strict": True}}},
+            "json", _SCHEMA,
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": _SCHEMA, "description": "d", "strict": False}}},
+            "json", _SCHEMA,
+        ),
+        ({"structured_outputs": {"json": _SCHEMA}}, "json", _SCHEMA),
+        ({"structured_outputs": {"json": json.dumps(_SCHEMA)}}, "json", json.dumps(_SCHEMA)),
+        ({"structured_outputs": {"regex": "[0-9]{3}"}}, "regex", "[0-9]{3}"),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", ["yes", "no"]),
+        ({"structured_outputs": {"grammar": 'start: "a" | "b"'}}, "grammar", 'start: "a" | "b"'),
+        ({"structured_outputs": {"json_object": True}}, "json_object", True),
+        ({"structured_outputs": {"regex": "a+", "json": None, "choice": None}}, "regex", "a+"),  # nulls: absent
+        ({"guided_json": _SCHEMA}, "json", _SCHEMA),
+        ({"guided_json": json.dumps(_SCHEMA)}, "json", json.dumps(_SCHEMA)),
+        ({"guided_regex": "[a-z]+"}, "regex", "[a-z]+"),
+        ({"guided_choice": ["A", "B", "C"]}, "choice", ["A", "B", "C"]),
+        ({"guided_grammar": 'start: "x"+'}, "grammar", 'start: "x"+'),
+        ({"guided_regex": "a", "guided_decoding_backend": "xgrammar"}, "regex", "a"),  # the backend: ignored
+        ({"guided_regex": "a", "guided_json": None, "response_format": {"type": "text"}}, "regex", "a"),
+    ],
+)
+def test_structured_output_fields_map_to_the_constraint(url, fields, kind, value):
+    constraint = parse_body(url, _body(url, **fields)).params.structured_outputs
+    assert constraint is not None and constraint.kind == kind
+    assert getattr(constraint, kind) == value
+
+
+@both_urls
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"response_format": {"type": "text"}}, {"guided_decoding_backend": "llguidance"}, {"structured_outputs": None}],
+)
+def test_no_structured_output_field_means_no_constraint(url, fields):
+    assert parse_body(url, _body(url, **fields)).params.structured_outputs is None
+
+
+@both_urls
+@pytest.mark.parametrize(
+    ("fields", "code", "start"),
+    [
+        # compiling fails: the constraint is bad
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}},
+         "invalid_constraint", "response_format.json_schema.schema: "),
+        ({"structured_outputs": {"json": {"type": "string", "pattern": "(("}}}, "invalid_constraint", "structured_outputs.json: "),
+        ({"structured_outputs": {"json": "{not json"}}, "invalid_constraint", "structured_outputs.json: the schema is not valid JSON"),
+        ({"structured_outputs": {"regex": "(a"}}, "invalid_constraint", "structured_outputs.regex: "),
+        ({"structured_outputs": {"grammar": "start: x"}}, "invalid_constraint", "structured_outputs.grammar: "),
+        ({"structured_outputs": {"choice": []}}, "invalid_constraint", "structured_outputs.choice: "),
+        ({"guided_json": {"$ref": "#/nowhere"}}, "invalid_constraint", "guided_json: "),
+        ({"guided_regex": "(a"}, "invalid_constraint", "guided_regex: "),
+        ({"guided_choice": ["a", ""]}, "invalid_constraint", "guided_choice: "),
+        ({"guided_grammar": "start: x"}, "invalid_constraint", "guided_grammar: "),
+        # the shape is wrong
+        ({"response_format": "json"}, "invalid_request", "response_format: must be an object"),
+        ({"response_format": {"type": "json_schema"}}, "invalid_request", "response_format.json_schema: "),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "invalid_request", "response_format.json_schema.schema: required"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": "{}"}}},
+         "invalid_request", "response_format.json_schema.schema: must be an object"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "name": 3}}},
+         "invalid_request", "response_format.json_schema.name: "),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
+         "invalid_request", "response_format.json_schema.strict: "),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "format": "x"}}},
+         "invalid_request", "response_format.json_schema: unknown key 'format'"),
+        ({"response_format": {"type": "json_object", "schema": {}}}, "invalid_request", "response_format: unknown key 'schema'"),
+        ({"response_format": {"type": "structural_tag"}}, "invalid_request", "response_format.type: "),
+        ({"structured_outputs": ["regex"]}, "invalid_request", "structured_outputs: must be an object"),
+        ({"structured_outputs": {"pattern": "a"}}, "invalid_request", "structured_outputs: unknown key 'pattern'"),
+        ({"structured_outputs": {"regex": "a", "disable_fallback": True}},
+         "invalid_request", "structured_outputs: unknown key 'disable_fallback'"),
+        ({"structured_outputs": {}}, "invalid_request", "structured_outputs: give exactly one"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "invalid_request", "structured_outputs: give exactly one"),
+        ({"structured_outputs": {"json_object": False}}, "invalid_request", "structured_outputs.json_object: must be true"),
+        ({"structured_outputs": {"regex": 5}}, "invalid_request", "structured_outputs.regex: must be a string"),
+        ({"structured_outputs": {"json": 5}}, "invalid_request", "structured_outputs.json: must be a JSON schema"),
+        ({"guided_json": [1]}, "invalid_request", "guided_json: must be a JSON schema"),
+        ({"guided_regex": ["a"]}, "invalid_request", "guided_regex: must be a string"),
+        ({"guided_choice": "a"}, "invalid_request", "guided_choice: must be a list of strings"),
+        ({"guided_choice": ["a", 1]}, "invalid_request", "guided_choice: must be a list of strings"),
+        ({"guided_grammar": {"start": "x"}}, "invalid_request", "guided_grammar: must be a string"),
+        ({"guided_regex": "a", "guided_decoding_backend": 1}, "invalid_request", "guided_decoding_backend: must be a string"),
+        ({"guided_json": {}, "guided_whitespace_pattern": " *"}, "invalid_request", "guided_whitespace_pattern: not supported"),
+        # two constraints at once
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"},
+         "invalid_request", "response_format: conflicts with guided_regex"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}, "structured_outputs": {"regex": "a"}},
+         "invalid_request", "response_format: conflicts with structured_outputs"),
+        ({"structured_outputs": {"json": {}}, "guided_json": {}, "guided_choice": ["a"]},
+         "invalid_request", "structured_outputs: conflicts with guided_json, guided_choice"),
+        ({"guided_regex": "a", "guided_grammar": 'start: "a"'}, "invalid_request", "guided_regex: conflicts with guided_grammar"),
+    ],
+)
+def test_bad_structured_output_fields_are_refused_naming_the_field(url, fields, code, start):
+    with pytest.raises(RequestError) as info:
+        parse_body(url, _body(url, **fields))
+    assert info.value.code == code
+    assert info.value.message.startswith(start), info.value.message
+    assert "\n" not in info.value.message
+
+
+def test_a_constraint_error_quoting_a_huge_constraint_is_cut_short():
+    with pytest.raises(RequestError) as info:
+        parse_body(COMPLETIONS_URL, _body(COMPLETIONS_URL, guided_regex="(" + "a" * 100_000))
+    assert info.value.code == "invalid_constraint" and len(info.value.message) < 1100
+
+
+@both_urls
+def test_a_bad_constraint_is_an_error_record_for_its_line(url):
+    lines = [
+        line("ok", url, _body(url, guided_regex="[0-9]+")),
+        line("bad", url, _body(url, response_format={"type": "json_schema", "json_schema": {"schema": {"type": 7}}})),
+        line("clash", url, _body(url, guided_regex="a", guided_choice=["a"])),
+    ]
+    ok, bad, clash = parse_lines(lines)
+    assert isinstance(ok, BatchEntry) and ok.request.params.structured_outputs.regex == "[0-9]+"
+    assert isinstance(bad, LineError) and bad.code == "invalid_constraint" and bad.custom_id == "bad"
+    assert bad.message.startswith("line 2: body.response_format.json_schema.schema: ")
+    assert isinstance(clash, LineError) and clash.code == "invalid_request"
+    assert clash.message.startswith("line 3: body.guided_regex: conflicts with guided_choice")
 
 
 class _Tokenizer:
@@ -213,6 +356,18 @@ def test_prepare_builds_engine_prompts_and_fits_defaults_to_the_context():
     assert prepared.token_ids.tolist() == [ord(c) for c in "<hi>"] and prepared.params.max_tokens == 46
     assert _prepare(chat, CHAT_URL, max_model_len=100_000).params.max_tokens == CHAT_DEFAULT_MAX_TOKENS_CAP
     assert prepared.token_ids.itemsize == 4  # compact: array('i'), not a list of ints
+
+
+@both_urls
+def test_prepare_keeps_the_constraint_when_it_fits_max_tokens_to_the_context(url):
+    text = "a" * 40
+    body = {"prompt": text} if url == COMPLETIONS_URL else {"messages": [{"role": "user", "content": text}]}
+    request = parse_body(url, {**body, "guided_choice": ["yes", "no"]})
+    prepared = _prepare({**body, "guided_choice": ["yes", "no"]}, url)
+    # The default max_tokens shrank to the room left (a dataclasses.replace of the params).
+    assert prepared.params.max_tokens == (10 if url == COMPLETIONS_URL else 8) != request.params.max_tokens
+    constraint = prepared.params.structured_outputs
+    assert constraint.kind == "choice" and constraint.choice == ["yes", "no"] and constraint.llguidance_grammar
 
 
 def test_prepare_window_keeps_order_and_mixes_errors():

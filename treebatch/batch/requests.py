@@ -13,6 +13,7 @@ from typing import Any
 
 from treebatch.inputs import ContextLengthError, fit_max_tokens
 from treebatch.sampling_params import SamplingParams
+from treebatch.structured_outputs import StructuredOutputsParams
 from treebatch.tokenizer import check_chat_template_kwargs
 
 COMPLETIONS_URL = "/v1/completions"
@@ -46,6 +47,9 @@ _DEFAULT_ONLY_FIELDS: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
+    # vLLM's whitespace pattern for JSON answers: treebatch lays JSON out one fixed way
+    # (treebatch/structured_outputs.py, JSON_LAYOUT), so any pattern is refused, never ignored.
+    "guided_whitespace_pattern": (None,),
 }
 _SAMPLING_FIELDS = frozenset(
     {
@@ -53,13 +57,22 @@ _SAMPLING_FIELDS = frozenset(
         "presence_penalty", "frequency_penalty", "top_k", "min_p", "min_tokens",
         "ignore_eos", "repetition_penalty", "stop_token_ids", "skip_special_tokens",
         "include_stop_str_in_output",
+        # Structured outputs (see `_structured_outputs`), on both endpoints as in vLLM.
+        "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+        "guided_grammar", "guided_decoding_backend",
     }
 )
 _COMPLETIONS_FIELDS = _SAMPLING_FIELDS | {"prompt", "logprobs", "best_of"}
 _CHAT_FIELDS = _SAMPLING_FIELDS | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format",
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs",
     "chat_template_kwargs",  # vLLM's extension: extra template variables (Qwen3's enable_thinking)
 }
+# The kinds of constraint StructuredOutputsParams takes (its field names), and vLLM's older
+# top-level field for each but json_object (which OpenAI's response_format gives).
+_CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# An error from compiling a constraint can quote it; a record keeps this much of the message.
+_MAX_CONSTRAINT_MESSAGE = 1000
 _CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -158,7 +171,6 @@ def _parse_chat(body: dict[str, Any]) -> ParsedRequest:
     if top is not None and not want_logprobs:
         raise RequestError("top_logprobs: requires logprobs to be true")
     logprobs = (top or 0) if want_logprobs else None
-    _response_format(body.get("response_format"))
     return ParsedRequest(
         url=CHAT_URL,
         params=_sampling_params(body, max_tokens, logprobs),
@@ -196,6 +208,7 @@ def _sampling_params(body: dict[str, Any], max_tokens: int | None, logprobs: int
         "stop_token_ids": _token_ids(body, "stop_token_ids", allow_empty=True),
         "skip_special_tokens": _bool(body, "skip_special_tokens"),
         "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
+        "structured_outputs": _structured_outputs(body),
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if kwargs.get("top_p") == 0.0:
@@ -267,11 +280,123 @@ def _content(value: Any, where: str) -> str:
     raise RequestError(f"{where}.content: must be a string or a list of text parts")
 
 
-def _response_format(value: Any) -> None:
+# One structured-output constraint a body gives: the top-level field it came from, the path
+# that errors name, the StructuredOutputsParams field and its value.
+_Constraint = tuple[str, str, str, Any]
+
+
+def _structured_outputs(body: dict[str, Any]) -> StructuredOutputsParams | None:
+    """The body's structured-output constraint, from OpenAI's `response_format` (json_object,
+    json_schema) or vLLM's `structured_outputs` or older `guided_json|regex|choice|grammar`; None
+    when it gives none. Two given at once are refused (which one is meant is not clear); a
+    constraint that does not compile is an `invalid_constraint` error naming its field."""
+    # vLLM's choice of grammar engine. treebatch has one, llguidance, which takes every
+    # constraint vLLM's backends take; so any backend name is accepted and changes nothing.
+    backend = body.get("guided_decoding_backend")
+    if backend is not None and not isinstance(backend, str):
+        raise RequestError(f"guided_decoding_backend: must be a string, got {_got(backend)}")
+    given: list[_Constraint] = []
+    if (found := _response_format(body.get("response_format"))) is not None:
+        given.append(found)
+    if (found := _structured_outputs_field(body.get("structured_outputs"))) is not None:
+        given.append(found)
+    for name, kind in _GUIDED_FIELDS.items():
+        value = body.get(name)
+        if value is not None:
+            given.append((name, name, kind, _constraint_value(name, kind, value)))
+    if not given:
+        return None
+    if len(given) > 1:
+        first, *others = [field for field, _, _, _ in given]
+        raise RequestError(
+            f"{first}: conflicts with {', '.join(others)}; a request takes one structured-output constraint"
+        )
+    _, where, kind, value = given[0]
+    try:
+        return StructuredOutputsParams(**{kind: value})
+    except (ValueError, TypeError, RecursionError) as exc:  # ConstraintError, and any the compiler raises
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = message.removeprefix(f"{kind}: ")  # the field is named by its path here
+        if len(message) > _MAX_CONSTRAINT_MESSAGE:
+            message = message[: _MAX_CONSTRAINT_MESSAGE - 3] + "..."
+        raise RequestError(f"{where}: {message}", code="invalid_constraint") from exc
+
+
+def _response_format(value: Any) -> _Constraint | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema."""
     if value is None:
-        return
-    if not isinstance(value, dict) or value.get("type") != "text":
-        raise RequestError("response_format: only {'type': 'text'} is supported")
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f"response_format: must be an object such as {{'type': 'json_object'}}, got {_got(value)}")
+    kind = value.get("type")
+    if kind == "text" or kind == "json_object":
+        _only_keys(value, ("type",), "response_format")
+        return None if kind == "text" else ("response_format", "response_format", "json_object", True)
+    if kind != "json_schema":
+        raise RequestError(f"response_format.type: must be 'text', 'json_object' or 'json_schema', got {_got(kind)}")
+    _only_keys(value, ("type", "json_schema"), "response_format")
+    spec = value.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise RequestError(f"{where}: must be an object with a 'schema' object, got {_got(spec)}")
+    _only_keys(spec, ("name", "schema", "strict", "description"), where)
+    for key, kind_type, wanted in (("name", str, "a string"), ("description", str, "a string"), ("strict", bool, "a boolean")):
+        if spec.get(key) is not None and not isinstance(spec[key], kind_type):
+            raise RequestError(f"{where}.{key}: must be {wanted}, got {_got(spec[key])}")
+    # `strict: false` lets OpenAI answer outside the schema; treebatch always keeps to it.
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        got = "required" if schema is None else f"must be an object (a JSON schema), got {_got(schema)}"
+        raise RequestError(f"{where}.schema: {got}")
+    return ("response_format", f"{where}.schema", "json", schema)
+
+
+def _structured_outputs_field(value: Any) -> _Constraint | None:
+    """vLLM's `structured_outputs`: an object with exactly one of json, regex, choice, grammar,
+    json_object (a key whose value is null counts as absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError(f"structured_outputs: must be an object such as {{'regex': '[0-9]+'}}, got {_got(value)}")
+    _only_keys(value, _CONSTRAINT_KINDS, "structured_outputs")
+    kinds = [kind for kind in _CONSTRAINT_KINDS if value.get(kind) is not None]
+    if len(kinds) != 1:
+        got = ", ".join(kinds) if kinds else "none"
+        raise RequestError(f"structured_outputs: give exactly one of {', '.join(_CONSTRAINT_KINDS)}; got {got}")
+    (kind,) = kinds
+    where = f"structured_outputs.{kind}"
+    return ("structured_outputs", where, kind, _constraint_value(where, kind, value[kind]))
+
+
+def _constraint_value(where: str, kind: str, value: Any) -> Any:
+    """`value` checked to be of the JSON type constraint `kind` takes; compiling checks the rest."""
+    if kind == "json":
+        ok, wanted = isinstance(value, (dict, str)), "a JSON schema (an object, or its text)"
+    elif kind == "choice":
+        ok, wanted = isinstance(value, list) and all(isinstance(c, str) for c in value), "a list of strings"
+    elif kind == "json_object":
+        ok, wanted = value is True, "true"
+    else:  # regex, grammar
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise RequestError(f"{where}: must be {wanted}, got {_got(value)}")
+    return value
+
+
+def _only_keys(value: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in value:
+        if key not in allowed:
+            raise RequestError(f"{where}: unknown key {_got(key)}; allowed: {', '.join(allowed)}")
+
+
+def _got(value: Any) -> str:
+    """`value` for an error message: short (a request's schema or text can be megabytes)."""
+    if isinstance(value, (dict, list)):
+        return f"{'an object' if isinstance(value, dict) else 'a list'} of {len(value)} item(s)"
+    if _is_int(value) and not -_FLOAT_MAX <= value <= _FLOAT_MAX:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _stop(value: Any) -> str | list[str] | None:
