@@ -75,6 +75,22 @@ def test_plan_counts_shared_prefixes_and_reports_bad_lines(tmp_path, capsys):
     assert "7 valid, 3 invalid" in text and "saving" in text and "line 8: " in text
 
 
+def test_plan_checks_every_structured_output_constraint(tmp_path, capsys):
+    schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
+    lines = [
+        request("schema", "x", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}),
+        request("choice", "x", guided_choice=["yes", "no"]),
+        request("bad-regex", "x", guided_regex="[unclosed"),
+        request("bad-grammar", "x", structured_outputs={"grammar": "start: nowhere"}),
+        request("unsupported", "x", guided_json={"type": "array", "uniqueItems": True}),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    a = plan_json(path, capsys=capsys)
+    assert (a["valid"], a["invalid"]) == (2, 3) and a["errors_by_code"] == {"invalid_constraint": 3}
+    assert any(m.startswith("line 3: body.guided_regex:") for m in a["errors"])
+    assert any("uniqueItems" in m for m in a["errors"])
+
 def test_plan_loads_the_tokenizer_but_no_weights(tmp_path, capsys, monkeypatch):
     import treebatch.models.loader as loader
 

@@ -186,3 +186,43 @@ def test_bad_constraints_are_refused_on_one_line(fields, message):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError):
         SamplingParams(structured_outputs=fields)
+
+
+def test_a_batch_file_mixing_constrained_unconstrained_and_bad_lines(llm, tmp_path, capsys):
+    from treebatch import cli
+
+    def line(custom_id, url, body):
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+    chat, completions = "/v1/chat/completions", "/v1/completions"
+    ask = [{"role": "user", "content": "Describe an order as JSON."}]
+    schema = SCHEMAS["order"]
+    lines = [
+        line("schema", chat, {"messages": ask, "max_tokens": 120, "seed": 1,
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": schema, "strict": True}}}),
+        line("object", chat, {"messages": ask, "max_tokens": 80, "temperature": 0, "response_format": {"type": "json_object"}}),
+        line("choice", completions, {"prompt": "Review: lovely.\nSentiment:", "max_tokens": 8, "guided_choice": CHOICES, "n": 3}),
+        line("regex", completions, {"prompt": "A date:", "max_tokens": 16, "structured_outputs": {"regex": REGEX}}),
+        line("grammar", completions, {"prompt": "A sum:", "max_tokens": 24, "guided_grammar": ARITHMETIC}),
+        line("plain", completions, {"prompt": "Hello", "max_tokens": 4}),
+        line("bad-regex", completions, {"prompt": "x", "guided_regex": "(unclosed"}),
+        line("bad-schema", chat, {"messages": ask, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}),
+        line("two", completions, {"prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}),
+    ]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    assert cli.main(["run", str(source), "-o", str(target)], llm_factory=lambda **options: llm) == 0
+    answers = {r["custom_id"]: r["response"]["body"]["choices"] for r in map(json.loads, target.read_text().splitlines())}
+    errors = {r["custom_id"]: r["error"] for r in map(json.loads, (tmp_path / "out.errors.jsonl").read_text().splitlines())}
+    assert sorted(answers) == ["choice", "grammar", "object", "plain", "regex", "schema"]
+    assert sorted(errors) == ["bad-regex", "bad-schema", "two"]  # every custom_id once
+    assert errors["bad-regex"]["code"] == errors["bad-schema"]["code"] == "invalid_constraint"
+    assert "line 7: body.guided_regex:" in errors["bad-regex"]["message"] and "frobnicate" in errors["bad-schema"]["message"]
+    assert "conflicts" in errors["two"]["message"]
+    finished = [c for c in answers["schema"] if c["finish_reason"] == "stop"]
+    for choice in finished:
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    assert isinstance(json.loads(answers["object"][0]["message"]["content"]), dict)
+    assert len(answers["choice"]) == 3 and all(c["text"] in CHOICES for c in answers["choice"])
+    assert re.fullmatch(REGEX, answers["regex"][0]["text"])
+    ast.parse(answers["grammar"][0]["text"], mode="eval")

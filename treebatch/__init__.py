@@ -2,10 +2,11 @@
 
 from treebatch.outputs import CompletionOutput, Logprob, RequestOutput
 from treebatch.sampling_params import SamplingParams
+from treebatch.structured_outputs import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
 
 
 def __getattr__(name: str):
