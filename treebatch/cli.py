@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress-interval", type=float, default=5.0, metavar="SECONDS",
         help="seconds between progress lines when stderr is not a terminal (default: 5)",
     )
+    scale = run_parser.add_argument_group("scaling out (Ray)")
+    scale.add_argument(
+        "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+        help="run on Ray replicas, sharded by prefix group: a cluster's address (HOST:PORT, or auto), "
+        "or none to start Ray on this machine; needs pip install 'treebatch[ray]'",
+    )
+    scale.add_argument("--num-replicas", type=int, default=2, help="Ray replicas, each one LLM (default: 2)")
+    scale.add_argument("--replica-cpus", type=float, default=1, help="CPUs (and threads) per replica (default: 1)")
+    scale.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica (default: 0)")
     _add_engine_flags(run_parser)
 
     plan_parser = commands.add_parser(
@@ -157,6 +166,18 @@ def run(args: argparse.Namespace, llm_factory: LLMFactory) -> int:
     if args.window < 1:
         print("treebatch: error: --window must be at least 1", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        if args.num_replicas < 1 or args.replica_cpus <= 0:
+            print("treebatch: error: --num-replicas must be at least 1 and --replica-cpus positive", file=sys.stderr)
+            return 2
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            from treebatch.distributed.ray_llm import RAY_MISSING
+
+            print(f"treebatch: error: {RAY_MISSING}", file=sys.stderr)
+            return 2
+        llm_factory = _ray_factory(args)
     if args.retry_failed and args.overwrite:
         print("treebatch: error: --retry-failed resumes a run; --overwrite starts afresh", file=sys.stderr)
         return 2
@@ -312,6 +333,16 @@ def _load_llm(**options: Any) -> Any:
     from treebatch.llm import LLM  # deferred: importing torch and the model is slow
 
     return LLM(**options)
+
+
+def _ray_factory(args: argparse.Namespace) -> LLMFactory:
+    def make(**options: Any) -> Any:
+        from treebatch.distributed.ray_llm import RayLLM
+
+        address = None if args.ray == "local" else args.ray
+        return RayLLM(address, args.num_replicas, args.replica_cpus, args.replica_gpus, **options)
+
+    return make
 
 
 def _load_tokenizer(model: str | None, tokenizer: str | None, max_model_len: int | None) -> Any:
