@@ -50,6 +50,11 @@ class Replica:
     def ready(self) -> str:
         return self.llm.model_name
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def generate(self, indices: list[int], prompts: list[Any], params: list[SamplingParams]) -> Iterator[Any]:
         """Yield (input index, output) as each finishes, then ("summary", the run summary)."""
         for position, output in self.llm.generate_iter(prompts, params, use_tqdm=False):
