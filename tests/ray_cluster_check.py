@@ -99,9 +99,23 @@ def main() -> None:
     results["killed"] = {"status": status, "killed": bool(killed), "ids": [r["custom_id"] for r in records(target)],
                          "texts": texts(target), "replaced": distributed.last_run_summary["replaced_replicas"],
                          "errors": (work / "killed.errors.jsonl").exists()}
+    distributed.shutdown()
+
+    # Ray Data: rows keyed by prefix, grouped, each group answered by a treebatch worker.
+    from treebatch.distributed.ray_data import Generate, PrefixKey
+
+    rows = [{"id": (r := json.loads(line))["custom_id"], "prompt": r["body"]["prompt"]} for line in batch_lines()]
+    ds = ray.data.from_items(rows).map_batches(PrefixKey, concurrency=1, batch_format="numpy")
+    ds = ds.groupby("prefix_key").map_groups(
+        Generate, fn_constructor_kwargs={"sampling_params": {"max_tokens": 12, "temperature": 0.0}, "dtype": "float32",
+                                         "num_threads": 1},
+        concurrency=1, batch_format="numpy",
+    )
+    answered = ds.take_all()
+    results["ray_data"] = {"texts": {row["id"]: str(row["generated_text"]) for row in answered}, "rows": len(answered),
+                           "keys": len({row["prefix_key"] for row in answered})}
     results["seconds"] = round(time.monotonic() - began, 1)
     out_path.write_text(json.dumps(results))
-    distributed.shutdown()
     ray.shutdown()
     cluster.shutdown()
 

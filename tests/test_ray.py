@@ -55,3 +55,9 @@ def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(results):
     assert killed["killed"] and killed["status"] == 0 and killed["replaced"] >= 1
     assert sorted(killed["ids"]) == sorted(results["one"]["texts"])  # each custom_id exactly once
     assert not killed["errors"] and killed["texts"] == results["one"]["texts"]
+
+
+def test_ray_data_groups_by_prefix_and_answers_every_row_once(results):
+    answered = results["ray_data"]
+    assert answered["rows"] == 20 and answered["keys"] == 4 + 4  # four documents, four lone prompts
+    assert answered["texts"] == results["one"]["texts"]
