@@ -353,3 +353,15 @@ def test_a_signal_stops_cleanly_with_finished_results_saved(tmp_path, capsys, si
     assert [o["custom_id"] for o in read_records(target)] == ["r0"]
     assert "stopped by signal" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, not left as ours
+
+
+def test_ray_flags_are_checked_and_a_missing_ray_says_how_to_install(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(GOOD) + "\n")
+    target = str(tmp_path / "out.jsonl")
+    assert cli.main(["run", str(source), "-o", target, "--ray", "--num-replicas", "0"], llm_factory=FakeLLM) == 2
+    assert "--num-replicas must be at least 1" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert cli.main(["run", str(source), "-o", target, "--ray"], llm_factory=FakeLLM) == 2
+    assert "pip install 'treebatch[ray]'" in capsys.readouterr().err
+    assert not Path(target).exists()
