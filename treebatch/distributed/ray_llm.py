@@ -9,7 +9,10 @@ summarizes exactly as in one process, the driver alone touching the files.
 
 A replica that dies (killed, out of memory, its node gone) loses only its unfinished requests:
 the driver starts a replica in its place and plans those requests again over the live replicas.
-Each input index is yielded once, whatever a dead replica had sent before it died.
+Each input index is yielded once, whatever a dead replica had sent before it died. An exception
+the engine raises on a replica is raised to the caller (a batch-file run then retries that
+window's unanswered requests one at a time, as in one process); the replicas still working are
+stopped and replaced.
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ class RayLLM:
                 elif kind == "summary":
                     summaries.append(payload)
                     del running[stream]
+                elif kind == "error":
+                    raise payload
                 else:  # the replica died: the rest of its shard goes to the live ones
                     lost = [i for i in running.pop(stream) if i not in done]
                     self._replace(payload)
@@ -186,6 +191,8 @@ class RayLLM:
             results.put((stream, "summary", {}))
         except self.ray.exceptions.RayActorError:
             results.put((stream, "dead", replica))
+        except Exception as exc:  # the engine raised on the replica: the caller's to handle
+            results.put((stream, "error", exc))
 
     def _replace(self, dead: Any) -> None:
         """A replica in the place of a dead one (the live ones keep working meanwhile)."""
