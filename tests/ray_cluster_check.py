@@ -51,7 +51,7 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from treebatch import LLM, cli
+    from treebatch import LLM, SamplingParams, cli
     from treebatch.distributed.ray_llm import RayLLM
 
     results: dict = {}
@@ -99,6 +99,15 @@ def main() -> None:
     results["killed"] = {"status": status, "killed": bool(killed), "ids": [r["custom_id"] for r in records(target)],
                          "texts": texts(target), "replaced": distributed.last_run_summary["replaced_replicas"],
                          "errors": (work / "killed.errors.jsonl").exists()}
+    # The engine raising on a replica (a prompt past the context) reaches the caller; the
+    # replicas are replaced and the next call runs.
+    try:
+        distributed.generate([{"prompt_token_ids": [5] * 100_000}])
+        results["engine_error"] = None
+    except Exception as exc:  # noqa: BLE001  (whatever Ray wraps it in)
+        results["engine_error"] = str(exc)[-300:]
+    again = distributed.generate(["Lone prompt 0 about river:"], SamplingParams(max_tokens=12, temperature=0.0))
+    results["after_error"] = again[0].outputs[0].text
     distributed.shutdown()
 
     # Ray Data: rows keyed by prefix, grouped, each group answered by a treebatch worker.

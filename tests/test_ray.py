@@ -61,3 +61,8 @@ def test_ray_data_groups_by_prefix_and_answers_every_row_once(results):
     answered = results["ray_data"]
     assert answered["rows"] == 20 and answered["keys"] == 4 + 4  # four documents, four lone prompts
     assert answered["texts"] == results["one"]["texts"]
+
+
+def test_an_engine_error_on_a_replica_reaches_the_caller_and_the_next_call_runs(results):
+    assert results["engine_error"] and "context" in results["engine_error"]
+    assert results["after_error"] == results["one"]["texts"]["lone0"]

@@ -49,5 +49,11 @@ def test_a_unit_bigger_than_a_share_is_split_one_level_down():
     assert shard_plan(plan, [len(p) for p in prompts], outputs, 1) == [list(range(16))]
 
 
+def test_fewer_units_than_replicas_leave_replicas_idle():
+    ids = _ids()
+    plan = _plan([ids(30)], [8])
+    assert shard_plan(plan, [30], [8], 3) == [[0], [], []]
+
+
 def test_round_robin_ignores_prefixes():
     assert round_robin(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]

@@ -42,9 +42,9 @@ def _subtree(plan: BatchPlan, group_id: int) -> list[int]:
 def _split(plan: BatchPlan, node: tuple[str, int]) -> list[tuple[str, int]]:
     """A group's subtree as its direct members (one node) and each child group's subtree."""
     kind, group_id = node
-    spec = plan.groups[group_id]
-    if kind != "group" or not spec.children:
+    if kind != "group" or not plan.groups[group_id].children:
         return [node]
+    spec = plan.groups[group_id]
     return ([("members", group_id)] if spec.members else []) + [("group", c) for c in spec.children]
 
 
