@@ -9,6 +9,8 @@ measured to RESULTS.json for the test to judge."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -99,6 +101,26 @@ def main() -> None:
     results["killed"] = {"status": status, "killed": bool(killed), "ids": [r["custom_id"] for r in records(target)],
                          "texts": texts(target), "replaced": distributed.last_run_summary["replaced_replicas"],
                          "errors": (work / "killed.errors.jsonl").exists()}
+    # SIGINT on the driver mid-run: exit 130, finished results kept; the rerun resumes.
+    target = work / "interrupted.jsonl"
+
+    def interrupt_when_started() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if target.exists() and target.read_bytes().count(b"\n") >= 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=interrupt_when_started, daemon=True)
+    watcher.start()
+    first = cli.main(["run", str(source), "-o", str(target)], llm_factory=lambda **o: distributed)
+    watcher.join()
+    done_first = len(records(target))
+    second = cli.main(["run", str(source), "-o", str(target)], llm_factory=lambda **o: distributed)
+    results["interrupted"] = {"first": first, "done_first": done_first, "second": second,
+                              "ids": [r["custom_id"] for r in records(target)], "texts": texts(target)}
+
     # The engine raising on a replica (a prompt past the context) reaches the caller; the
     # replicas are replaced and the next call runs.
     try:

@@ -66,3 +66,11 @@ def test_ray_data_groups_by_prefix_and_answers_every_row_once(results):
 def test_an_engine_error_on_a_replica_reaches_the_caller_and_the_next_call_runs(results):
     assert results["engine_error"] and "context" in results["engine_error"]
     assert results["after_error"] == results["one"]["texts"]["lone0"]
+
+
+def test_sigint_on_the_driver_stops_cleanly_and_a_rerun_resumes(results):
+    interrupted = results["interrupted"]
+    assert interrupted["first"] == 130 and 1 <= interrupted["done_first"] < 20
+    assert interrupted["second"] == 0
+    assert sorted(interrupted["ids"]) == sorted(results["one"]["texts"])  # each once
+    assert interrupted["texts"] == results["one"]["texts"]
