@@ -35,20 +35,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from treebatch import LLM, SamplingParams
+    from method_timer import time_methods  # beside this script
+
     from treebatch.output_processor import OutputProcessor
 
-    inside = [0.0]  # seconds spent in the output processor during the current run
-    for method in ("add_token", "finish"):
-        original = getattr(OutputProcessor, method)
-
-        def timed(self, *a, _original=original, **k):
-            began = time.perf_counter()
-            try:
-                return _original(self, *a, **k)
-            finally:
-                inside[0] += time.perf_counter() - began
-
-        setattr(OutputProcessor, method, timed)
+    inside = time_methods(OutputProcessor, ("add_token", "finish"))  # seconds in the output processor
 
     llm = LLM()
     batch = prompts(args.num_requests)

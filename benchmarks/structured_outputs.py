@@ -85,21 +85,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from treebatch import LLM, SamplingParams
+    from method_timer import time_methods  # beside this script
+
     from treebatch.runtime.sampler import Sampler
     from treebatch.structured_outputs import StructuredOutputsParams
 
-    inside = [0.0]  # seconds in the grammar work during the current run
-    for method in ("_apply_grammars", "_advance"):
-        original = getattr(Sampler, method)
-
-        def timed(self, *a, _original=original, **k):
-            began = time.perf_counter()
-            try:
-                return _original(self, *a, **k)
-            finally:
-                inside[0] += time.perf_counter() - began
-
-        setattr(Sampler, method, timed)
+    inside = time_methods(Sampler, ("_apply_grammars", "_advance"))  # seconds in the grammar work
 
     engines = {True: LLM(dtype="float32"), False: LLM(dtype="float32", enable_jump_forward=False)}
     workloads = {

@@ -229,12 +229,8 @@ def _run_locked(args: argparse.Namespace, llm_factory: LLMFactory, options: dict
         try:
             try:
                 llm = llm_factory(**options)
-            except ModelCacheError as exc:
-                print(f"treebatch: error: cannot fetch the model: {exc}; run again once fixed", file=sys.stderr)
-                return EXIT_FAULT
-            except (ModelLoadError, FileNotFoundError, MemoryError) as exc:
-                print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
-                return 2
+            except _MODEL_ERRORS as exc:
+                return _model_error(exc)
             progress = JobProgress(total, interval=args.progress_interval)
             job = BatchJob(llm, job_options, finished, progress)
             status = job.run()
@@ -279,12 +275,8 @@ def plan(args: argparse.Namespace, tokenizer_factory: TokenizerFactory, llm_fact
     try:
         loaded = tokenizer_factory(config.model, config.tokenizer, config.max_model_len)
         predict = llm_factory(**options).engine.predict if args.predict and llm_factory else None
-    except ModelCacheError as exc:
-        print(f"treebatch: error: cannot fetch the model: {exc}; run again once fixed", file=sys.stderr)
-        return EXIT_FAULT
-    except (ModelLoadError, FileNotFoundError, MemoryError) as exc:
-        print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
-        return 2
+    except _MODEL_ERRORS as exc:
+        return _model_error(exc)
     analysis = analyze_batch(
         args.input, PromptTokenizer.of(loaded), args.window, config, model_name=loaded.model_name, predict=predict
     )
@@ -333,6 +325,20 @@ def _load_llm(**options: Any) -> Any:
     from treebatch.llm import LLM  # deferred: importing torch and the model is slow
 
     return LLM(**options)
+
+
+# What making an engine or tokenizer raises for a model it cannot have: one line, no traceback.
+_MODEL_ERRORS = (ModelCacheError, ModelLoadError, FileNotFoundError, MemoryError)
+
+
+def _model_error(exc: BaseException) -> int:
+    """Say why the model cannot be had; the exit status: a fault (3) when the cache or the
+    registry is to blame, usage (2) when the model itself is."""
+    if isinstance(exc, ModelCacheError):
+        print(f"treebatch: error: cannot fetch the model: {exc}; run again once fixed", file=sys.stderr)
+        return EXIT_FAULT
+    print(f"treebatch: error: cannot load the model: {exc}", file=sys.stderr)
+    return 2
 
 
 def _ray_factory(args: argparse.Namespace) -> LLMFactory:
