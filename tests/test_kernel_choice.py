@@ -37,3 +37,42 @@ def test_the_probe_times_both_kernels():
     timings = kernel_choice.probe(torch.float32, 32, 48, repeats=1)
     assert timings == {} or (set(timings) == set(kernel_choice.PROBE_ROWS)
                              and all(p > 0 and q > 0 for p, q in timings.values()))
+
+
+def test_the_own_kernel_runs_up_to_where_it_stops_winning(monkeypatch, tmp_path):
+    import torch
+
+    from treebatch.layers import native
+
+    monkeypatch.setenv("TREEBATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "gemm_available", lambda: True)
+    monkeypatch.setattr(kernel_choice, "probe", lambda *a, **k: {48: (1.0, 2.0), 160: (1.0, 2.0), 512: (1.0, 2.0)})
+    calls = []
+
+    def probe_native(dtype, in_features, out_features, packed, repeats=5):
+        calls.append(packed)
+        return {16: (1.0, 2.0), 48: (1.0, 2.0), 160: (3.0, 2.0), 512: (1.0, 2.0)}
+
+    monkeypatch.setattr(kernel_choice, "probe_native", probe_native)
+    choice = kernel_choice.choose(torch.float32, 64, 128)
+    assert (choice.native_max_rows, choice.packed_max_rows) == (48, ALL_ROWS) and calls == [ALL_ROWS]
+    assert kernel_choice.choose(torch.float32, 64, 128) == choice and len(calls) == 1  # cached
+    assert crossover({16: (2.0, 1.0), 48: (1.0, 2.0)}, lost_at_once=0) == 0  # loses at once: never used
+    monkeypatch.setattr(kernel_choice, "probe_native", lambda *a, **k: {})  # disagreed with torch
+    assert kernel_choice.choose(torch.bfloat16, 64, 128).native_max_rows == 0
+
+
+def test_an_own_kernel_that_disagrees_with_torch_is_not_used(monkeypatch):
+    import pytest
+    import torch
+
+    from treebatch.layers import native
+
+    if not native.gemm_available():
+        pytest.skip("kernels/gemm.c needs AVX2 and FMA here")
+    timings = kernel_choice.probe_native(torch.float32, 32, 48, ALL_ROWS, repeats=1)
+    assert set(timings) == set(kernel_choice.NATIVE_PROBE_ROWS) and all(p > 0 and q > 0 for p, q in timings.values())
+    real = native.gemm
+    monkeypatch.setattr(native, "gemm", lambda x, panels, n, bias: real(x, panels, n, bias) * 1.01)
+    with pytest.warns(UserWarning, match="differs from torch"):
+        assert kernel_choice.probe_native(torch.float32, 32, 48, ALL_ROWS, repeats=1) == {}

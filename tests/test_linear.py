@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from treebatch.layers.linear import ALL_ROWS, LARGE_BATCH_ROWS, PACKED_MAX_ROWS, Linear
+from treebatch.layers import native
+from treebatch.layers.linear import ALL_ROWS, LARGE_BATCH_ROWS, PACKED_MAX_ROWS, KernelChoice, Linear
 
 ROWS = [1, 2, 7, 12, 15, 16, 17, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 47, 48, 100, 128, LARGE_BATCH_ROWS - 1, LARGE_BATCH_ROWS, 300]
 
@@ -67,3 +68,67 @@ def test_other_weights_are_not_packed() -> None:
     x = torch.randn(3, 16, dtype=torch.float16)
     torch.testing.assert_close(half(x), x @ half.weight.t())
     assert Linear(torch.randn(16, 16), pack=False).packed is None
+
+
+needs_gemm = pytest.mark.skipif(not native.gemm_available(), reason="kernels/gemm.c needs AVX2 and FMA here")
+
+
+@needs_gemm
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(96, 64), (61, 1536), (1000, 24)])
+def test_the_own_kernel_equals_the_plain_projection_in_float32(shape: tuple[int, int], with_bias: bool) -> None:
+    """Panels of 16 features (61 and 1000 leave a partial last panel), tiles of 1-6 rows, and
+    for K = 1536 chunks of 30 rows (several per batch from 31 rows on). Float32 sums in another
+    order: equal to 1e-5 of the outputs' scale, which grows as sqrt(K) for these weights."""
+    torch.manual_seed(4)
+    weight = torch.randn(*shape)
+    bias = torch.randn(shape[0]) if with_bias else None
+    linear = Linear(weight, bias, native_max_rows=ALL_ROWS)
+    assert linear.weight is None and linear.packed is None  # the panels are the only copy
+    for rows in ROWS:
+        x = torch.randn(rows, shape[1])
+        expected = torch.nn.functional.linear(x, weight, bias)
+        torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
+
+
+@needs_gemm
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_own_kernel_in_bf16_sums_in_float32_and_rounds_once(with_bias: bool) -> None:
+    """bf16 weights and inputs widened exactly, float32 sums, one rounding to bf16 at the end
+    (to nearest even): equal to the float32 product of the same bf16 values rounded once, up to
+    one bf16 ulp where the float32 sums' order moves a value across a rounding boundary."""
+    torch.manual_seed(5)
+    weight = torch.randn(70, 200).bfloat16()
+    bias = torch.randn(70).bfloat16() if with_bias else None
+    linear = Linear(weight, bias, native_max_rows=ALL_ROWS)
+    for rows in ROWS:
+        x = torch.randn(rows, 200).bfloat16()
+        expected = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        got = linear(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.bfloat16().float(), rtol=2 ** -7, atol=1e-3)
+    # float32 inputs against bf16 panels: the result in the input's dtype
+    x = torch.randn(5, 200)
+    expected = torch.nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+    torch.testing.assert_close(native.gemm(x, linear.panels, 70, linear.panel_bias), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_gemm
+def test_the_own_kernel_serves_small_batches_and_the_others_the_rest() -> None:
+    torch.manual_seed(6)
+    weight = torch.randn(48, 32)
+    linear = Linear(weight, packed_max_rows=64, native_max_rows=16)
+    assert linear.panels is not None and linear.weight is not None  # two kernels, their two copies
+    for rows in (1, 16, 17, 64, 65, 300):
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(linear(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    assert linear(torch.empty(0, 32)).shape == (0, 48)
+
+
+def test_kernel_choice_counts_a_copy_per_kernel_in_use() -> None:
+    assert KernelChoice(packed_max_rows=ALL_ROWS).copies == 1
+    assert KernelChoice(packed_max_rows=48).copies == 2
+    assert KernelChoice(packed_max_rows=ALL_ROWS, native_max_rows=ALL_ROWS).copies == 1
+    assert KernelChoice(packed_max_rows=ALL_ROWS, native_max_rows=160).copies == 2
+    assert KernelChoice(packed_max_rows=48, native_max_rows=160).copies == 2  # native, then plain
+    assert KernelChoice(packed_max_rows=160, native_max_rows=48).copies == 3

@@ -19,12 +19,11 @@ from treebatch.core.plan import BatchPlan, plan_batch, rescaled_estimates, warmu
 from treebatch.core.request import Request, RequestStatus
 from treebatch.core.scheduler import Scheduler
 from treebatch.host import cache_root
-from treebatch.layers.linear import ALL_ROWS
 from treebatch.models.decoder import DecoderForCausalLM
 from treebatch.models.loader import load_model
 from treebatch.runtime.guidance import Guide
 from treebatch.runtime.calibration import MAX_POSITION, calibration_key, load_or_measure, warm_up
-from treebatch.runtime.kernel_choice import packed_max_rows
+from treebatch.runtime import kernel_choice
 from treebatch.runtime.kv_cache import allocate_kv_cache, available_memory_bytes, num_kv_blocks
 from treebatch.runtime.memory import check_fits, memory_need
 from treebatch.runtime.model_runner import ModelRunner
@@ -92,16 +91,17 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)  # "auto" decided for this machine
         dtype = _DTYPES[self.dtype]
         c = loaded.config
-        self.packed_max_rows = packed_max_rows(dtype, c.hidden_size, 2 * c.intermediate_size)  # measured here
+        self.kernels = kernel_choice.choose(dtype, c.hidden_size, 2 * c.intermediate_size)  # measured here
         # The weights are still memory-mapped here: refuse a model that cannot fit before
         # converting any of them.
-        copies = 1 if self.packed_max_rows >= ALL_ROWS else 2
-        self.memory_need = memory_need(c, dtype.itemsize, copies, self.max_model_len, available_memory_bytes())
+        self.memory_need = memory_need(c, dtype.itemsize, self.kernels.copies, self.max_model_len,
+                                       available_memory_bytes())
         check_fits(self.memory_need, loaded.name, self.dtype)
         self._calibration_key = calibration_key(loaded.weights, c, self.dtype, config.cache.block_size)
-        self._calibration_key["packed_max_rows"] = self.packed_max_rows  # another choice, other step costs
+        self._calibration_key["packed_max_rows"] = self.kernels.packed_max_rows  # another choice, other step costs
+        self._calibration_key["native_max_rows"] = self.kernels.native_max_rows
         positions = max(self.max_model_len, MAX_POSITION)  # start-up timing runs past a short context
-        model = DecoderForCausalLM(c, loaded.weights, dtype, positions, self.packed_max_rows)
+        model = DecoderForCausalLM(c, loaded.weights, dtype, positions, self.kernels)
         del loaded
 
         block_size = config.cache.block_size

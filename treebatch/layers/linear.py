@@ -25,6 +25,21 @@ fastest at every row count (AMD EPYC with AVX512-BF16, SmolLM2-135M's fused gate
 
 so a bfloat16 weight is kept in its packed form only: one copy of it in memory, not two.
 
+A third kernel is treebatch's own (kernels/gemm.c: weights in 16-feature panels, a 6 x 16 tile
+of FMAs in registers). Where oneDNN's kernels run at a fraction of the machine's peak for small
+batches, it leads (AMD EPYC with AVX2 only, float32, ms; SmolLM2-135M's projections and head):
+
+    rows                 1     16     48    160    512
+    gate/up  oneDNN   0.34   1.09   2.78   8.14   25.7
+             own      0.22   1.00   2.49   8.19   26.2
+    down     oneDNN   0.15   0.62   1.84   4.36   13.2
+             own      0.08   0.41   1.24   4.02   12.5
+    head     oneDNN   6.43   17.6   40.1    126      -
+             own      5.28   15.2   39.7    129      -
+
+and it runs bfloat16 weights (widened in registers, summed in float32) at 55 GFLOP/s on a CPU
+where torch's bfloat16 GEMM is emulated (0.2 GFLOP/s).
+
 Where the packed kernel wins depends on the CPU's GEMM libraries (on AMD EPYC MKL's float32
 GEMM trails oneDNN's at every size, while on the Intel Xeon of the first table it leads from 48
 rows), so the engine measures the crossover at start-up (runtime/kernel_choice.py) and passes
@@ -33,8 +48,12 @@ it as `packed_max_rows`; from ALL_ROWS on the plain copy is dropped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from treebatch.layers import native
 
 # Up to this many rows the packed oneDNN kernel is the fastest (measured crossover 40-48 rows).
 PACKED_MAX_ROWS = 40
@@ -45,6 +64,24 @@ _ROW_MULTIPLE = 16
 ALL_ROWS = 1 << 62  # packed_max_rows meaning every batch: the weight is kept packed only
 
 
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """Which kernel serves a projection at which batch size (runtime/kernel_choice.py measures it
+    on this CPU): up to `native_max_rows` rows treebatch's own, then up to `packed_max_rows`
+    oneDNN's packed kernel, beyond that torch's GEMM on the plain weight."""
+
+    packed_max_rows: int = PACKED_MAX_ROWS
+    native_max_rows: int = 0
+
+    @property
+    def copies(self) -> int:
+        """Copies of each weight the kernels keep: one per kernel in use."""
+        native_used = self.native_max_rows > 0
+        packed_used = self.packed_max_rows > self.native_max_rows
+        plain_used = self.native_max_rows < ALL_ROWS and self.packed_max_rows < ALL_ROWS
+        return max(1, native_used + packed_used + plain_used)
+
+
 def _packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -52,7 +89,8 @@ def _packing_available() -> bool:
 class Linear:
     """y = x @ weight^T (+ bias) for x: [rows, in_features]; the result may be a strided view."""
 
-    __slots__ = ("weight", "bias", "packed", "packed_max_rows", "out_features", "in_features", "dtype")
+    __slots__ = ("weight", "bias", "packed", "packed_max_rows", "panels", "panel_bias", "native_max_rows",
+                 "out_features", "in_features", "dtype")
 
     def __init__(
         self,
@@ -60,17 +98,28 @@ class Linear:
         bias: torch.Tensor | None = None,
         pack: bool = True,
         packed_max_rows: int = PACKED_MAX_ROWS,
+        native_max_rows: int = 0,
     ) -> None:
-        """`packed_max_rows`: batches up to this size take the packed kernel; ALL_ROWS: every
-        batch does, and the weight is kept in its packed form only (`weight` is None)."""
+        """`native_max_rows`: batches up to this size take kernels/gemm.c (where it built);
+        `packed_max_rows`: then up to this size the packed oneDNN kernel; ALL_ROWS in either: every
+        batch does, and only that kernel's form of the weight is kept (`weight` is None)."""
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.weight: torch.Tensor | None = weight.contiguous()
         self.bias = bias
         self.packed_max_rows = packed_max_rows
         self.packed: torch.Tensor | None = None
-        packable = weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
-        if pack and packable and _packing_available():
+        self.panels: torch.Tensor | None = None
+        self.panel_bias: torch.Tensor | None = None
+        packable = pack and weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
+        self.native_max_rows = native_max_rows if packable and native_max_rows > 0 and native.gemm_available() else 0
+        if self.native_max_rows:
+            self.panels = native.pack_panels(self.weight)
+            self.panel_bias = None if bias is None else bias.float().contiguous()
+            if native_max_rows >= ALL_ROWS:
+                self.weight = None
+                return
+        if packable and _packing_available() and packed_max_rows > self.native_max_rows:
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
             except RuntimeError:  # bf16 on a CPU without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
@@ -82,6 +131,8 @@ class Linear:
         rows = x.shape[0]
         if rows == 0:
             return x.new_empty(0, self.out_features)
+        if self.panels is not None and rows <= self.native_max_rows:
+            return native.gemm(x, self.panels, self.out_features, self.panel_bias)
         if self.packed is not None and rows <= self.packed_max_rows:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
         if rows >= LARGE_BATCH_ROWS:

@@ -2,6 +2,7 @@
 
 - `paged_decode.c`: single-query attention that reads the paged KV cache (float32 or bfloat16)
   in place.
+- `gemm.c`: projections of small batches on weights packed in 16-feature panels (AVX2 + FMA).
 
 They are plain C (no torch headers), so a build takes about a second with the system compiler;
 each shared object is cached under `<cache root>/kernels/`, named by a hash of its source, the
@@ -40,6 +41,10 @@ _SIGNATURES = {
                _F32, _POINTER, _POINTER, _INT]
         for name in ("paged_decode_attention", "paged_decode_attention_bf16")
     },
+    "gemm": {
+        "gemm_available": [],
+        "gemm": [_POINTER, _INT, _I64, _I64, _POINTER, _INT, _I64, _POINTER, _POINTER, _INT, _INT],
+    },
 }
 
 
@@ -47,9 +52,19 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def source_digest(name: str) -> str:
+    """A hash of kernels/`name`.c and the shared headers: a measurement of the kernel keys on it."""
+    return hashlib.blake2b(_source_text(name), digest_size=8).hexdigest()
+
+
+def _source_text(name: str) -> bytes:
+    source = _KERNELS / f"{name}.c"
+    return source.read_bytes() + b"".join(header.read_bytes() for header in sorted(_KERNELS.glob("*.h")))
+
+
 def _build(name: str, compiler: str) -> Path:
     source = _KERNELS / f"{name}.c"
-    text = source.read_bytes() + b"".join(header.read_bytes() for header in sorted(_KERNELS.glob("*.h")))
+    text = _source_text(name)
     # The CPU's instruction set extensions too: `-march=native` code must not meet a CPU without
     # them (virtual machines often report one model name for several generations).
     facts = " ".join([compiler, *_FLAGS, cpu_model(), cpuinfo_field("flags", "Features") or ""])
@@ -138,3 +153,39 @@ def paged_decode_attention(
 
 _DECODE_BY_DTYPE = {torch.float32: "paged_decode_attention", torch.bfloat16: "paged_decode_attention_bf16"}
 
+
+
+@cache
+def gemm_available() -> bool:
+    """Whether kernels/gemm.c built here with its vector code (AVX2 and FMA)."""
+    kernel = library("gemm")
+    return kernel is not None and kernel.gemm_available() == 1
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 16), K, 16], the layout kernels/gemm.c reads (zero rows pad the last
+    panel), in the weight's dtype."""
+    out_features, in_features = weight.shape
+    padded = -(-out_features // _PANEL) * _PANEL
+    if padded != out_features:
+        weight = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
+    return weight.reshape(padded // _PANEL, _PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def gemm(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, for `panels` = pack_panels(W) (float32 or
+    bfloat16, either with x of either) and a float32 bias. Call only where gemm_available()."""
+    x = x.contiguous()
+    rows, in_features = x.shape
+    y = torch.empty(rows, out_features, dtype=x.dtype)
+    status = library("gemm").gemm(
+        x.data_ptr(), x.dtype == torch.bfloat16, rows, in_features, panels.data_ptr(), panels.dtype == torch.bfloat16,
+        out_features, None if bias is None else bias.data_ptr(), y.data_ptr(), y.dtype == torch.bfloat16,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError(f"gemm: no scratch memory for a {rows} x {in_features} bfloat16 batch")
+    return y
+
+
+_PANEL = 16  # output features per panel in kernels/gemm.c

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from treebatch.config import ModelConfig
 from treebatch.layers.attention import AttentionMetadata, LayerAttention, paged_attention
-from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, PACKED_MAX_ROWS, Linear
+from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, KernelChoice, Linear
 from treebatch.models.rope import apply_rope, rope_tables
 
 
@@ -42,10 +42,10 @@ class DecoderForCausalLM:
         weights: Mapping[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         max_positions: int | None = None,
-        packed_max_rows: int = PACKED_MAX_ROWS,
+        kernels: KernelChoice = KernelChoice(),
     ) -> None:
-        """`packed_max_rows`: up to how many rows a projection takes its packed kernel (the
-        engine measures it for this CPU; layers/linear.py)."""
+        """`kernels`: which projection kernel serves which batch size (the engine measures it
+        for this CPU; layers/linear.py)."""
         self.config = config
         self.dtype = dtype
 
@@ -57,11 +57,13 @@ class DecoderForCausalLM:
             return (weights[name].float() + config.norm_offset).to(dtype).contiguous()
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(weight, bias, packed_max_rows=packed_max_rows)
+            return Linear(weight, bias, packed_max_rows=kernels.packed_max_rows,
+                          native_max_rows=kernels.native_max_rows)
 
         self.embed = take("model.embed_tokens.weight")
         lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
-        self.head = Linear(lm_head, packed_max_rows=max(packed_max_rows, HEAD_PACKED_MAX_ROWS))
+        self.head = Linear(lm_head, packed_max_rows=max(kernels.packed_max_rows, HEAD_PACKED_MAX_ROWS),
+                           native_max_rows=kernels.native_max_rows)
         self.final_norm = norm("model.norm.weight")
         num_positions = max_positions or config.max_position_embeddings
         self.ropes = [rope_tables(config, num_positions, dtype, rope_freqs=weights.get("rope_freqs"))]

@@ -8,6 +8,11 @@ bfloat16. So the engine times both on the model's widest projection at a few bat
 loading the weights, once per machine (cached beside the calibrations), and every projection
 follows the answer: the largest probed size up to which packed wins at every probed size
 (`linear.ALL_ROWS` where it always wins: then each weight is kept packed only, one copy).
+
+treebatch's own kernel (kernels/gemm.c, where it builds) is then timed against that choice in
+the same way, from 16 rows up, and serves the batches up to where it stops winning (all of them
+on an AMD EPYC with AVX2 only, in both dtypes: one copy, in its panel layout). Its result is
+checked against torch's on the probe's random inputs first; a kernel that disagrees is not used.
 """
 
 from __future__ import annotations
@@ -16,10 +21,18 @@ from typing import Any
 
 import torch
 
-from treebatch.layers.linear import ALL_ROWS, PACKED_MAX_ROWS, Linear
+import warnings
+
+from treebatch.layers import native
+from treebatch.layers.linear import ALL_ROWS, PACKED_MAX_ROWS, KernelChoice, Linear
 from treebatch.runtime.machine_cache import best_seconds, cached, machine_key
 
 PROBE_ROWS = (48, 160, 512)
+NATIVE_PROBE_ROWS = (16, 48, 160, 512)
+# The own kernel's largest difference from torch's GEMM on the probe's inputs, relative to the
+# largest output, above which it is not used: float32 sums in another order differ by ~1e-6;
+# bfloat16 outputs by their rounding, 2^-8.
+AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 # Packed is chosen up to 10% slower than the plain kernel: chosen for every size it saves the
 # memory of a second copy of the weights, worth more than a tie (in bfloat16 on AMD EPYC the
 # two kernels measure within 5% of each other at every size, oneDNN serving both).
@@ -37,9 +50,30 @@ def packed_max_rows(dtype: torch.dtype, in_features: int, out_features: int) -> 
     return int(cached("kernels", key, measure)["packed_max_rows"])
 
 
-def crossover(timings: dict[int, tuple[float, float]]) -> int:
-    """rows -> (packed seconds, plain seconds) -> packed_max_rows."""
-    choice = PACKED_MAX_ROWS
+def choose(dtype: torch.dtype, in_features: int, out_features: int) -> KernelChoice:
+    """Every projection's kernels for a [out_features, in_features] weight in `dtype` (cached)."""
+    packed = packed_max_rows(dtype, in_features, out_features)
+    return KernelChoice(packed, native_max_rows(dtype, in_features, out_features, packed))
+
+
+def native_max_rows(dtype: torch.dtype, in_features: int, out_features: int, packed: int) -> int:
+    """Up to how many rows kernels/gemm.c beats the `packed` choice (0: never, or not built)."""
+    if not native.gemm_available():
+        return 0
+    key = machine_key(kernel="gemm.c", dtype=str(dtype), shape=[out_features, in_features],
+                      rows=list(NATIVE_PROBE_ROWS), packed_max_rows=packed, source=native.source_digest("gemm"))
+
+    def measure() -> dict[str, Any]:
+        timings = probe_native(dtype, in_features, out_features, packed)
+        return {"seconds": timings, "native_max_rows": crossover(timings, lost_at_once=0) if timings else 0}
+
+    return int(cached("kernels", key, measure)["native_max_rows"])
+
+
+def crossover(timings: dict[int, tuple[float, float]], lost_at_once: int = PACKED_MAX_ROWS) -> int:
+    """rows -> (candidate seconds, incumbent seconds) -> up to how many rows the candidate runs
+    (`lost_at_once` where it loses at the first size)."""
+    choice = lost_at_once
     for rows in sorted(timings):
         packed, plain = timings[rows]
         if packed > plain * TOLERANCE:
@@ -63,5 +97,28 @@ def probe(dtype: torch.dtype, in_features: int, out_features: int, repeats: int 
     for rows in PROBE_ROWS:
         x = torch.randn(rows, in_features, generator=generator).to(dtype)
         runs = [(best_seconds(lambda: packed(x), 1), best_seconds(lambda: plain(x), 1)) for _ in range(repeats)]
+        timings[rows] = (min(p for p, _ in runs), min(q for _, q in runs))
+    return timings
+
+
+def probe_native(dtype: torch.dtype, in_features: int, out_features: int, packed: int,
+                 repeats: int = 5) -> dict[int, tuple[float, float]]:
+    """As `probe`, for kernels/gemm.c against the projection as `packed` has it; an empty dict
+    where the kernel's result is not torch's (it is then not used)."""
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
+    own = Linear(weight, native_max_rows=ALL_ROWS)
+    incumbent = Linear(weight, packed_max_rows=packed)
+    timings: dict[int, tuple[float, float]] = {}
+    for rows in NATIVE_PROBE_ROWS:
+        x = torch.randn(rows, in_features, generator=generator).to(dtype)
+        with torch.inference_mode():
+            expected = (x.float() @ weight.float().t())
+            error = (own(x).float() - expected).abs().max().item() / expected.abs().max().item()
+        if not error <= AGREEMENT[dtype]:
+            warnings.warn(f"treebatch: kernels/gemm.c differs from torch by {error:.1e} (relative) at {rows} rows "
+                          f"in {dtype}; its projections are not used", stacklevel=2)
+            return {}
+        runs = [(best_seconds(lambda: own(x), 1), best_seconds(lambda: incumbent(x), 1)) for _ in range(repeats)]
         timings[rows] = (min(p for p, _ in runs), min(q for _, q in runs))
     return timings

@@ -2,10 +2,10 @@
 against the memory the OS can still give: checked before any weight is converted, so a model
 too big for the machine is refused with the numbers instead of being killed halfway through.
 
-Weights as held (layers/linear.py): a projection whose packed kernel serves every batch size
-(runtime/kernel_choice.py measures where it does) is kept once, packed; otherwise it is kept
-plain and packed, twice. A tied vocabulary head adds its packed copy beside the embedding either
-way. The smallest useful KV cache holds one sequence of the full context.
+Weights as held (layers/linear.py): a projection keeps one copy of its weight per kernel in
+use (`KernelChoice.copies`; runtime/kernel_choice.py measures which serve which batch sizes):
+once where one kernel serves every batch size, as the AMD EPYCs measured here do. A tied
+vocabulary head adds its kernel's copy beside the embedding either way. The smallest useful KV cache holds one sequence of the full context.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class MemoryNeed:
     weights: int  # bytes of the weights as the kernels hold them
     kv_cache: int  # bytes of KV for one sequence of the full context
     available: int
-    copies: int = 1  # of every projection: 1 packed only, 2 plain and packed
+    copies: int = 1  # of every projection: one per kernel in use
 
     @property
     def total(self) -> int:
@@ -32,7 +32,7 @@ class MemoryNeed:
 
 
 def weight_bytes(config: ModelConfig, dtype_bytes: int, copies: int) -> int:
-    """`copies` of every projection (1: packed only; 2: plain and packed)."""
+    """`copies` of every projection (one per kernel in use)."""
     embeddings = config.vocab_size * config.hidden_size
     projections = config.num_parameters - embeddings * (1 if config.tie_word_embeddings else 2)
     head = embeddings * copies if not config.tie_word_embeddings else embeddings

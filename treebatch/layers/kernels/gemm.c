@@ -1,0 +1,166 @@
+/* y = x @ W^T (+ bias) for the few-to-few-hundred-row batches of a decoding step.
+ *
+ * Layouts: x [M, K] row-major (float32 or bfloat16); W packed once into panels of 16 output
+ * features, panel p holding W[16p + j][k] at (p * K + k) * 16 + j (float32 or bfloat16; the last
+ * panel zero-padded); bias [N] float32 or NULL; y [M, N] row-major (float32 or bfloat16).
+ *
+ * Each thread takes whole panels. A panel (K x 16 weights, 36 KB for K = 576) stays in L1/L2
+ * while every tile of up to 6 rows of x streams past it: per k, two 8-lane weight vectors, six
+ * broadcasts of x and twelve fused multiply-adds into twelve accumulator registers (the 6 x 16
+ * tile lives in registers for the whole of K). Rows are taken in chunks whose x fits in L2, so a
+ * large batch re-reads each panel once per chunk from memory, not once per tile.
+ *
+ * The arithmetic is float32 throughout: bfloat16 inputs are widened exactly (a bfloat16 is the
+ * upper half of a float32), the sums run in float32 in the order k = 0, 1, ..., and a bfloat16
+ * output is rounded to nearest even once, at the end. A bfloat16 x is widened into a scratch
+ * buffer once per call. Built only where the CPU has AVX2 and FMA: elsewhere `gemm_available`
+ * returns 0 and the caller keeps torch's kernels.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int gemm_available(void);
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#define NR 16          /* output features per panel: two 8-lane vectors */
+#define MR 6           /* rows per register tile */
+#define L2_BYTES 196608 /* x rows per chunk: as many as fit in this many bytes (at least MR) */
+
+int gemm_available(void) { return 1; }
+
+static inline __attribute__((always_inline)) __m256 widen8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline uint16_t to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
+        return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* One accumulator row: acc(r)(0..1) += x[r][k] * w[k][0..15]. */
+#define FMA_ROW(r)                                                                              \
+    if (R > r) {                                                                                \
+        const __m256 a = _mm256_broadcast_ss(x + r * K + k);                                    \
+        c##r##0 = _mm256_fmadd_ps(a, w0, c##r##0);                                              \
+        c##r##1 = _mm256_fmadd_ps(a, w1, c##r##1);                                              \
+    }
+#define STORE_ROW(r)                                                                            \
+    if (R > r) {                                                                                \
+        _mm256_storeu_ps(out, c##r##0);                                                         \
+        _mm256_storeu_ps(out + 8, c##r##1);                                                     \
+        store(out, y, r * N, cols, bias, y_bf16);                                               \
+    }
+
+/* The tile's row in `row` -> y's row (+ bias), in y's dtype, the panel's first `cols` columns. */
+static inline void store(float *row, void *y, int64_t offset, int cols, const float *bias, int y_bf16) {
+    if (bias)
+        for (int c = 0; c < cols; ++c) row[c] += bias[c];
+    if (y_bf16) {
+        uint16_t *dst = (uint16_t *)y + offset;
+        for (int c = 0; c < cols; ++c) dst[c] = to_bf16(row[c]);
+    } else {
+        memcpy((float *)y + offset, row, (size_t)cols * sizeof(float));
+    }
+}
+
+/* The R x 16 tile of rows x[0..R) against one panel; y points at the tile's first element. */
+#define TILE(NAME, WEIGHT_TYPE, LOAD_LOW, LOAD_HIGH)                                            \
+    static inline __attribute__((always_inline)) void NAME(                                     \
+        const int R, const float *restrict x, const WEIGHT_TYPE *restrict panel, int64_t K,     \
+        void *y, int64_t N, int cols, const float *bias, int y_bf16) {                          \
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,           \
+               c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;     \
+        for (int64_t k = 0; k < K; ++k) {                                                       \
+            const __m256 w0 = LOAD_LOW(panel + k * NR), w1 = LOAD_HIGH(panel + k * NR);         \
+            FMA_ROW(0) FMA_ROW(1) FMA_ROW(2) FMA_ROW(3) FMA_ROW(4) FMA_ROW(5)                   \
+        }                                                                                       \
+        float out[NR];                                                                          \
+        STORE_ROW(0) STORE_ROW(1) STORE_ROW(2) STORE_ROW(3) STORE_ROW(4) STORE_ROW(5)           \
+    }
+
+#define LOAD_F32_LOW(p) _mm256_loadu_ps(p)
+#define LOAD_F32_HIGH(p) _mm256_loadu_ps((p) + 8)
+#define LOAD_BF16_LOW(p) widen8(p)
+#define LOAD_BF16_HIGH(p) widen8((p) + 8)
+TILE(tile_f32, float, LOAD_F32_LOW, LOAD_F32_HIGH)
+TILE(tile_bf16, uint16_t, LOAD_BF16_LOW, LOAD_BF16_HIGH)
+
+/* Rows [m, m + rows) of x against panel p, tile by tile (a switch, so each tile height is
+ * compiled with its rows known and its accumulators in registers). */
+#define PANEL(NAME, TILE_FN, WEIGHT_TYPE)                                                       \
+    static void NAME(const float *x, int64_t rows, int64_t K, const WEIGHT_TYPE *panel, int64_t N, \
+                     int cols, const float *bias, void *y, int y_bf16) {                        \
+        const size_t element = y_bf16 ? 2 : 4;                                                  \
+        for (int64_t m = 0; m < rows; m += MR) {                                                \
+            const float *xm = x + m * K;                                                        \
+            void *ym = (char *)y + (size_t)(m * N) * element;                                   \
+            switch (rows - m < MR ? rows - m : MR) {                                            \
+            case 6: TILE_FN(6, xm, panel, K, ym, N, cols, bias, y_bf16); break;                \
+            case 5: TILE_FN(5, xm, panel, K, ym, N, cols, bias, y_bf16); break;                \
+            case 4: TILE_FN(4, xm, panel, K, ym, N, cols, bias, y_bf16); break;                \
+            case 3: TILE_FN(3, xm, panel, K, ym, N, cols, bias, y_bf16); break;                \
+            case 2: TILE_FN(2, xm, panel, K, ym, N, cols, bias, y_bf16); break;                \
+            default: TILE_FN(1, xm, panel, K, ym, N, cols, bias, y_bf16); break;               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+PANEL(panel_f32, tile_f32, float)
+PANEL(panel_bf16, tile_bf16, uint16_t)
+
+/* x_bf16, w_bf16, y_bf16: whether each is bfloat16 (else float32). Returns 0, or -1 where the
+ * scratch buffer for a bfloat16 x cannot be had. */
+int gemm(const void *x, int x_bf16, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N,
+         const float *bias, void *y, int y_bf16, int threads) {
+    float *widened = NULL;
+    const float *xf = (const float *)x;
+    if (x_bf16) {
+        widened = malloc((size_t)(M * K) * sizeof(float));
+        if (!widened) return -1;
+        const uint16_t *xh = (const uint16_t *)x;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < M * K; ++i) {
+            const uint32_t bits = (uint32_t)xh[i] << 16;
+            memcpy(widened + i, &bits, sizeof bits);
+        }
+        xf = widened;
+    }
+    const int64_t panels = (N + NR - 1) / NR;
+    int64_t chunk = L2_BYTES / (K * (int64_t)sizeof(float)) / MR * MR;
+    if (chunk < MR) chunk = MR;
+    const size_t element = y_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    for (int64_t m = 0; m < M; m += chunk) {
+        const int64_t rows = M - m < chunk ? M - m : chunk;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) {
+            const int cols = (int)(N - p * NR < NR ? N - p * NR : NR);
+            void *yp = (char *)y + (size_t)(m * N + p * NR) * element;
+            const float *bp = bias ? bias + p * NR : NULL;
+            if (w_bf16)
+                panel_bf16(xf + m * K, rows, K, (const uint16_t *)w + p * K * NR, N, cols, bp, yp, y_bf16);
+            else
+                panel_f32(xf + m * K, rows, K, (const float *)w + p * K * NR, N, cols, bp, yp, y_bf16);
+        }
+    }
+    free(widened);
+    return 0;
+}
+
+#else
+
+int gemm_available(void) { return 0; }
+
+int gemm(const void *x, int x_bf16, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N,
+         const float *bias, void *y, int y_bf16, int threads) {
+    (void)x, (void)x_bf16, (void)M, (void)K, (void)w, (void)w_bf16, (void)N, (void)bias, (void)y;
+    (void)y_bf16, (void)threads;
+    return -1;
+}
+
+#endif
