@@ -29,7 +29,8 @@ def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale, window=N
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "num_heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 16), (6, 3, 40, 4)]
+    "num_heads,kv_heads,dim,block_size",
+    [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 16), (6, 3, 40, 4), (8, 4, 256, 16), (6, 2, 64, 32), (4, 2, 64, 8)],
 )
 def test_kernel_equals_explicit_softmax(num_heads, kv_heads, dim, block_size):
     torch.manual_seed(num_heads * dim + block_size)
@@ -80,7 +81,8 @@ def test_a_sequence_without_keys_gets_zero_and_minus_infinity():
 
 
 @needs_kernel
-@pytest.mark.parametrize("num_heads,kv_heads,dim,block_size", [(9, 3, 64, 16), (8, 2, 128, 16), (6, 3, 40, 4)])
+@pytest.mark.parametrize("num_heads,kv_heads,dim,block_size",
+                         [(9, 3, 64, 16), (8, 2, 128, 16), (6, 3, 40, 4), (8, 4, 256, 16), (6, 2, 64, 32)])
 def test_bf16_kernel_equals_the_float32_softmax_of_the_same_bf16_values(num_heads, kv_heads, dim, block_size):
     """The cache holds bfloat16; the kernel widens each value exactly and accumulates in float32,
     so against the float32 reference over the same (widened) values it differs only by the
