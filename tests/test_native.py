@@ -117,3 +117,60 @@ def test_the_kernels_build_where_there_is_a_compiler():
     if shutil.which("cc") or shutil.which("gcc"):
         assert native.paged_decode_kernel() is not None
 
+
+
+needs_layer_ops = pytest.mark.skipif(native.library("layer_ops") is None, reason="no C compiler here")
+
+
+@needs_layer_ops
+@pytest.mark.parametrize("rows,dim", [(1, 576), (13, 64), (200, 576), (3, 37)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_equals_the_torch_ops(rows, dim, with_residual):
+    """float32: the add exactly, the norm to 1e-6 (its sum of squares in another order); 200 x
+    576 is past the size where the kernel goes parallel; 37 leaves a tail after 8-lane loops."""
+    torch.manual_seed(rows + dim)
+    hidden, residual, weight = torch.randn(rows, dim), torch.randn(rows, dim), torch.randn(dim)
+    expected_hidden = hidden + residual if with_residual else hidden.clone()
+    expected = torch.nn.functional.rms_norm(expected_hidden, (dim,), weight, 1e-5)
+    got = native.add_rms_norm(hidden, residual if with_residual else None, weight, 1e-5)
+    assert torch.equal(hidden, expected_hidden)  # the residual sum, in place
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_layer_ops
+def test_add_rms_norm_in_bf16_rounds_the_sum_then_the_result_once():
+    """The residual sum rounded to bf16 as torch's bf16 add rounds it (equal), the norm in float32
+    from that sum and rounded once: within one bf16 ulp of the float32 norm of the same values."""
+    torch.manual_seed(11)
+    hidden, residual = torch.randn(20, 576).bfloat16(), torch.randn(20, 576).bfloat16()
+    weight = torch.randn(576)
+    expected_hidden = hidden + residual
+    got = native.add_rms_norm(hidden, residual, weight, 1e-6)
+    assert torch.equal(hidden, expected_hidden) and got.dtype == torch.bfloat16
+    expected = torch.nn.functional.rms_norm(expected_hidden.float(), (576,), weight, 1e-6)
+    torch.testing.assert_close(got.float(), expected, rtol=2 ** -8, atol=1e-5)
+
+
+@needs_layer_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(1, 1536), (16, 1536), (70, 1000), (2, 13)])
+def test_silu_mul_equals_the_torch_ops(dtype, rows, dim):
+    """exp by a degree-6 polynomial (relative error under 2e-7) over gates of +-20: float32 to
+    1e-6; bf16 rounded once from float32, against torch's float32 of the same values: one ulp."""
+    torch.manual_seed(rows * dim)
+    gate_up = (torch.randn(rows, 2 * dim) * 5).clamp(-20, 20).to(dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = native.silu_mul(gate_up)
+    assert got.dtype == dtype and got.shape == (rows, dim)
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_fused_ops_fall_back_to_torch(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda name: None)
+    hidden, residual, weight = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    expected = torch.nn.functional.rms_norm(hidden + residual, (8,), weight, 1e-5)
+    torch.testing.assert_close(native.add_rms_norm(hidden, residual, weight, 1e-5), expected)
+    gate_up = torch.randn(3, 16)
+    torch.testing.assert_close(native.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :8]) * gate_up[:, 8:])

@@ -3,6 +3,7 @@
 - `paged_decode.c`: single-query attention that reads the paged KV cache (float32 or bfloat16)
   in place.
 - `gemm.c`: projections of small batches on weights packed in 16-feature panels (AVX2 + FMA).
+- `layer_ops.c`: residual add + RMSNorm, and SiLU(gate) x up, one pass each.
 
 They are plain C (no torch headers), so a build takes about a second with the system compiler;
 each shared object is cached under `<cache root>/kernels/`, named by a hash of its source, the
@@ -40,6 +41,10 @@ _SIGNATURES = {
         name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                _F32, _POINTER, _POINTER, _INT]
         for name in ("paged_decode_attention", "paged_decode_attention_bf16")
+    },
+    "layer_ops": {
+        "add_rms_norm": [_POINTER, _POINTER, _POINTER, _F32, _I64, _I64, _POINTER, _INT, _INT],
+        "silu_mul": [_POINTER, _I64, _I64, _POINTER, _INT, _INT],
     },
     "gemm": {
         "gemm_available": [],
@@ -189,3 +194,36 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.T
 
 
 _PANEL = 16  # output features per panel in kernels/gemm.c
+
+
+def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """hidden += residual (in place; none: no add), then RMSNorm(hidden) * weight, in one pass.
+    hidden, residual: [rows, dim] contiguous, float32 or bfloat16 alike; weight: [dim] float32."""
+    kernel = library("layer_ops")
+    if kernel is None or not _fusable(hidden, residual):
+        if residual is not None:
+            hidden.add_(residual)
+        return torch.nn.functional.rms_norm(hidden, weight.shape, weight.to(hidden.dtype), eps)
+    out = torch.empty_like(hidden)
+    kernel.add_rms_norm(hidden.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+                        hidden.shape[0], hidden.shape[1], out.data_ptr(), hidden.dtype == torch.bfloat16,
+                        torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 x dim] (gate, then up) -> silu(gate) * up, [rows, dim], in one pass."""
+    kernel = library("layer_ops")
+    if kernel is None or not _fusable(gate_up, None):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    rows, width = gate_up.shape
+    out = gate_up.new_empty(rows, width // 2)
+    kernel.silu_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr(), gate_up.dtype == torch.bfloat16,
+                    torch.get_num_threads())
+    return out
+
+
+def _fusable(x: torch.Tensor, other: torch.Tensor | None) -> bool:
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.is_contiguous()
+            and (other is None or (other.dtype == x.dtype and other.shape == x.shape and other.is_contiguous())))

@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from treebatch.config import ModelConfig
+from treebatch.layers import native
 from treebatch.layers.attention import AttentionMetadata, LayerAttention, paged_attention
 from treebatch.layers.linear import HEAD_PACKED_MAX_ROWS, KernelChoice, Linear
 from treebatch.models.rope import apply_rope, rope_tables
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One fused op where torch has it (the explicit form costs six per call)."""
-    return F.rms_norm(x, weight.shape, weight, eps)
+    """One fused op where torch has it (the explicit form costs six per call); `weight` is
+    float32, cast to x's dtype as the torch op needs."""
+    return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
 
 
 class _Layer:
@@ -53,8 +55,9 @@ class DecoderForCausalLM:
             return weights[name].to(dtype).contiguous()
 
         def norm(name: str) -> torch.Tensor:
-            # (offset + w) once, in float32, as the reference computes it.
-            return (weights[name].float() + config.norm_offset).to(dtype).contiguous()
+            # (offset + w) once, in float32, as the reference computes it; kept in float32 for
+            # the fused norm (layers/native.py), which multiplies by it in float32.
+            return (weights[name].float() + config.norm_offset).contiguous()
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
             return Linear(weight, bias, packed_max_rows=kernels.packed_max_rows,
@@ -101,7 +104,6 @@ class DecoderForCausalLM:
             layer.attention = LayerAttention(scale, window, config.attn_logit_softcap)
             layer.rope = 1 if window is not None and len(self.ropes) > 1 else 0
             self.layers.append(layer)
-        self._gate = F.silu if config.hidden_act == "silu" else _gelu_tanh
 
     @torch.inference_mode()
     def forward(
@@ -124,8 +126,10 @@ class DecoderForCausalLM:
         hidden = F.embedding(input_ids, self.embed)
         if cfg.embedding_multiplier != 1.0:
             hidden = hidden * torch.tensor(cfg.embedding_multiplier, dtype=self.dtype)
+        # Each sublayer's output is added to `hidden` in place by the next norm, in one pass.
+        pending: torch.Tensor | None = None
         for index, layer in enumerate(self.layers):
-            x = rms_norm(hidden, layer.input_norm, eps)
+            x = native.add_rms_norm(hidden, pending, layer.input_norm, eps)
             qkv = layer.qkv(x).contiguous()
             if layer.q_norm is not None:
                 q = rms_norm(qkv[:, :q_size].view(num_tokens, cfg.num_heads, cfg.head_dim), layer.q_norm, eps)
@@ -144,22 +148,24 @@ class DecoderForCausalLM:
             out = layer.o_proj(attn.reshape(num_tokens, q_size))
             if layer.post_attention_norm is not None:
                 out = rms_norm(out, layer.post_attention_norm, eps)
-            hidden = hidden + out
 
-            x = rms_norm(hidden, layer.pre_mlp_norm, eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            out = layer.down(self._gate(gate) * up)
+            x = native.add_rms_norm(hidden, out, layer.pre_mlp_norm, eps)
+            gate_up = layer.gate_up(x)
+            out = layer.down(native.silu_mul(gate_up) if cfg.hidden_act == "silu" else self._gelu_mul(gate_up))
             if layer.post_mlp_norm is not None:
                 out = rms_norm(out, layer.post_mlp_norm, eps)
-            hidden = hidden + out
+            pending = out
 
+        # Only the sampled rows need the last residual add and the final norm.
         last = hidden.index_select(0, logits_indices)
-        last = rms_norm(last, self.final_norm, eps)
+        last = native.add_rms_norm(last, None if pending is None else pending.index_select(0, logits_indices),
+                                   self.final_norm, eps)
         logits = self.head(last).float()
         if cfg.final_logit_softcap:
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits
 
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+    @staticmethod
+    def _gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

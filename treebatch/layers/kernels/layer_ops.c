@@ -1,0 +1,171 @@
+/* The small element-wise parts of a decoder layer, each one pass over its rows instead of the
+ * several torch ops (and their thread-pool round trips and temporaries) they take otherwise.
+ *
+ *   add_rms_norm: h += r (in place, where r is given), then x = h / rms(h) * w  (RMSNorm);
+ *   silu_mul:     y = silu(g) * u for gu = [g | u] per row (the gated MLP's activation).
+ *
+ * Rows are `dim` (or 2 x `dim`) contiguous values, float32 or bfloat16 (`bf16`, the same for
+ * every tensor but the norm weight, which is float32). The arithmetic is float32: a bfloat16
+ * value is widened exactly and a result rounded to nearest even once, when it is stored. The
+ * residual sum h is stored in h's dtype first and the norm computed from the stored value, as
+ * torch computes `h = h + r` and then the norm of h. Work under PARALLEL_MIN values runs on
+ * the calling thread: for a decode step's dozen rows a parallel region costs more than it saves.
+ */
+#pragma GCC optimize("fp-contract=fast")
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PARALLEL_MIN 65536
+
+static inline float widen(uint16_t value) {
+    const uint32_t bits = (uint32_t)value << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+static inline uint16_t narrow(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
+        return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float value, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = narrow(value);
+    else
+        ((float *)p)[i] = value;
+}
+
+/* e^x for any float x, vectorizable: as fast_exp.h's, with x clamped to [-87, 88]. */
+static inline float exp_any(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+static inline __attribute__((always_inline)) void norm_row(void *h, const void *r, const float *w, float eps,
+                                                           int64_t dim, void *x, const int bf16) {
+    float squares = 0.0f;
+    if (r) {
+#pragma omp simd reduction(+ : squares)
+        for (int64_t d = 0; d < dim; ++d) {
+            store(h, d, load(h, d, bf16) + load(r, d, bf16), bf16);
+            const float value = load(h, d, bf16);
+            squares += value * value;
+        }
+    } else {
+#pragma omp simd reduction(+ : squares)
+        for (int64_t d = 0; d < dim; ++d) {
+            const float value = load(h, d, bf16);
+            squares += value * value;
+        }
+    }
+    const float inverse = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) store(x, d, load(h, d, bf16) * inverse * w[d], bf16);
+}
+
+/* h, x: [rows, dim]; r: [rows, dim] or NULL; w: [dim] float32. */
+int add_rms_norm(void *h, const void *r, const float *w, float eps, int64_t rows, int64_t dim, void *x, int bf16,
+                 int threads) {
+    const size_t element = bf16 ? 2 : 4;
+    const int team = rows * dim < PARALLEL_MIN ? 1 : threads;
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+    for (int64_t i = 0; i < rows; ++i) {
+        const size_t offset = (size_t)(i * dim) * element;
+        void *hi = (char *)h + offset, *xi = (char *)x + offset;
+        const void *ri = r ? (const char *)r + offset : NULL;
+        if (bf16)
+            norm_row(hi, ri, w, eps, dim, xi, 1);
+        else
+            norm_row(hi, ri, w, eps, dim, xi, 0);
+    }
+    return 0;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* exp_any on eight lanes (the compiler keeps the scalar form's clamps as branches). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+static inline __m256 load8(const void *p, int64_t i, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+static inline void store8(void *p, int64_t i, __m256 value, const int bf16) {
+    if (!bf16) {
+        _mm256_storeu_ps((float *)p + i, value);
+        return;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, value);
+    for (int j = 0; j < 8; ++j) ((uint16_t *)p)[i + j] = narrow(lanes[j]);
+}
+#endif
+
+static inline __attribute__((always_inline)) void silu_row(const void *gu, int64_t dim, void *y, const int bf16) {
+    int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; d + 8 <= dim; d += 8) {
+        const __m256 g = load8(gu, d, bf16), u = load8(gu, dim + d, bf16);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        store8(y, d, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u), bf16);
+    }
+#endif
+    for (; d < dim; ++d) {
+        const float g = load(gu, d, bf16), u = load(gu, dim + d, bf16);
+        store(y, d, g / (1.0f + exp_any(-g)) * u, bf16);
+    }
+}
+
+/* gu: [rows, 2 * dim] (gate, then up); y: [rows, dim]. */
+int silu_mul(const void *gu, int64_t rows, int64_t dim, void *y, int bf16, int threads) {
+    const size_t element = bf16 ? 2 : 4;
+    const int team = rows * dim < PARALLEL_MIN ? 1 : threads;
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+    for (int64_t i = 0; i < rows; ++i) {
+        const void *gi = (const char *)gu + (size_t)(2 * i * dim) * element;
+        void *yi = (char *)y + (size_t)(i * dim) * element;
+        if (bf16)
+            silu_row(gi, dim, yi, 1);
+        else
+            silu_row(gi, dim, yi, 0);
+    }
+    return 0;
+}
