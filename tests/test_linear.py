@@ -78,7 +78,7 @@ needs_gemm = pytest.mark.skipif(not native.gemm_available(), reason="kernels/gem
 @pytest.mark.parametrize("shape", [(96, 64), (61, 1536), (1000, 24)])
 def test_the_own_kernel_equals_the_plain_projection_in_float32(shape: tuple[int, int], with_bias: bool) -> None:
     """Panels of 16 features (61 and 1000 leave a partial last panel), tiles of 1-6 rows, and
-    for K = 1536 chunks of 30 rows (several per batch from 31 rows on). Float32 sums in another
+    for K = 1536 chunks of 252 rows (two for 300 rows). Float32 sums in another
     order: equal to 1e-5 of the outputs' scale, which grows as sqrt(K) for these weights."""
     torch.manual_seed(4)
     weight = torch.randn(*shape)
