@@ -1,14 +1,12 @@
-/* A vectorizable e^x for x <= 0, shared by the kernels. */
+/* A vectorizable e^x, shared by the kernels. */
 #ifndef TREEBATCH_FAST_EXP_H
 #define TREEBATCH_FAST_EXP_H
 
 #include <stdint.h>
 
-/* e^x for x <= 0 (scores minus their running max), vectorizable: x = n ln2 + r with |r| <=
- * ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error under 2e-7), times 2^n built in
- * the exponent bits. Below -87 the result is 0, as float e^x underflows there anyway. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
+/* e^x for x in [-87, 88]: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor
+ * polynomial (relative error under 2e-7), times 2^n built in the exponent bits. */
+static inline float exp_in_range(float x) {
     /* Round to the nearest integer by the float-adding trick (|x log2 e| < 2^22 here): plain
      * arithmetic, so the loop around it vectorizes; a libm rounding call would not. */
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -21,7 +19,20 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return x <= -87.0f ? 0.0f : p * scale.f;
+    return p * scale.f;
+}
+
+/* e^x for x <= 0 (scores minus their running max). Below -87 the result is 0, as float e^x
+ * underflows there anyway. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float e = exp_in_range(x);
+    return x <= -87.0f ? 0.0f : e;
+}
+
+/* e^x for any float x, clamped to [-87, 88] first. */
+static inline float exp_any(float x) {
+    return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
 }
 
 #endif

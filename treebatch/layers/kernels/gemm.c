@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 int gemm_available(void);
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -40,14 +42,6 @@ int gemm_available(void) { return 1; }
 
 static inline __attribute__((always_inline)) __m256 widen8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
-        return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 /* One accumulator row: acc(r)(0..1) += x[r][k] * w[k][0..15]. */
@@ -70,7 +64,7 @@ static inline void store(float *row, void *y, int64_t offset, int cols, const fl
         for (int c = 0; c < cols; ++c) row[c] += bias[c];
     if (y_bf16) {
         uint16_t *dst = (uint16_t *)y + offset;
-        for (int c = 0; c < cols; ++c) dst[c] = to_bf16(row[c]);
+        for (int c = 0; c < cols; ++c) dst[c] = bf16_round(row[c]);
     } else {
         memcpy((float *)y + offset, row, (size_t)cols * sizeof(float));
     }

@@ -16,6 +16,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+#include "fast_exp.h"
+
 #define PARALLEL_MIN 65536
 
 static inline float widen(uint16_t value) {
@@ -25,39 +28,15 @@ static inline float widen(uint16_t value) {
     return out;
 }
 
-static inline uint16_t narrow(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
-        return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 static inline float load(const void *p, int64_t i, int bf16) {
     return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, int64_t i, float value, int bf16) {
     if (bf16)
-        ((uint16_t *)p)[i] = narrow(value);
+        ((uint16_t *)p)[i] = bf16_round(value);
     else
         ((float *)p)[i] = value;
-}
-
-/* e^x for any float x, vectorizable: as fast_exp.h's, with x clamped to [-87, 88]. */
-static inline float exp_any(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
 }
 
 static inline __attribute__((always_inline)) void norm_row(void *h, const void *r, const float *w, float eps,
@@ -103,7 +82,7 @@ int add_rms_norm(void *h, const void *r, const float *w, float eps, int64_t rows
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-/* exp_any on eight lanes (the compiler keeps the scalar form's clamps as branches). */
+/* fast_exp.h's exp_any on eight lanes (the compiler keeps the scalar form's clamps as branches). */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -134,7 +113,7 @@ static inline void store8(void *p, int64_t i, __m256 value, const int bf16) {
     }
     float lanes[8];
     _mm256_storeu_ps(lanes, value);
-    for (int j = 0; j < 8; ++j) ((uint16_t *)p)[i + j] = narrow(lanes[j]);
+    for (int j = 0; j < 8; ++j) ((uint16_t *)p)[i + j] = bf16_round(lanes[j]);
 }
 #endif
 
