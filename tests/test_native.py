@@ -174,3 +174,91 @@ def test_fused_ops_fall_back_to_torch(monkeypatch):
     torch.testing.assert_close(native.add_rms_norm(hidden, residual, weight, 1e-5), expected)
     gate_up = torch.randn(3, 16)
     torch.testing.assert_close(native.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :8]) * gate_up[:, 8:])
+
+
+needs_rope_cache = pytest.mark.skipif(native.library("rope_cache") is None, reason="no C compiler here")
+
+
+def _rope_case(tokens, heads, kv_heads, dim, rotary, normed, dtype, seed):
+    """qkv rows, rotary tables as models/rope.py makes them, distinct slots, a random cache."""
+    torch.manual_seed(seed)
+    positions_in_table = 512
+    freqs = torch.outer(torch.arange(positions_in_table).float(), 1.0 / 10000 ** (torch.arange(0, rotary, 2) / rotary))
+    cos = torch.cat((freqs, freqs), dim=-1).cos().to(dtype)
+    signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim) * 2).to(dtype)
+    positions = torch.randint(0, positions_in_table, (tokens,))
+    slots = torch.randperm(tokens + 40)[:tokens]
+    k_cache, v_cache = torch.randn(tokens + 40, kv_heads, dim).to(dtype), torch.randn(tokens + 40, kv_heads, dim).to(dtype)
+    norms = (torch.rand(dim) + 0.5, torch.rand(dim) + 0.5) if normed else (None, None)
+    return qkv, cos, signed_sin, positions, slots, k_cache, v_cache, norms
+
+
+@needs_rope_cache
+@pytest.mark.parametrize(
+    "tokens,heads,kv_heads,dim,rotary,normed",
+    [(1, 9, 3, 64, 64, False), (16, 9, 3, 64, 64, False), (300, 9, 3, 64, 64, False),  # SmolLM2; 300: parallel
+     (7, 4, 1, 256, 256, True), (40, 8, 2, 128, 64, True), (5, 6, 6, 96, 32, False)],  # Gemma 3; partial rotary
+)
+def test_rope_store_equals_the_torch_ops_in_float32(tokens, heads, kv_heads, dim, rotary, normed):
+    """The rotation as torch computes it (two rounded products and their sum): queries and the
+    written keys and values equal the torch path; the per-head norms to 1e-6 (their sums of
+    squares in another order); every other cache slot untouched."""
+    from treebatch.models.decoder import rotate_and_store
+
+    qkv, cos, sin, positions, slots, k_cache, v_cache, (q_norm, k_norm) = _rope_case(
+        tokens, heads, kv_heads, dim, rotary, normed, torch.float32, tokens + dim)
+    k_torch, v_torch = k_cache.clone(), v_cache.clone()
+    expected = rotate_and_store(qkv, heads, kv_heads, cos, sin, positions, slots, k_torch, v_torch, q_norm, k_norm,
+                                1e-6, fused=False)
+    got = native.rope_store(qkv, heads, kv_heads, cos, sin, positions, slots, k_cache, v_cache, q_norm, k_norm, 1e-6)
+    assert got is not None and got.shape == (tokens, heads, dim) and got.is_contiguous()
+    tolerance = 1e-6 if normed else 0.0
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(k_cache, k_torch, rtol=tolerance, atol=tolerance)
+    assert torch.equal(v_cache, v_torch)
+
+
+@needs_rope_cache
+@pytest.mark.parametrize("normed", [False, True])
+def test_rope_store_in_bf16_rounds_once_from_float32(normed):
+    """bf16: each value widened exactly, the normed value rounded to bf16 as torch stores it,
+    the rotation in float32 rounded once: within one bf16 ulp (relative 2^-8) of the float32
+    rotation of those values, where torch's bf16 ops round the products too (a normed value
+    whose rounding a different order of the sum of squares tips costs one ulp of it: atol).
+    The norm weights stay float32, as transformers applies them. Values are copied exactly."""
+    from treebatch.models.decoder import rotate_and_store
+
+    tokens, heads, kv_heads, dim = 24, 9, 3, 64
+    qkv, cos, sin, positions, slots, k_cache, v_cache, (q_norm, k_norm) = _rope_case(
+        tokens, heads, kv_heads, dim, dim, normed, torch.bfloat16, 5 + normed)
+    got = native.rope_store(qkv, heads, kv_heads, cos, sin, positions, slots, k_cache, v_cache, q_norm, k_norm, 1e-6)
+    assert got is not None and got.dtype == torch.bfloat16
+    widened = qkv.float()
+    if normed:  # normed in float32 with the float32 weights, then held in bf16
+        def normed_part(start, count, weight):
+            part = widened[:, start * dim : (start + count) * dim].view(tokens, count, dim)
+            return torch.nn.functional.rms_norm(part, (dim,), weight, 1e-6).bfloat16().float().view(tokens, -1)
+
+        widened = torch.cat([normed_part(0, heads, q_norm), normed_part(heads, kv_heads, k_norm),
+                             widened[:, (heads + kv_heads) * dim :]], dim=1)
+    k_float, v_float = k_cache.float(), v_cache.float()
+    expected = rotate_and_store(widened, heads, kv_heads, cos.float(), sin.float(), positions, slots, k_float, v_float,
+                                None, None, 1e-6, fused=False)
+    torch.testing.assert_close(got.float(), expected, rtol=2 ** -8, atol=2 ** -6)
+    torch.testing.assert_close(k_cache.float(), k_float, rtol=2 ** -8, atol=2 ** -6)
+    assert torch.equal(v_cache.float(), v_float)
+
+
+def test_rope_store_falls_back_to_torch(monkeypatch):
+    """Without the kernel (or for a dtype it does not take) rotate_and_store runs the torch ops."""
+    from treebatch.models.decoder import rotate_and_store
+
+    qkv, cos, sin, positions, slots, k_cache, v_cache, _ = _rope_case(3, 2, 1, 8, 8, False, torch.float32, 3)
+    k_torch, v_torch = k_cache.clone(), v_cache.clone()
+    expected = rotate_and_store(qkv, 2, 1, cos, sin, positions, slots, k_torch, v_torch, None, None, 1e-6, fused=False)
+    assert native.rope_store(qkv.half(), 2, 1, cos.half(), sin.half(), positions, slots, k_cache.half(),
+                             v_cache.half()) is None
+    monkeypatch.setattr(native, "library", lambda name: None)
+    got = rotate_and_store(qkv, 2, 1, cos, sin, positions, slots, k_cache, v_cache, None, None, 1e-6)
+    assert torch.equal(got, expected) and torch.equal(k_cache, k_torch) and torch.equal(v_cache, v_torch)

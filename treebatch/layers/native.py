@@ -4,6 +4,7 @@
   in place.
 - `gemm.c`: projections of small batches on weights packed in 16-feature panels (AVX2 + FMA).
 - `layer_ops.c`: residual add + RMSNorm, and SiLU(gate) x up, one pass each.
+- `rope_cache.c`: q/k norms, the rotary embedding and the KV cache write, one pass.
 
 They are plain C (no torch headers), so a build takes about a second with the system compiler;
 each shared object is cached under `<cache root>/kernels/`, named by a hash of its source, the
@@ -45,6 +46,10 @@ _SIGNATURES = {
     "layer_ops": {
         "add_rms_norm": [_POINTER, _POINTER, _POINTER, _F32, _I64, _I64, _POINTER, _INT, _INT],
         "silu_mul": [_POINTER, _I64, _I64, _POINTER, _INT, _INT],
+    },
+    "rope_cache": {
+        "rope_store": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _F32,
+                       _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT],
     },
     "gemm": {
         "gemm_available": [],
@@ -227,3 +232,47 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _fusable(x: torch.Tensor, other: torch.Tensor | None) -> bool:
     return (x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.is_contiguous()
             and (other is None or (other.dtype == x.dtype and other.shape == x.shape and other.is_contiguous())))
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor | None:
+    """From a layer's qkv rows to its rotated queries, with the rotated keys and the values
+    written to their cache slots, in one pass (kernels/rope_cache.c).
+
+    qkv: [T, (heads + 2 kv_heads) * D] contiguous; cos, signed_sin: [positions, R] as
+    models/rope.py makes them; positions, slot_mapping: [T] int64; k_cache, v_cache: [slots,
+    kv_heads, D] contiguous; q_norm, k_norm: [D] float32 per-head RMSNorm weights (both or
+    neither). All but the norm weights share qkv's dtype, float32 or bfloat16. Returns q [T,
+    heads, D], or None where the kernel is unavailable or does not take these arguments (the
+    caller then uses the torch path, which it is tested to equal)."""
+    kernel = library("rope_cache")
+    dtype = qkv.dtype
+    if (kernel is None or dtype not in (torch.float32, torch.bfloat16) or qkv.dim() != 2 or not qkv.is_contiguous()
+            or any(t.dtype != dtype or not t.is_contiguous() for t in (cos, signed_sin, k_cache, v_cache))
+            or positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64
+            or (q_norm is None) != (k_norm is None)
+            or (q_norm is not None and (q_norm.dtype != torch.float32 or k_norm.dtype != torch.float32))):
+        return None
+    positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()  # alive through the call
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    q = qkv.new_empty(tokens, num_heads, head_dim)
+    status = kernel.rope_store(
+        qkv.data_ptr(), tokens, num_heads, num_kv_heads, head_dim, cos.shape[-1], cos.data_ptr(), signed_sin.data_ptr(),
+        positions.data_ptr(), None if q_norm is None else q_norm.data_ptr(),
+        None if k_norm is None else k_norm.data_ptr(), eps, slot_mapping.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), q.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads(),
+    )
+    return q if status == 0 else None

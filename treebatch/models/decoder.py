@@ -30,6 +30,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
 
 
+def rotate_and_store(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    fused: bool = True,
+) -> torch.Tensor:
+    """qkv [T, (heads + 2 kv_heads) * D] -> the rotated queries [T, heads, D], with the rotated
+    keys and the values written to their cache slots; q and k per-head normed first where the
+    family has q/k norms. `fused`: by the one-pass kernel where it runs (layers/native.py), else
+    (and always for False) by torch ops, the path the kernel is tested to equal."""
+    if fused:
+        q = native.rope_store(qkv, num_heads, num_kv_heads, cos, signed_sin, positions, slot_mapping, k_cache, v_cache,
+                              q_norm, k_norm, eps)
+        if q is not None:
+            return q
+    num_tokens, head_dim = qkv.shape[0], k_cache.shape[-1]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    if q_norm is not None:
+        q = rms_norm(qkv[:, :q_size].view(num_tokens, num_heads, head_dim), q_norm, eps)
+        k = rms_norm(qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim), k_norm, eps)
+        qk = torch.cat([q, k], dim=1)
+    else:
+        qk = qkv[:, : q_size + kv_size].view(num_tokens, num_heads + num_kv_heads, head_dim)
+    # Queries and keys rotate together: one rotation for all their heads.
+    qk = apply_rope(qk, cos[positions].unsqueeze(1), signed_sin[positions].unsqueeze(1))
+    k_cache.index_copy_(0, slot_mapping, qk[:, num_heads:])
+    v_cache.index_copy_(0, slot_mapping, qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim))
+    return qk[:, :num_heads]
+
+
 class _Layer:
     __slots__ = ("input_norm", "qkv", "q_norm", "k_norm", "o_proj", "post_attention_norm", "pre_mlp_norm",
                  "gate_up", "down", "post_mlp_norm", "attention", "rope")
@@ -119,9 +158,9 @@ class DecoderForCausalLM:
         eps = cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
         q_size = cfg.num_heads * cfg.head_dim
-        kv_size = cfg.num_kv_heads * cfg.head_dim
-        num_qk_heads = cfg.num_heads + cfg.num_kv_heads
-        rotations = [(cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)) for cos, sin in self.ropes]
+        # The fused kernel reads the rotary tables unchecked: a position past them takes the torch
+        # path, which raises.
+        fused = num_tokens > 0 and int(positions.max()) < self.ropes[0][0].shape[0]
 
         hidden = F.embedding(input_ids, self.embed)
         if cfg.embedding_multiplier != 1.0:
@@ -131,19 +170,9 @@ class DecoderForCausalLM:
         for index, layer in enumerate(self.layers):
             x = native.add_rms_norm(hidden, pending, layer.input_norm, eps)
             qkv = layer.qkv(x).contiguous()
-            if layer.q_norm is not None:
-                q = rms_norm(qkv[:, :q_size].view(num_tokens, cfg.num_heads, cfg.head_dim), layer.q_norm, eps)
-                k = rms_norm(qkv[:, q_size : q_size + kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim), layer.k_norm, eps)
-                qk = torch.cat([q, k], dim=1)
-            else:
-                qk = qkv[:, : q_size + kv_size].view(num_tokens, num_qk_heads, cfg.head_dim)
-            # Queries and keys rotate together: one rotation for all their heads.
-            qk = apply_rope(qk, *rotations[layer.rope])
-            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-            v = qkv[:, q_size + kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
-            k_cache.index_copy_(0, metadata.slot_mapping, k)
-            v_cache.index_copy_(0, metadata.slot_mapping, v)
+            q = rotate_and_store(qkv, cfg.num_heads, cfg.num_kv_heads, *self.ropes[layer.rope], positions,
+                                 metadata.slot_mapping, k_cache, v_cache, layer.q_norm, layer.k_norm, eps, fused)
             attn = paged_attention(q, k_cache, v_cache, metadata, layer.attention, index)
             out = layer.o_proj(attn.reshape(num_tokens, q_size))
             if layer.post_attention_norm is not None:

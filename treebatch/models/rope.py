@@ -102,10 +102,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """x: [T, heads, D]; cos, signed_sin: [T, 1, R] with R <= D: the first R dimensions rotate
     (the half-split, rotate_half layout of HF weights), the rest pass through.
     rotate_half(x) * sin == roll(x, R/2) * signed_sin, with signed_sin = (-sin, sin) over the two
-    halves, so the rotation is three ops."""
+    halves. Two rounded products and their sum, as transformers computes it (a fused
+    multiply-add would round once and differ in the last bit), so float32 results are equal."""
     rotary = cos.shape[-1]
     if rotary == x.shape[-1]:
-        return torch.addcmul(x * cos, torch.roll(x, rotary // 2, dims=-1), signed_sin)
+        return x * cos + torch.roll(x, rotary // 2, dims=-1) * signed_sin
     rotated = x[..., :rotary]
-    rotated = torch.addcmul(rotated * cos, torch.roll(rotated, rotary // 2, dims=-1), signed_sin)
+    rotated = rotated * cos + torch.roll(rotated, rotary // 2, dims=-1) * signed_sin
     return torch.cat([rotated, x[..., rotary:]], dim=-1)
