@@ -30,7 +30,8 @@ def _reference(q, k_cache, v_cache, tables, lengths, block_size, scale, window=N
 @needs_kernel
 @pytest.mark.parametrize(
     "num_heads,kv_heads,dim,block_size",
-    [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 16), (6, 3, 40, 4), (8, 4, 256, 16), (6, 2, 64, 32), (4, 2, 64, 8)],
+    [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 16), (6, 3, 40, 4), (8, 4, 256, 16), (6, 2, 64, 32), (4, 2, 64, 8),
+     (48, 8, 64, 16)],  # over 32 heads: one item per (sequence, KV head) instead of per sequence
 )
 def test_kernel_equals_explicit_softmax(num_heads, kv_heads, dim, block_size):
     torch.manual_seed(num_heads * dim + block_size)
@@ -262,3 +263,55 @@ def test_rope_store_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(native, "library", lambda name: None)
     got = rotate_and_store(qkv, 2, 1, cos, sin, positions, slots, k_cache, v_cache, None, None, 1e-6)
     assert torch.equal(got, expected) and torch.equal(k_cache, k_torch) and torch.equal(v_cache, v_torch)
+
+
+def _cascade_reference(q, k_cache, v_cache, prefix, tables, lengths, block_size, scale, softcap=None):
+    """Each member's attention over its prefix blocks and then its own, by the explicit softmax."""
+    full_tables = torch.cat([prefix.expand(q.shape[0], -1), tables], dim=1)
+    return _reference(q, k_cache, v_cache, full_tables, lengths + prefix.numel() * block_size, block_size, scale,
+                      softcap=softcap)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "members,num_heads,kv_heads,dim,block_size",
+    [(1, 9, 3, 64, 16), (3, 9, 3, 64, 16), (13, 9, 3, 64, 16),  # 13 x 3 rows: runs of at most 32
+     (21, 9, 3, 64, 8), (5, 32, 8, 64, 16), (40, 2, 1, 128, 16), (6, 4, 2, 256, 32), (3, 6, 2, 8, 4)],
+)
+def test_cascade_kernel_equals_the_softmax_over_prefix_and_own_keys(members, num_heads, kv_heads, dim, block_size):
+    """Members of one group: the shared prefix blocks read once per run of members, then each
+    member's own keys (of different lengths, 1 to 2 blocks and a bit), in one running softmax:
+    out and lse equal the explicit softmax over prefix + own keys (float32 to 1e-5)."""
+    torch.manual_seed(members * dim + block_size)
+    num_blocks = 3 + 3 * members
+    k_cache, v_cache = torch.randn(num_blocks * block_size, kv_heads, dim), torch.randn(num_blocks * block_size, kv_heads, dim)
+    order = torch.randperm(num_blocks)
+    prefix, tables = order[:3], order[3:].view(members, 3)
+    lengths = torch.tensor([1 + (5 * m) % (2 * block_size + 3) for m in range(members)])
+    q = torch.randn(members, num_heads, dim)
+    got = native.cascade_decode_attention(q, k_cache, v_cache, prefix, tables, lengths, block_size, 0.2)
+    assert got is not None
+    out, lse = _cascade_reference(q, k_cache, v_cache, prefix, tables, lengths, block_size, 0.2)
+    torch.testing.assert_close(got[0], out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], lse, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_kernel_soft_caps_and_reads_bf16(dtype):
+    """Soft-capped scores, and a bf16 cache read as it is: against the float32 softmax of the same
+    bf16 values, to the bf16 output tolerance of the plain kernel's test (8e-3)."""
+    torch.manual_seed(9)
+    members, num_heads, kv_heads, dim, block_size = 7, 9, 3, 64, 16
+    k_cache = torch.randn(40 * block_size, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(40 * block_size, kv_heads, dim).to(dtype)
+    prefix, tables = torch.tensor([30, 4, 17]), torch.arange(7 * 2).view(7, 2) + 5
+    lengths = torch.tensor([1, 5, 16, 17, 20, 31, 32])
+    q = torch.randn(members, num_heads, dim).to(dtype)
+    got = native.cascade_decode_attention(q, k_cache, v_cache, prefix, tables, lengths, block_size, 0.3, softcap=2.5)
+    assert got is not None and got[0].dtype == dtype
+    out, lse = _cascade_reference(q.float(), k_cache.float(), v_cache.float(), prefix, tables, lengths, block_size, 0.3,
+                                  softcap=2.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got[0].float(), out, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)

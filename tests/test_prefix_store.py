@@ -25,7 +25,8 @@ def test_store_is_bounded_in_bytes_and_forgets_the_least_recently_used():
 def test_kept_prefix_is_reused_across_steps_and_equals_gathering():
     """Two steps of one group's decodes: the first gathers the prefix and keeps it, the second
     reads the kept copy (shown by scribbling over the prefix blocks in between: a group's
-    prefix never changes while it lives, so the kept copy is what the blocks held)."""
+    prefix never changes while it lives, so the kept copy is what the blocks held). The decodes
+    take the torch cascade here: the C kernel reads the prefix blocks in place and keeps nothing."""
     torch.manual_seed(4)
     num_blocks, num_layers = 32, 2
     kv_cache = torch.randn(num_layers, 2, num_blocks * BLOCK, KV_HEADS, DIM)
@@ -43,9 +44,11 @@ def test_kept_prefix_is_reused_across_steps_and_equals_gathering():
     for layer in range(num_layers):
         _, _, _, gather_meta = build_step_inputs(layout, BLOCK, store)
         gather_meta.cascades[0].prefix_kv = None  # the slow path: gather every time
+        gather_meta.native_decode = False
         expected.append(paged_attention(q, kv_cache[layer, 0], kv_cache[layer, 1], gather_meta, DIM**-0.5, layer))
     for step in range(2):
         _, _, _, meta = build_step_inputs(layout, BLOCK, store)
+        meta.native_decode = False
         kept = meta.cascades[0].prefix_kv
         assert kept is not None and len(store) == 1
         for layer in range(num_layers):

@@ -277,6 +277,15 @@ def _cascade_attention(
     k_rows = k_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
     v_rows = v_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
     queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
+    num_decodes = cascade.num_decodes
+    # The decodes in one pass over the prefix (read once for all of them) and their own keys.
+    whole = _native_cascade_decode(queries[:num_decodes], k_cache, v_cache, metadata, cascade, attn)
+    if whole is not None:
+        if not cascade.chunks:
+            return whole
+        queries, first, num_decodes = queries[num_decodes:], num_decodes, 0
+    else:
+        first = 0
     prefix_mask = _prefix_window_mask(metadata, cascade, group, window)
     if prefix_mask == "skip":  # the whole prefix lies before every query's window
         prefix_out = prefix_lse = None
@@ -288,7 +297,6 @@ def _cascade_attention(
 
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
-    num_decodes = cascade.num_decodes
     in_place = None
     if num_decodes:
         in_place = _native_decode(
@@ -308,20 +316,39 @@ def _cascade_attention(
         out, lse = attention_with_lse(folded, keys, values, scale, bias, softcap)
         outs.append(out.reshape(num_decodes, num_heads, head_dim))
         lses.append(lse.reshape(num_decodes, num_heads))
-    row = num_decodes
+    row = first + num_decodes  # within the group's rows
     for chunk in cascade.chunks:
         bias = _suffix_bias(metadata, cascade, chunk, row, group, window, q.dtype)
         keys = gather_blocks(k_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
         values = gather_blocks(v_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
-        out, lse = folded_attention_with_lse(queries[row : row + chunk.num_queries], keys, values, scale, bias, softcap)
+        rows = queries[row - first : row - first + chunk.num_queries]
+        out, lse = folded_attention_with_lse(rows, keys, values, scale, bias, softcap)
         outs.append(out)
         lses.append(lse)
         row += chunk.num_queries
     suffix_out = outs[0] if len(outs) == 1 else torch.cat(outs)
     suffix_lse = lses[0] if len(lses) == 1 else torch.cat(lses)
-    if prefix_out is None:
-        return suffix_out
-    return merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
+    merged = suffix_out if prefix_out is None else merge_attention(prefix_out, prefix_lse, suffix_out, suffix_lse)
+    return merged if whole is None else torch.cat([whole, merged])
+
+
+def _native_cascade_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    cascade: CascadeGroup,
+    attn: LayerAttention,
+) -> torch.Tensor | None:
+    """A group's single-query rows over its prefix and their own keys by the C kernel, or None
+    (no such rows, no kernel, or a sliding window: the torch cascade takes those)."""
+    if not q.shape[0] or attn.window is not None or not metadata.native_decode:
+        return None
+    tables = cascade.decode_suffix_blocks.view(q.shape[0], -1)
+    result = native.cascade_decode_attention(q, k_cache, v_cache, cascade.prefix_blocks, tables,
+                                             cascade.decode_suffix_lengths, metadata.block_size, attn.scale,
+                                             attn.softcap)
+    return None if result is None else result[0]
 
 
 def _prefix_window_mask(

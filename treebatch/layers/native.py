@@ -42,6 +42,10 @@ _SIGNATURES = {
         name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                _F32, _POINTER, _POINTER, _INT]
         for name in ("paged_decode_attention", "paged_decode_attention_bf16")
+    } | {
+        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64,
+               _F32, _F32, _POINTER, _POINTER, _INT]
+        for name in ("cascade_decode_attention", "cascade_decode_attention_bf16")
     },
     "layer_ops": {
         "add_rms_norm": [_POINTER, _POINTER, _POINTER, _F32, _I64, _I64, _POINTER, _INT, _INT],
@@ -162,6 +166,49 @@ def paged_decode_attention(
 
 
 _DECODE_BY_DTYPE = {torch.float32: "paged_decode_attention", torch.bfloat16: "paged_decode_attention_bf16"}
+
+
+def cascade_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix_blocks: torch.Tensor,
+    suffix_tables: torch.Tensor,
+    suffix_lengths: torch.Tensor,
+    block_size: int,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The single-query rows of one shared-prefix group against the group's prefix and then each
+    row's own keys, read in place: each prefix block is read once for all the rows (in runs of
+    rows, where threads need more work items), not once per row.
+
+    q: [M, H, D]; prefix_blocks: [P / block_size] int64, the prefix's full blocks; suffix_tables:
+    [M, width] int64 each member's blocks after the prefix; suffix_lengths: [M] int64 its keys
+    there. Returns out [M, H, D] in q's dtype and lse [M, H] float32 over prefix and own keys
+    together (no merge left to do), or None as paged_decode_attention does. No sliding window:
+    a layer with one takes the torch cascade."""
+    kernel = paged_decode_kernel()
+    function = _CASCADE_BY_DTYPE.get(k_cache.dtype)
+    if kernel is None or function is None or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        return None
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    queries = q.float().contiguous()
+    prefix_blocks, suffix_tables, suffix_lengths = (t.contiguous() for t in (prefix_blocks, suffix_tables, suffix_lengths))
+    num_members, num_heads, dim = q.shape
+    out = torch.empty_like(queries)
+    lse = torch.empty(num_members, num_heads, dtype=torch.float32)
+    status = getattr(kernel, function)(
+        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), prefix_blocks.data_ptr(),
+        prefix_blocks.numel() * block_size, suffix_tables.data_ptr(), suffix_tables.shape[1], suffix_lengths.data_ptr(),
+        num_members, num_heads, k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(),
+        lse.data_ptr(), torch.get_num_threads(),
+    )
+    return (out.to(q.dtype), lse) if status == 0 else None
+
+
+_CASCADE_BY_DTYPE = {torch.float32: "cascade_decode_attention", torch.bfloat16: "cascade_decode_attention_bf16"}
 
 
 

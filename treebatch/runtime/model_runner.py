@@ -22,10 +22,13 @@ from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.sampler import Sampler
 from treebatch.runtime.step_inputs import build_step_inputs
 
-# With decodes read in place by the C kernel, a group's decodes gain from reading the prefix once
-# only from about this many in a step (benchmarks/cascade_threshold.py: 448-token prefix, kept
-# prefix K/V, 2 cores). Without the kernel they gain from the first one.
-CASCADE_MIN_DECODES_IN_PLACE = 8
+# With the C kernel, a group's decodes read the prefix once per run of members in the same pass
+# as their own keys (native.cascade_decode_attention): never more memory than each reading its
+# whole context, and the same arithmetic (benchmarks/cascade_threshold.py, AMD EPYC AVX2, 2 cores:
+# 0.88-1.06x of the plain kernel's time from 1 to 32 members, within the noise, at SmolLM2's and
+# Llama-1B's head shapes). So from two decodes on; one alone gains nothing from the split.
+# Without the kernel the torch cascade gains from the first one.
+CASCADE_MIN_DECODES_IN_PLACE = 2
 
 
 def resolve_runner_config(config: RunnerConfig) -> RunnerConfig:
