@@ -150,13 +150,14 @@ def json_path_for(out: Path | None, results_dir: Path, name: str) -> Path:
     return out.with_name(f"{out.stem}-{name.split('-', 2)[-1]}.json")
 
 
-def plot_path_for(out: Path | None, results_dir: Path, stamp: str) -> Path:
-    """Where the PNG goes: benchmarks/results/latest.png for the record BENCHMARKS.md, beside any
-    other --out file (same name, .png), else under results/ with the run's time stamp."""
+def plot_path_for(out: Path | None, results_dir: Path, stamp: str, model_shape: str | None = None) -> Path:
+    """Where the PNG goes: benchmarks/results/latest.png for the record BENCHMARKS.md (a larger
+    model shape's run: latest-SHAPE.png, beside the suite's own), beside any other --out file
+    (same name, .png), else under results/ with the run's time stamp."""
     if out is None:
         return results_dir / f"{stamp}.png"
     if is_record(out, results_dir):
-        return results_dir / "latest.png"
+        return results_dir / (f"latest-{model_shape}.png" if model_shape else "latest.png")
     return out.with_suffix(".png")
 
 

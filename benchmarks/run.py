@@ -258,7 +258,7 @@ def main() -> None:
 
     table = markdown_table(runs)
     print(table)
-    plot = plot_path_for(out, results_dir, stamp)
+    plot = plot_path_for(out, results_dir, stamp, args.model_shape)
     if write_plot(runs, plot, title=f"{', '.join(workloads)} ({started})"):
         print(f"plot: {plot}", file=sys.stderr)
     else:
