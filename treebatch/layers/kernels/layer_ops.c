@@ -21,15 +21,8 @@
 
 #define PARALLEL_MIN 65536
 
-static inline float widen(uint16_t value) {
-    const uint32_t bits = (uint32_t)value << 16;
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
-}
-
 static inline float load(const void *p, int64_t i, int bf16) {
-    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return bf16 ? bf16_widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, int64_t i, float value, int bf16) {

@@ -338,6 +338,20 @@ static inline __attribute__((always_inline)) void attend_sequence(
     running_finish(&state, 0, kv_heads * group, dim, out, lse);
 }
 
+/* CALL(dim, block_size) with the common sizes as constants, so the compiler unrolls the inner
+ * loops into whole vectors for them; `dim` and `block_size` are the variables in scope. */
+#define WITH_CONSTANT_SIZES(CALL)                                                                              \
+    do {                                                                                                       \
+        if (dim == 64 && block_size == 16)                                                                     \
+            CALL(64, 16);                                                                                      \
+        else if (dim == 64)                                                                                    \
+            CALL(64, block_size);                                                                              \
+        else if (dim == 128)                                                                                   \
+            CALL(128, block_size);                                                                             \
+        else                                                                                                   \
+            CALL(dim, block_size);                                                                             \
+    } while (0)
+
 /* Returns 0, or -1 when a size is beyond the fixed scratch buffers (the caller falls back). */
 static inline __attribute__((always_inline)) int attend_all(const float *q, const void *k, const void *v, const int bf16,
                       const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_seqs,
@@ -359,18 +373,10 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
             const float *query = q + s * num_heads * dim;
             const int64_t *table = tables + s * width;
             float *o = out + s * num_heads * dim, *l = lse + s * num_heads;
-            if (dim == 64 && block_size == 16)
-                attend_sequence(query, k, v, bf16, table, lengths[s], kv_heads, group, 64, 16, scale, softcap, o, l,
-                                reduce);
-            else if (dim == 64)
-                attend_sequence(query, k, v, bf16, table, lengths[s], kv_heads, group, 64, block_size, scale, softcap,
-                                o, l, reduce);
-            else if (dim == 128)
-                attend_sequence(query, k, v, bf16, table, lengths[s], kv_heads, group, 128, block_size, scale, softcap,
-                                o, l, reduce);
-            else
-                attend_sequence(query, k, v, bf16, table, lengths[s], kv_heads, group, dim, block_size, scale, softcap,
-                                o, l, reduce);
+#define CALL(DIM, BLOCK)                                                                                      \
+    attend_sequence(query, k, v, bf16, table, lengths[s], kv_heads, group, DIM, BLOCK, scale, softcap, o, l, reduce)
+            WITH_CONSTANT_SIZES(CALL);
+#undef CALL
         }
         return 0;
     }
@@ -381,19 +387,11 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
         const float *query = q + (s * num_heads + first_head) * dim;
         const int64_t *table = tables + s * width;
         float *o = out + (s * num_heads + first_head) * dim, *l = lse + s * num_heads + first_head;
-        /* Constant head sizes let the compiler unroll the inner loops into whole vectors. */
-        if (dim == 64 && block_size == 16)
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, 16, scale, window,
-                       softcap, o, l, reduce);
-        else if (dim == 64)
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 64, block_size, scale, window,
-                       softcap, o, l, reduce);
-        else if (dim == 128)
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, 128, block_size, scale, window,
-                       softcap, o, l, reduce);
-        else
-            attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, dim, block_size, scale, window,
-                       softcap, o, l, reduce);
+#define CALL(DIM, BLOCK)                                                                                      \
+    attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, DIM, BLOCK, scale, window, softcap, o, l, \
+               reduce)
+        WITH_CONSTANT_SIZES(CALL);
+#undef CALL
     }
     return 0;
 }
@@ -452,18 +450,11 @@ static inline __attribute__((always_inline)) int cascade_all(
         const int64_t head = item % kv_heads, first = item / kv_heads * per_run;
         if (first >= num_members) continue;
         const int64_t members = num_members - first < per_run ? num_members - first : per_run;
-        if (dim == 64 && block_size == 16)
-            cascade_item(q, k, v, bf16, prefix, prefix_len, tables, width, lengths, first, members, num_heads,
-                         kv_heads, head, 64, 16, scale, softcap, out, lse, reduce);
-        else if (dim == 64)
-            cascade_item(q, k, v, bf16, prefix, prefix_len, tables, width, lengths, first, members, num_heads,
-                         kv_heads, head, 64, block_size, scale, softcap, out, lse, reduce);
-        else if (dim == 128)
-            cascade_item(q, k, v, bf16, prefix, prefix_len, tables, width, lengths, first, members, num_heads,
-                         kv_heads, head, 128, block_size, scale, softcap, out, lse, reduce);
-        else
-            cascade_item(q, k, v, bf16, prefix, prefix_len, tables, width, lengths, first, members, num_heads,
-                         kv_heads, head, dim, block_size, scale, softcap, out, lse, reduce);
+#define CALL(DIM, BLOCK)                                                                                      \
+    cascade_item(q, k, v, bf16, prefix, prefix_len, tables, width, lengths, first, members, num_heads, kv_heads,     \
+                 head, DIM, BLOCK, scale, softcap, out, lse, reduce)
+        WITH_CONSTANT_SIZES(CALL);
+#undef CALL
     }
     return 0;
 }

@@ -26,18 +26,11 @@
 #define PARALLEL_MIN 65536
 #define MAX_DIM 1024
 
-static inline float widen(uint16_t value) {
-    const uint32_t bits = (uint32_t)value << 16;
-    float out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
-}
-
 static inline void load_row(const void *p, int64_t n, float *out, const int bf16) {
     if (bf16) {
         const uint16_t *src = (const uint16_t *)p;
 #pragma omp simd
-        for (int64_t d = 0; d < n; ++d) out[d] = widen(src[d]);
+        for (int64_t d = 0; d < n; ++d) out[d] = bf16_widen(src[d]);
     } else {
         memcpy(out, p, (size_t)n * sizeof(float));
     }
@@ -66,7 +59,7 @@ static inline __attribute__((always_inline)) void rotate_head(const void *src, v
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) x[d] = x[d] * inverse * norm[d];
         if (bf16)
-            for (int64_t d = 0; d < dim; ++d) x[d] = widen(bf16_round(x[d]));
+            for (int64_t d = 0; d < dim; ++d) x[d] = bf16_widen(bf16_round(x[d]));
     }
     const int64_t half = rotary / 2;
 #pragma omp simd
