@@ -278,14 +278,14 @@ def _cascade_attention(
     v_rows = v_cache.view(-1, metadata.block_size * num_kv_heads * head_dim)
     queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
     num_decodes = cascade.num_decodes
+    first = 0  # the group's rows before `queries`: its decodes, where the C kernel took them
     # The decodes in one pass over the prefix (read once for all of them) and their own keys.
     whole = _native_cascade_decode(queries[:num_decodes], k_cache, v_cache, metadata, cascade, attn)
     if whole is not None:
         if not cascade.chunks:
             return whole
-        queries, first, num_decodes = queries[num_decodes:], num_decodes, 0
-    else:
-        first = 0
+        first, num_decodes = num_decodes, 0
+        queries = queries[first:]
     prefix_mask = _prefix_window_mask(metadata, cascade, group, window)
     if prefix_mask == "skip":  # the whole prefix lies before every query's window
         prefix_out = prefix_lse = None
