@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -145,11 +146,8 @@ def paged_decode_attention(
     per element inside the kernel; the queries and the result (a few KB) cross as float32.
     `window`: each query sees only its last `window` keys; `softcap`: scores soft-capped to
     +-softcap by tanh (None: neither)."""
-    kernel = paged_decode_kernel()
-    function = _DECODE_BY_DTYPE.get(k_cache.dtype)
-    if kernel is None or function is None or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
-        return None
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+    function = _in_place_function(_DECODE_BY_DTYPE, q, k_cache, v_cache)
+    if function is None:
         return None
     queries = q.float().contiguous()
     block_tables = block_tables.contiguous()
@@ -157,7 +155,7 @@ def paged_decode_attention(
     num_seqs, num_heads, dim = q.shape
     out = torch.empty_like(queries)
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32)
-    status = getattr(kernel, function)(
+    status = function(
         queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         lengths.data_ptr(), num_seqs, num_heads, k_cache.shape[1], dim, block_size, scale, window or 0, softcap or 0.0,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
@@ -166,6 +164,20 @@ def paged_decode_attention(
 
 
 _DECODE_BY_DTYPE = {torch.float32: "paged_decode_attention", torch.bfloat16: "paged_decode_attention_bf16"}
+
+
+def _in_place_function(
+    names: dict[torch.dtype, str], q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> Callable[..., int] | None:
+    """paged_decode.c's function of `names` for this cache's dtype, or None where the kernel is
+    not built or does not take these tensors (q, k and v of one dtype, the caches contiguous)."""
+    kernel = paged_decode_kernel()
+    name = names.get(k_cache.dtype)
+    if kernel is None or name is None or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        return None
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    return getattr(kernel, name)
 
 
 def cascade_decode_attention(
@@ -188,18 +200,15 @@ def cascade_decode_attention(
     there. Returns out [M, H, D] in q's dtype and lse [M, H] float32 over prefix and own keys
     together (no merge left to do), or None as paged_decode_attention does. No sliding window:
     a layer with one takes the torch cascade."""
-    kernel = paged_decode_kernel()
-    function = _CASCADE_BY_DTYPE.get(k_cache.dtype)
-    if kernel is None or function is None or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
-        return None
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+    function = _in_place_function(_CASCADE_BY_DTYPE, q, k_cache, v_cache)
+    if function is None:
         return None
     queries = q.float().contiguous()
     prefix_blocks, suffix_tables, suffix_lengths = (t.contiguous() for t in (prefix_blocks, suffix_tables, suffix_lengths))
     num_members, num_heads, dim = q.shape
     out = torch.empty_like(queries)
     lse = torch.empty(num_members, num_heads, dtype=torch.float32)
-    status = getattr(kernel, function)(
+    status = function(
         queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), prefix_blocks.data_ptr(),
         prefix_blocks.numel() * block_size, suffix_tables.data_ptr(), suffix_tables.shape[1], suffix_lengths.data_ptr(),
         num_members, num_heads, k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(),

@@ -338,6 +338,16 @@ static inline __attribute__((always_inline)) void attend_sequence(
     running_finish(&state, 0, kv_heads * group, dim, out, lse);
 }
 
+/* `reduce`: the lane permutations dots16_dim64 sums with, built once per call on AVX-512 builds
+ * (nothing elsewhere). */
+#if defined(__AVX512F__)
+#define REDUCE_INDEX                                                                                           \
+    const ReduceIndex reduce_table = reduce_index();                                                           \
+    const void *reduce = &reduce_table
+#else
+#define REDUCE_INDEX const void *reduce = 0
+#endif
+
 /* CALL(dim, block_size) with the common sizes as constants, so the compiler unrolls the inner
  * loops into whole vectors for them; `dim` and `block_size` are the variables in scope. */
 #define WITH_CONSTANT_SIZES(CALL)                                                                              \
@@ -361,12 +371,7 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
         return -1;
     const int64_t items = num_seqs * kv_heads;
-#if defined(__AVX512F__)
-    const ReduceIndex index = reduce_index();
-    const void *reduce = &index;
-#else
-    const void *reduce = 0;
-#endif
+    REDUCE_INDEX;
     if (window == 0 && num_heads <= MAX_GROUP) {
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
         for (int64_t s = 0; s < num_seqs; ++s) {
@@ -439,12 +444,7 @@ static inline __attribute__((always_inline)) int cascade_all(
     int64_t runs = (num_members + most - 1) / most;
     while (runs < num_members && runs * kv_heads < 2 * num_threads) ++runs;
     const int64_t per_run = (num_members + runs - 1) / runs;
-#if defined(__AVX512F__)
-    const ReduceIndex index = reduce_index();
-    const void *reduce = &index;
-#else
-    const void *reduce = 0;
-#endif
+    REDUCE_INDEX;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t item = 0; item < runs * kv_heads; ++item) {
         const int64_t head = item % kv_heads, first = item / kv_heads * per_run;
