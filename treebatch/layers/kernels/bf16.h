@@ -5,13 +5,15 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Round to nearest even, as torch rounds; a NaN stays a NaN. */
+/* Round to nearest even, as torch rounds; a NaN stays a NaN. Branch-free (the NaN case is a
+ * select), so a loop over it vectorizes: with the branch, every bfloat16 store of the kernels
+ * ran one value at a time. */
 static inline uint16_t bf16_round(float value) {
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu))
-        return (uint16_t)((bits >> 16) | 0x40);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet = (bits >> 16) | 0x40u;
+    return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 /* A bfloat16 is the upper half of a float32: widening is exact. */
@@ -21,5 +23,21 @@ static inline float bf16_widen(uint16_t value) {
     memcpy(&out, &bits, sizeof out);
     return out;
 }
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* bf16_round on eight lanes -> eight bfloat16 values. */
+static inline __m128i bf16_round8(__m256 value) {
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    const __m256i both = _mm256_blendv_epi8(rounded, quiet, nan);
+    /* Each 32-bit lane holds 16 bits: pack within the 128-bit halves, then join the halves. */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(both, both), 0x08));
+}
+#endif
 
 #endif

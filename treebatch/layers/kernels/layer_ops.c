@@ -75,24 +75,6 @@ int add_rms_norm(void *h, const void *r, const float *w, float eps, int64_t rows
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-/* fast_exp.h's exp_any on eight lanes (the compiler keeps the scalar form's clamps as branches). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
-
 static inline __m256 load8(const void *p, int64_t i, const int bf16) {
     if (!bf16) return _mm256_loadu_ps((const float *)p + i);
     const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
@@ -104,9 +86,7 @@ static inline void store8(void *p, int64_t i, __m256 value, const int bf16) {
         _mm256_storeu_ps((float *)p + i, value);
         return;
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, value);
-    for (int j = 0; j < 8; ++j) ((uint16_t *)p)[i + j] = bf16_round(lanes[j]);
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), bf16_round8(value));
 }
 #endif
 

@@ -39,6 +39,7 @@ static inline void load_row(const void *p, int64_t n, float *out, const int bf16
 static inline void store_row(void *p, int64_t n, const float *values, const int bf16) {
     if (bf16) {
         uint16_t *dst = (uint16_t *)p;
+#pragma omp simd
         for (int64_t d = 0; d < n; ++d) dst[d] = bf16_round(values[d]);
     } else {
         memcpy(p, values, (size_t)n * sizeof(float));
@@ -58,8 +59,10 @@ static inline __attribute__((always_inline)) void rotate_head(const void *src, v
         const float inverse = 1.0f / sqrtf(squares / (float)dim + eps);
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) x[d] = x[d] * inverse * norm[d];
-        if (bf16)
+        if (bf16) {
+#pragma omp simd
             for (int64_t d = 0; d < dim; ++d) x[d] = bf16_widen(bf16_round(x[d]));
+        }
     }
     const int64_t half = rotary / 2;
 #pragma omp simd
