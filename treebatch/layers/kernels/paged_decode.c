@@ -96,7 +96,7 @@ static inline __m512 dots16_dim64(const float *restrict query, const float *rest
 }
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define AVX2_PATH 1
 
@@ -147,6 +147,19 @@ static inline __attribute__((always_inline)) void scores_avx2(const float *restr
 static inline __attribute__((always_inline)) void values_avx2(float *restrict acc, const float *restrict p,
                                                               const float *restrict values, int64_t stride,
                                                               int64_t n, int64_t dim) {
+#if defined(__AVX512F__)
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        __m512 a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm512_loadu_ps(acc + d0 + 16 * i);
+        for (int64_t j = 0; j < n; ++j) {
+            const __m512 weight = _mm512_set1_ps(p[j]);
+            const float *restrict value = values + j * stride + d0;
+            for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + 16 * i), a[i]);
+        }
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + d0 + 16 * i, a[i]);
+    }
+    return;
+#endif
     for (int64_t d0 = 0; d0 < dim; d0 += 64) {
         __m256 a[8];
         for (int i = 0; i < 8; ++i) a[i] = _mm256_loadu_ps(acc + d0 + 8 * i);
@@ -204,6 +217,50 @@ static inline void running_finish(const Running *state, int64_t first, int64_t r
             lse[g] = -INFINITY;
         }
     }
+}
+
+/* One query row's scores row[0, n) of a block -> e^(score - new max) in place, taken into the
+ * row's running max and sum. Returns the factor the row's weighted values so far must take: 1
+ * where the max did not move, 0 on the first block. */
+static inline float softmax_step(float *restrict row, int64_t n, float *restrict max, float *restrict sum) {
+    float new_max = *max, total = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    /* Eight lanes at a time, the last partial eight masked: as scalar code the exponentials cost
+     * more than the block's products (measured: a third of the cascade kernel's time). */
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 empty = _mm256_set1_ps(EMPTY_MAX);
+    __m256 top = empty;
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - j)), lane);
+        top = _mm256_max_ps(top, _mm256_blendv_ps(empty, _mm256_maskload_ps(row + j, mask), _mm256_castsi256_ps(mask)));
+    }
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 1));
+    new_max = _mm_cvtss_f32(half) > new_max ? _mm_cvtss_f32(half) : new_max;
+    const __m256 shift = _mm256_set1_ps(new_max);
+    __m256 sums8 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - j)), lane);
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_maskload_ps(row + j, mask), shift));
+        _mm256_maskstore_ps(row + j, mask, e);
+        sums8 = _mm256_add_ps(sums8, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+    }
+    half = _mm_add_ps(_mm256_castps256_ps128(sums8), _mm256_extractf128_ps(sums8, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    total = _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+#else
+    for (int64_t j = 0; j < n; ++j) new_max = row[j] > new_max ? row[j] : new_max;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) {
+        row[j] = exp_nonpositive(row[j] - new_max);
+        total += row[j];
+    }
+#endif
+    const float correction = exp_nonpositive(*max - new_max);
+    *sum = *sum * correction + total;
+    *max = new_max;
+    return correction;
 }
 
 /* Rows [first, first + rows) of `state` (their queries q, contiguous) take keys [0, length) of a
@@ -269,19 +326,7 @@ static inline __attribute__((always_inline)) void attend_blocks(
                 for (int64_t j = 0; j < n; ++j)
                     scores[g * block_size + j] = softcap * tanhf(scores[g * block_size + j] / softcap);
         for (int64_t g = 0; g < rows; ++g) {
-            float *restrict row = scores + g * block_size;
-            float block_max = row[0];
-            for (int64_t j = 1; j < n; ++j) block_max = row[j] > block_max ? row[j] : block_max;
-            const float new_max = block_max > maxes[g] ? block_max : maxes[g];
-            const float correction = exp_nonpositive(maxes[g] - new_max); /* 0 on the first block */
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < n; ++j) {
-                row[j] = exp_nonpositive(row[j] - new_max);
-                sum += row[j];
-            }
-            sums[g] = sums[g] * correction + sum;
-            maxes[g] = new_max;
+            const float correction = softmax_step(scores + g * block_size, n, maxes + g, sums + g);
             if (correction != 1.0f) {
                 float *restrict a = accs + g * dim;
 #pragma omp simd
