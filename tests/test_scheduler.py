@@ -40,16 +40,18 @@ def test_core_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_block_pool_allocates_head_and_frees_to_tail():
+def test_block_pool_hands_out_the_lowest_free_ids_first():
     pool = BlockPool(4)
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate(1) == [2]
     pool.release([1, 0])
-    assert pool.allocate(2) == [3, 1]
+    assert pool.allocate(1) == [0]  # freed blocks are reused before the untouched block 3
+    assert pool.allocate(2) == [1, 3]
     pool.add_reference([2])
     pool.release([2])
-    assert pool.ref_count(2) == 1 and pool.num_free_blocks == 1
-    pool.check_integrity({0: 0, 1: 1, 2: 1, 3: 1})
+    assert pool.ref_count(2) == 1 and pool.num_free_blocks == 0
+    pool.release([0])
+    pool.check_integrity({1: 1, 2: 1, 3: 1})
     with pytest.raises(RuntimeError):
         pool.allocate(2)
 
@@ -72,7 +74,7 @@ def test_kv_manager_grows_tables_and_refuses_without_change():
     assert "b" not in kv.block_tables and kv.num_free_blocks == 1
     kv.free(a)
     assert kv.num_free_blocks == 3
-    assert kv.allocate_slots(b, 8) and kv.block_tables["b"] == [2, 1]
+    assert kv.allocate_slots(b, 8) and kv.block_tables["b"] == [0, 1]  # the lowest free ids
     kv.check_integrity()
 
 
@@ -132,7 +134,7 @@ def test_preemption_recomputes_and_keeps_outputs():
     plan, _ = run_step(s, token=12)  # decode at position 3 fits in the 2nd blocks
     plan, _ = run_step(s, token=13)  # position 4 needs a new block for a: b is preempted
     assert plan.preempted_request_ids == ["b"]
-    assert [c.request_id for c in plan.chunks] == ["a"] and s.kv.block_tables["a"] == [0, 1, 3]
+    assert [c.request_id for c in plan.chunks] == ["a"] and s.kv.block_tables["a"] == [0, 1, 2]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert b.output_token_ids == [11, 12]
     while s.has_unfinished_requests:

@@ -1,22 +1,25 @@
 """BlockPool: the paged KV cache's blocks, their reference counts and the free list.
 
-A block holds `block_size` token slots of K and V for every layer. Blocks are handed out from
-the head of the free list and returned to its tail, so recently freed blocks are reused last and
-tests can predict exact block ids. A block may be referenced by several owners (a shared prefix,
-later); it returns to the free list when its last reference is dropped.
+A block holds `block_size` token slots of K and V for every layer. The lowest free block ids
+are handed out first (tests can predict them), so the blocks in use stay packed at the front of
+the cache: its memory, which the OS maps in on first touch, grows only to the most blocks ever
+in use at once, and a step's new keys land on pages already mapped. (Handed out in turn from a
+queue, every block of a multi-GB cache was touched once before any was reused, each first
+write faulting pages in.) A block may be referenced by several owners (a shared prefix); it
+returns to the free set when its last reference is dropped.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         assert num_blocks > 0
         self.num_blocks = num_blocks
-        # A deque: allocation pops the head, release appends to the tail, both O(1).
-        self._free: deque[int] = deque(range(num_blocks))
+        # A min-heap of free ids (sorted, so already a heap): O(log n) to take or return one.
+        self._free: list[int] = list(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self.peak_used_blocks = 0  # the most blocks in use at once since `reset_peak`
 
@@ -39,7 +42,7 @@ class BlockPool:
         """Take `num_blocks` free blocks, each with one reference. Ask `can_allocate` first."""
         if num_blocks > len(self._free):
             raise RuntimeError(f"asked for {num_blocks} blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(num_blocks)]
+        blocks = [heapq.heappop(self._free) for _ in range(num_blocks)]
         for block_id in blocks:
             self._ref_counts[block_id] = 1
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_blocks - len(self._free))
@@ -61,7 +64,7 @@ class BlockPool:
             assert count > 0, f"block {block_id} released more often than referenced"
             self._ref_counts[block_id] = count - 1
             if count == 1:
-                self._free.append(block_id)
+                heapq.heappush(self._free, block_id)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
