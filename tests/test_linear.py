@@ -107,10 +107,30 @@ def test_the_own_kernel_in_bf16_sums_in_float32_and_rounds_once(with_bias: bool)
         got = linear(x)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), expected.bfloat16().float(), rtol=2 ** -7, atol=1e-3)
-    # float32 inputs against bf16 panels: the result in the input's dtype
     x = torch.randn(5, 200)
+    if linear.panels.dim() == 4:  # AVX512-BF16's pair panels multiply bfloat16 by bfloat16 only
+        with pytest.raises(ValueError, match="bfloat16 x"):
+            native.gemm(x, linear.panels, 70, linear.panel_bias)
+        return
+    # float32 inputs against bf16 panels: the result in the input's dtype
     expected = torch.nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
     torch.testing.assert_close(native.gemm(x, linear.panels, 70, linear.panel_bias), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not native.gemm_pairs_available(), reason="the pair path needs AVX512-BF16")
+@pytest.mark.parametrize("shape", [(70, 201), (32, 2), (97, 1)])
+def test_the_pair_kernel_pads_odd_k_and_partial_panels(shape: tuple[int, int]) -> None:
+    """Pair panels of 32 features by pairs of k: an odd K's last pair and a partial last panel
+    are zero-padded, and every tile height (1 to 8 rows, and more tiles) is summed in float32
+    and rounded once."""
+    torch.manual_seed(7)
+    weight = torch.randn(*shape).bfloat16()
+    panels = native.pack_panels(weight)
+    assert panels.shape == (-(-shape[0] // 32), -(-shape[1] // 2), 32, 2)
+    for rows in range(1, 20):
+        x = torch.randn(rows, shape[1]).bfloat16()
+        expected = (x.float() @ weight.float().t()).bfloat16().float()
+        torch.testing.assert_close(native.gemm(x, panels, shape[0], None).float(), expected, rtol=2 ** -7, atol=1e-3)
 
 
 @needs_gemm

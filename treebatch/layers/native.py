@@ -59,6 +59,8 @@ _SIGNATURES = {
     "gemm": {
         "gemm_available": [],
         "gemm": [_POINTER, _INT, _I64, _I64, _POINTER, _INT, _I64, _POINTER, _POINTER, _INT, _INT],
+        "gemm_pairs_available": [],
+        "gemm_pairs": [_POINTER, _I64, _I64, _POINTER, _I64, _POINTER, _POINTER, _INT, _INT],
     },
 }
 
@@ -228,26 +230,46 @@ def gemm_available() -> bool:
     return kernel is not None and kernel.gemm_available() == 1
 
 
+@cache
+def gemm_pairs_available() -> bool:
+    """Whether kernels/gemm.c multiplies bfloat16 by pairs with AVX512-BF16 here."""
+    return gemm_available() and library("gemm").gemm_pairs_available() == 1
+
+
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [ceil(N / 16), K, 16], the layout kernels/gemm.c reads (zero rows pad the last
-    panel), in the weight's dtype."""
+    """[N, K] -> the layout kernels/gemm.c reads, in the weight's dtype: [ceil(N / 16), K, 16]
+    (zero rows pad the last panel), or for a bfloat16 weight where gemm_pairs_available(),
+    [ceil(N / 32), ceil(K / 2), 32, 2] (panels of 32 features by pairs of k; zeros pad the last
+    panel and an odd K)."""
     out_features, in_features = weight.shape
-    padded = -(-out_features // _PANEL) * _PANEL
-    if padded != out_features:
-        weight = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
-    return weight.reshape(padded // _PANEL, _PANEL, in_features).transpose(1, 2).contiguous()
+    pairs = weight.dtype == torch.bfloat16 and gemm_pairs_available()
+    width = _PAIR_PANEL if pairs else _PANEL
+    padded = -(-out_features // width) * width
+    padded_in = in_features + in_features % 2 if pairs else in_features
+    if padded != out_features or padded_in != in_features:
+        weight = torch.nn.functional.pad(weight, (0, padded_in - in_features, 0, padded - out_features))
+    if pairs:
+        return weight.reshape(padded // width, width, padded_in // 2, 2).transpose(1, 2).contiguous()
+    return weight.reshape(padded // width, width, in_features).transpose(1, 2).contiguous()
 
 
 def gemm(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, for `panels` = pack_panels(W) (float32 or
-    bfloat16, either with x of either) and a float32 bias. Call only where gemm_available()."""
+    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype, for `panels` = pack_panels(W) and a
+    float32 bias: 16-feature panels (float32 or bfloat16) with x of either dtype, pair panels
+    with a bfloat16 x. Call only where gemm_available()."""
     x = x.contiguous()
     rows, in_features = x.shape
     y = torch.empty(rows, out_features, dtype=x.dtype)
+    bias_pointer = None if bias is None else bias.data_ptr()
+    if panels.dim() == 4:
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"gemm: pair panels take a bfloat16 x, not {x.dtype}")
+        library("gemm").gemm_pairs(x.data_ptr(), rows, in_features, panels.data_ptr(), out_features, bias_pointer,
+                                   y.data_ptr(), 1, torch.get_num_threads())
+        return y
     status = library("gemm").gemm(
         x.data_ptr(), x.dtype == torch.bfloat16, rows, in_features, panels.data_ptr(), panels.dtype == torch.bfloat16,
-        out_features, None if bias is None else bias.data_ptr(), y.data_ptr(), y.dtype == torch.bfloat16,
-        torch.get_num_threads(),
+        out_features, bias_pointer, y.data_ptr(), y.dtype == torch.bfloat16, torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError(f"gemm: no scratch memory for a {rows} x {in_features} bfloat16 batch")
@@ -255,6 +277,7 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.T
 
 
 _PANEL = 16  # output features per panel in kernels/gemm.c
+_PAIR_PANEL = 32  # output features per pair panel
 
 
 def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,6 +16,15 @@
  * output is rounded to nearest even once, at the end. A bfloat16 x is widened into a scratch
  * buffer once per call. Built only where the CPU has AVX2 and FMA: elsewhere `gemm_available`
  * returns 0 and the caller keeps torch's kernels.
+ *
+ * Where the CPU has AVX512-BF16 (`gemm_pairs_available`), bfloat16 weights are packed instead
+ * in panels of 32 features by pairs of k: panel p holds W[32p + j][2t + i] at ((p * K2 + t) * 32
+ * + j) * 2 + i (K2 = ceil(K / 2); zeros pad the last panel and an odd K). With a bfloat16 x,
+ * `gemm_pairs` multiplies them with the dot-product instruction (VDPBF16PS): per pair of k, two
+ * 16-lane weight vectors, one 32-bit broadcast of x's pair per row, and two instructions per row
+ * that each add 16 features' two products into float32 sums, in an 8 x 32 tile of sixteen
+ * registers. The products of bfloat16 values are exact in float32 and summed in float32, as in
+ * the widening path (the order differs: pairs first); the output is rounded once.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,6 +33,7 @@
 #include "bf16.h"
 
 int gemm_available(void);
+int gemm_pairs_available(void);
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -64,6 +74,7 @@ static inline void store(float *row, void *y, int64_t offset, int cols, const fl
         for (int c = 0; c < cols; ++c) row[c] += bias[c];
     if (y_bf16) {
         uint16_t *dst = (uint16_t *)y + offset;
+#pragma omp simd
         for (int c = 0; c < cols; ++c) dst[c] = bf16_round(row[c]);
     } else {
         memcpy((float *)y + offset, row, (size_t)cols * sizeof(float));
@@ -153,9 +164,130 @@ int gemm(const void *x, int x_bf16, int64_t M, int64_t K, const void *w, int w_b
     return 0;
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define NR2 32         /* output features per pair panel: two 16-lane vectors */
+#define MR2 8          /* rows per register tile */
+
+int gemm_pairs_available(void) { return 1; }
+
+/* x[r][2t], x[r][2t + 1] as one 32-bit lane pattern broadcast; `last`: t is an odd K's last
+ * pair, whose second value is 0. */
+static inline __attribute__((always_inline)) __m512bh pair_of(const uint16_t *x, int64_t t, const int last) {
+    uint32_t pair = x[2 * t];
+    if (!last) memcpy(&pair, x + 2 * t, sizeof pair);
+    return (__m512bh)_mm512_set1_epi32((int)pair);
+}
+
+#define DOT_ROW(r)                                                                              \
+    if (R > r) {                                                                                \
+        const __m512bh a = pair_of(x + r * K, t, last);                                         \
+        c##r##0 = _mm512_dpbf16_ps(c##r##0, a, w0);                                             \
+        c##r##1 = _mm512_dpbf16_ps(c##r##1, a, w1);                                             \
+    }
+/* Pair t of every row of the tile into its sums. */
+#define DOT_PAIR                                                                                \
+    {                                                                                           \
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + t * 2 * NR2);                 \
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + t * 2 * NR2 + NR2);           \
+        DOT_ROW(0) DOT_ROW(1) DOT_ROW(2) DOT_ROW(3) DOT_ROW(4) DOT_ROW(5) DOT_ROW(6) DOT_ROW(7) \
+    }
+#define STORE_PAIR_ROW(r)                                                                       \
+    if (R > r) store_pairs(c##r##0, c##r##1, y, r * N, cols, bias, y_bf16);
+
+/* Sixteen-lane sums (+ bias) -> y's row, its first `cols` of 32 columns, in y's dtype. */
+static inline void store_pairs(__m512 low, __m512 high, void *y, int64_t offset, int cols, const float *bias,
+                               int y_bf16) {
+    const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? 0xffff : (cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1));
+    if (bias) {
+        low = _mm512_add_ps(low, _mm512_maskz_loadu_ps(m0, bias));
+        high = _mm512_add_ps(high, _mm512_maskz_loadu_ps(m1, bias + 16));
+    }
+    if (y_bf16) {
+        uint16_t *dst = (uint16_t *)y + offset;
+        _mm256_mask_storeu_epi16(dst, m0, (__m256i)_mm512_cvtneps_pbh(low));
+        _mm256_mask_storeu_epi16(dst + 16, m1, (__m256i)_mm512_cvtneps_pbh(high));
+    } else {
+        float *dst = (float *)y + offset;
+        _mm512_mask_storeu_ps(dst, m0, low);
+        _mm512_mask_storeu_ps(dst + 16, m1, high);
+    }
+}
+
+/* The R x 32 tile of rows x[0..R) (bfloat16) against one pair panel. */
+static inline __attribute__((always_inline)) void tile_pairs(const int R, const uint16_t *restrict x,
+                                                             const uint16_t *restrict panel, int64_t K, void *y,
+                                                             int64_t N, int cols, const float *bias, int y_bf16) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+           c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+    int64_t t = 0;
+    for (const int last = 0; t < K / 2; ++t) DOT_PAIR
+    if (K % 2) {
+        const int last = 1;
+        DOT_PAIR
+    }
+    STORE_PAIR_ROW(0) STORE_PAIR_ROW(1) STORE_PAIR_ROW(2) STORE_PAIR_ROW(3)
+    STORE_PAIR_ROW(4) STORE_PAIR_ROW(5) STORE_PAIR_ROW(6) STORE_PAIR_ROW(7)
+}
+
+static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, const uint16_t *panel, int64_t N, int cols,
+                        const float *bias, void *y, int y_bf16) {
+    const size_t element = y_bf16 ? 2 : 4;
+    for (int64_t m = 0; m < rows; m += MR2) {
+        const uint16_t *xm = x + m * K;
+        void *ym = (char *)y + (size_t)(m * N) * element;
+        switch (rows - m < MR2 ? rows - m : MR2) {
+        case 8: tile_pairs(8, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        case 7: tile_pairs(7, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        case 6: tile_pairs(6, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        case 5: tile_pairs(5, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        case 4: tile_pairs(4, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        case 3: tile_pairs(3, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        case 2: tile_pairs(2, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        default: tile_pairs(1, xm, panel, K, ym, N, cols, bias, y_bf16); break;
+        }
+    }
+}
+
+/* x [M, K] bfloat16 against pair panels of W [N, K]; y as in gemm. */
+int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int y_bf16, int threads) {
+    const int64_t panels = (N + NR2 - 1) / NR2, panel_size = (K + 1) / 2 * 2 * NR2;
+    int64_t chunk = CHUNK_BYTES / (K * (int64_t)sizeof(uint16_t)) / MR2 * MR2;
+    if (chunk < MR2) chunk = MR2;
+    const size_t element = y_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    for (int64_t m = 0; m < M; m += chunk) {
+        const int64_t rows = M - m < chunk ? M - m : chunk;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) {
+            const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
+            panel_pairs(x + m * K, rows, K, w + p * panel_size, N, cols, bias ? bias + p * NR2 : NULL,
+                        (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
+        }
+    }
+    return 0;
+}
+#else
+int gemm_pairs_available(void) { return 0; }
+
+int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int y_bf16, int threads) {
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16, (void)threads;
+    return -1;
+}
+#endif
+
 #else
 
 int gemm_available(void) { return 0; }
+int gemm_pairs_available(void) { return 0; }
+
+int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
+               int y_bf16, int threads) {
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16, (void)threads;
+    return -1;
+}
 
 int gemm(const void *x, int x_bf16, int64_t M, int64_t K, const void *w, int w_bf16, int64_t N,
          const float *bias, void *y, int y_bf16, int threads) {
