@@ -94,7 +94,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, llm, capsys):
     target = tmp_path / "out.jsonl"
     log = open(tmp_path / "stderr.txt", "w")
     command = [sys.executable, "-m", "treebatch", "run", str(source), "-o", str(target), "--window", "6",
-               "--fsync-interval", "0", "--kv-cache-memory", "256M"]
+               "--fsync-interval", "0", "--kv-cache-memory", "256M", "--dtype", "float32"]  # as the `llm` fixture
     process = subprocess.Popen(command, cwd=REPO, stderr=log, stdout=log)
     wanted = random.Random().randint(1, len(lines) // 2)  # a random moment, after some results
     deadline = time.monotonic() + 240
