@@ -165,8 +165,13 @@ def paged_attention(
 
     for chunk in metadata.prefills:
         chunk_q = q[chunk.query_start : chunk.query_start + chunk.num_queries]
-        first_key, bias = _prefill_bias(chunk, window)
         length = chunk.context_len
+        in_place = _native_chunk(chunk_q, k_cache, v_cache, metadata, chunk.context_blocks, length,
+                                 length - chunk.num_queries + 1, attn)
+        if in_place is not None:
+            parts.append(in_place[0])
+            continue
+        first_key, bias = _prefill_bias(chunk, window)
         keys = gather_blocks(k_rows, chunk.context_blocks, num_kv_heads, head_dim)[first_key:length]
         values = gather_blocks(v_rows, chunk.context_blocks, num_kv_heads, head_dim)[first_key:length]
         if softcap:
@@ -244,6 +249,24 @@ def _native_decode(
     )
 
 
+def _native_chunk(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    blocks: torch.Tensor,
+    length: int,
+    base: int,
+    attn: LayerAttention,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows q against keys [0, length) of `blocks`, row i seeing the first base + i of them, by
+    the in-place C kernel (bfloat16 on AVX512-BF16), or None for the torch path (which also
+    takes sliding windows and soft-capped scores)."""
+    if attn.window is not None or attn.softcap or not metadata.native_decode:
+        return None
+    return native.chunk_attention(q, k_cache, v_cache, blocks, length, base, metadata.block_size, attn.scale)
+
+
 def padding_bias(lengths: torch.Tensor, width: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """[S, 1, 1, width] additive bias letting row s see its first lengths[s] keys of a padded
     batch (of those, with a sliding window, only the last `window`)."""
@@ -287,7 +310,12 @@ def _cascade_attention(
         first, num_decodes = num_decodes, 0
         queries = queries[first:]
     prefix_mask = _prefix_window_mask(metadata, cascade, group, window)
-    if prefix_mask == "skip":  # the whole prefix lies before every query's window
+    prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
+    in_place_prefix = _native_chunk(queries, k_cache, v_cache, metadata, cascade.prefix_blocks, prefix_len,
+                                    prefix_len, attn)
+    if in_place_prefix is not None:
+        prefix_out, prefix_lse = in_place_prefix
+    elif prefix_mask == "skip":  # the whole prefix lies before every query's window
         prefix_out = prefix_lse = None
     else:
         # All the group's queries against its prefix in one product, reading the prefix once (each
@@ -318,11 +346,16 @@ def _cascade_attention(
         lses.append(lse.reshape(num_decodes, num_heads))
     row = first + num_decodes  # within the group's rows
     for chunk in cascade.chunks:
-        bias = _suffix_bias(metadata, cascade, chunk, row, group, window, q.dtype)
-        keys = gather_blocks(k_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
-        values = gather_blocks(v_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
         rows = queries[row - first : row - first + chunk.num_queries]
-        out, lse = folded_attention_with_lse(rows, keys, values, scale, bias, softcap)
+        in_place = _native_chunk(rows, k_cache, v_cache, metadata, chunk.suffix_blocks, chunk.suffix_len,
+                                 chunk.suffix_len - chunk.num_queries + 1, attn)
+        if in_place is not None:
+            out, lse = in_place
+        else:
+            bias = _suffix_bias(metadata, cascade, chunk, row, group, window, q.dtype)
+            keys = gather_blocks(k_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
+            values = gather_blocks(v_rows, chunk.suffix_blocks, num_kv_heads, head_dim)[: chunk.suffix_len]
+            out, lse = folded_attention_with_lse(rows, keys, values, scale, bias, softcap)
         outs.append(out)
         lses.append(lse)
         row += chunk.num_queries

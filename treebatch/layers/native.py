@@ -5,6 +5,7 @@
 - `gemm.c`: projections of small batches on weights packed in 16-feature panels (AVX2 + FMA).
 - `layer_ops.c`: residual add + RMSNorm, and SiLU(gate) x up, one pass each.
 - `rope_cache.c`: q/k norms, the rotary embedding and the KV cache write, one pass.
+- `chunk_attention.c`: a prefill chunk's attention over the paged cache in bfloat16 (AVX512-BF16).
 
 They are plain C (no torch headers), so a build takes about a second with the system compiler;
 each shared object is cached under `<cache root>/kernels/`, named by a hash of its source, the
@@ -55,6 +56,11 @@ _SIGNATURES = {
     "rope_cache": {
         "rope_store": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _F32,
                        _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT],
+    },
+    "chunk_attention": {
+        "chunk_attention_available": [],
+        "chunk_attention_bf16": [_POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64,
+                                 _F32, _POINTER, _POINTER, _INT],
     },
     "gemm": {
         "gemm_available": [],
@@ -221,6 +227,46 @@ def cascade_decode_attention(
 
 _CASCADE_BY_DTYPE = {torch.float32: "cascade_decode_attention", torch.bfloat16: "cascade_decode_attention_bf16"}
 
+
+
+@cache
+def chunk_attention_available() -> bool:
+    """Whether kernels/chunk_attention.c built here with its AVX512-BF16 code."""
+    kernel = library("chunk_attention")
+    return kernel is not None and kernel.chunk_attention_available() == 1
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    length: int,
+    base: int,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The queries of one chunk against keys [0, length) of `blocks`, read in place: query i sees
+    keys [0, min(length, base + i)) (base = length - n + 1: causal at the end of the context;
+    base = length: every key).
+
+    q: [n, H, D] bfloat16; k_cache, v_cache: [slots, KVH, D] bfloat16, contiguous; blocks: int64
+    block ids holding the keys. Returns out [n, H, D] bfloat16 and lse [n, H] float32, or None
+    where the kernel is unavailable or does not take these arguments (the caller then uses the
+    torch path)."""
+    if (q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not chunk_attention_available()):
+        return None
+    q = q.contiguous()
+    blocks = blocks.contiguous()
+    num_queries, num_heads, dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(num_queries, num_heads, dtype=torch.float32)
+    status = library("chunk_attention").chunk_attention_bf16(
+        q.data_ptr(), num_queries, num_heads, k_cache.shape[1], dim, k_cache.data_ptr(), v_cache.data_ptr(),
+        blocks.data_ptr(), block_size, length, base, scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
+    )
+    return (out, lse) if status == 0 else None
 
 
 @cache

@@ -1,0 +1,98 @@
+"""kernels/chunk_attention.c: a prefill chunk's bfloat16 attention read in place equals the
+explicit softmax over the same bfloat16 keys and values, and the model's attention paths give
+the same rows with it as through torch's kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treebatch.core.outputs import ScheduledChunk
+from treebatch.core.step_layout import StepLayout, layout_step
+from treebatch.layers import native
+from treebatch.layers.attention import LayerAttention, paged_attention
+from treebatch.runtime.step_inputs import build_step_inputs
+
+pytestmark = pytest.mark.skipif(not native.chunk_attention_available(), reason="needs AVX512-BF16")
+
+# Tolerances: the kernel rounds each softmax weight to bfloat16 before it multiplies the values
+# (as torch's CPU flash attention does in bfloat16) and the output once; outputs are weighted
+# means of values of size ~1, so a few bfloat16 ulps of 1 (2^-8 each).
+ATOL, RTOL = 3e-2, 2e-2
+
+
+def explicit(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, scale: float):
+    """float32 softmax attention of q [n, H, D] over keys/values [L, KVH, D], row i over its
+    first seen[i] keys -> (out [n, H, D], lse [n, H])."""
+    n, heads, _ = q.shape
+    group = heads // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+    v = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.einsum("nhd,hld->hnl", q.float(), k) * scale
+    mask = torch.arange(keys.shape[0])[None, :] < seen[:, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("hnl,hld->nhd", torch.softmax(scores, -1), v)
+    return out, lse.transpose(0, 1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+@pytest.mark.parametrize("block_size", [16, 8])
+@pytest.mark.parametrize("n,length,causal", [(1, 1, True), (17, 17, True), (70, 93, True), (5, 40, False), (30, 33, False)])
+def test_equals_the_explicit_softmax(heads, kv_heads, dim, block_size, n, length, causal):
+    torch.manual_seed(n * 7 + length)
+    num_blocks = 64
+    k = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()
+    v = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()
+    blocks = torch.randperm(num_blocks)[: -(-length // block_size)]
+    q = (torch.randn(n, heads, dim) * 0.5).bfloat16()
+    base = length - n + 1 if causal else length
+    out, lse = native.chunk_attention(q, k, v, blocks, length, base, block_size, dim**-0.5)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:length]
+    seen = torch.clamp(base + torch.arange(n), max=length)
+    expected, expected_lse = explicit(q, k[slots], v[slots], seen, dim**-0.5)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_refuses_what_it_does_not_take():
+    k = torch.zeros(32, 2, 48, dtype=torch.bfloat16)  # a head size not a multiple of 32
+    q = torch.zeros(3, 4, 48, dtype=torch.bfloat16)
+    assert native.chunk_attention(q, k, k, torch.tensor([0]), 3, 1, 16, 0.1) is None
+    k32 = torch.zeros(32, 2, 64)
+    assert native.chunk_attention(q.float(), k32, k32, torch.tensor([0]), 3, 1, 16, 0.1) is None  # float32
+
+
+BLOCK, HEADS, KV_HEADS, DIM = 16, 9, 3, 64
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_model_paths_equal_torch_attention_in_bf16(grouped: bool):
+    """Prefill chunks (plain and as a prefix group's members, with decodes beside them) through
+    the kernel and through torch's attention (`native_decode` off) give the same rows."""
+    torch.manual_seed(3)
+    k_cache = torch.randn(80 * BLOCK, KV_HEADS, DIM).bfloat16()
+    v_cache = torch.randn(80 * BLOCK, KV_HEADS, DIM).bfloat16()
+    prefix = [7, 3, 30]  # 48 shared tokens
+    layout = [  # (request, start, new tokens, own blocks)
+        ("d1", 50, 1, [10]),
+        ("d2", 70, 1, [11, 12]),
+        ("c1", 48, 21, [13, 14]),
+        ("c2", 52, 40, [15, 16, 17, 18]),
+        ("c3", 60, 2, [19]),
+    ]
+    chunks = [ScheduledChunk(r, [0] * n, start, prefix + own, True, 1, group_id=0 if grouped else None,
+                             num_shared_tokens=48 if grouped else 0)
+              for r, start, n, own in layout]
+    chunks.append(ScheduledChunk("plain", [0] * 37, 0, [40, 41, 42], True, 1))
+    step = layout_step(chunks, min_queries=2, min_decodes=1)
+    assert len(step.cascades) == (1 if grouped else 0)
+    _, _, slots, meta = build_step_inputs(step, BLOCK)
+    q = torch.randn(slots.numel(), HEADS, DIM).bfloat16()
+    attn = LayerAttention(DIM**-0.5)
+    fast = paged_attention(q, k_cache, v_cache, meta, attn)
+    _, _, _, torch_meta = build_step_inputs(step, BLOCK)
+    torch_meta.native_decode = False
+    slow = paged_attention(q, k_cache, v_cache, torch_meta, attn)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=ATOL, rtol=RTOL)
