@@ -315,3 +315,28 @@ def test_cascade_kernel_soft_caps_and_reads_bf16(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got[0].float(), out, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("members,num_heads,kv_heads,dim,block_size",
+                         [(13, 9, 3, 64, 16), (21, 9, 3, 64, 8), (5, 32, 8, 64, 16), (40, 2, 1, 128, 16),
+                          (6, 4, 2, 256, 32)])
+def test_cascade_kernel_in_bf16_equals_the_softmax(members, num_heads, kv_heads, dim, block_size):
+    """bfloat16 without soft-capping: on AVX512-BF16 the prefix goes in tiles of sixteen keys by
+    bf16 dot products (bf16_tile.h), its softmax weights rounded to bfloat16 before they take the
+    values (as torch's CPU flash attention rounds them): against the float32 softmax of the same
+    bf16 values, to a few bfloat16 ulps of the outputs (~1)."""
+    torch.manual_seed(members + dim)
+    num_blocks = 3 + 3 * members
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()
+    order = torch.randperm(num_blocks)
+    prefix, tables = order[:3], order[3:].view(members, 3)
+    lengths = torch.tensor([1 + (5 * m) % (2 * block_size + 3) for m in range(members)])
+    q = (torch.randn(members, num_heads, dim) * 0.5).bfloat16()
+    got = native.cascade_decode_attention(q, k_cache, v_cache, prefix, tables, lengths, block_size, dim**-0.5)
+    assert got is not None and got[0].dtype == torch.bfloat16
+    out, lse = _cascade_reference(q.float(), k_cache.float(), v_cache.float(), prefix, tables, lengths, block_size,
+                                  dim**-0.5)
+    torch.testing.assert_close(got[0].float(), out, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)

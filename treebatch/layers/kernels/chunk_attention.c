@@ -26,112 +26,17 @@
 #include <string.h>
 
 #include "bf16.h"
-#include "fast_exp.h"
+#include "bf16_tile.h"
 
 int chunk_attention_available(void);
 int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
                          const uint16_t *v, const int64_t *table, int64_t block_size, int64_t length, int64_t base,
                          float scale, uint16_t *out, float *lse, int threads);
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-#include <immintrin.h>
-
-#define MAX_DIM 256
+#if defined(BF16_TILES)
 #define MAX_ROWS 64
-#define KEYS 16
-#define EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
 
 int chunk_attention_available(void) { return 1; }
-
-typedef struct {
-    uint32_t keys[MAX_DIM / 2][KEYS];          /* [pair of dims][key]: two bfloat16 per entry */
-    uint32_t values[KEYS / 2][MAX_DIM];        /* [pair of keys][dim] */
-} Tile;
-
-/* Keys [first, first + count) of KV head `head` into `tile` (missing keys as zeros). */
-static inline void lay_out(Tile *restrict tile, const uint16_t *k, const uint16_t *v, const int64_t *table,
-                           int64_t block_size, int64_t kv_heads, int64_t head, int64_t dim, int64_t first,
-                           int64_t count) {
-    const uint16_t *key_rows[KEYS], *value_rows[KEYS];
-    for (int64_t j = 0; j < count; ++j) {
-        const int64_t t = first + j;
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        key_rows[j] = k + (slot * kv_heads + head) * dim;
-        value_rows[j] = v + (slot * kv_heads + head) * dim;
-    }
-    for (int64_t p = 0; p < dim / 2; ++p) {
-        for (int64_t j = 0; j < count; ++j) {
-            uint32_t pair;
-            memcpy(&pair, key_rows[j] + 2 * p, sizeof pair);
-            tile->keys[p][j] = pair;
-        }
-        for (int64_t j = count; j < KEYS; ++j) tile->keys[p][j] = 0;
-    }
-    for (int64_t u = 0; u < KEYS / 2; ++u) {
-        const int64_t a = 2 * u, b = 2 * u + 1;
-        uint32_t *restrict row = tile->values[u];
-        if (b < count) {
-            const uint16_t *restrict va = value_rows[a], *restrict vb = value_rows[b];
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) row[d] = (uint32_t)va[d] | ((uint32_t)vb[d] << 16);
-        } else if (a < count) {
-            const uint16_t *restrict va = value_rows[a];
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) row[d] = va[d];
-        } else {
-            memset(row, 0, sizeof(uint32_t) * dim);
-        }
-    }
-}
-
-/* ROWS rows (query heads) take a tile's keys into their running softmax: row r its first
- * visible[r]. The rows go side by side so that the dot products form independent chains (one
- * row's 32 products in a row wait on each one's latency: measured 1.3x torch's kernel, against
- * ROWS = 4). */
-#define ROWS 4
-static inline __attribute__((always_inline)) void attend_tile(const Tile *restrict tile, const uint32_t *query[ROWS],
-                                                              int64_t dim, const int64_t visible[ROWS], float scale,
-                                                              float *max[ROWS], float *sum[ROWS], float *acc[ROWS]) {
-    __m512 even[ROWS], odd[ROWS];
-    for (int r = 0; r < ROWS; ++r) even[r] = odd[r] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < dim / 2; p += 2) {
-        const __m512bh k0 = (__m512bh)_mm512_load_si512(tile->keys[p]);
-        const __m512bh k1 = (__m512bh)_mm512_load_si512(tile->keys[p + 1]);
-        for (int r = 0; r < ROWS; ++r) {
-            even[r] = _mm512_dpbf16_ps(even[r], (__m512bh)_mm512_set1_epi32((int)query[r][p]), k0);
-            odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)_mm512_set1_epi32((int)query[r][p + 1]), k1);
-        }
-    }
-    /* The weights of each row by pairs of keys, rounded to bfloat16: lane u of pairs[r] holds
-     * keys 2u and 2u + 1. */
-    uint32_t pairs[ROWS][KEYS / 2];
-    __m512 keep[ROWS];
-    int64_t used = 0;
-    for (int r = 0; r < ROWS; ++r) {
-        const __mmask16 seen = visible[r] >= KEYS ? (__mmask16)0xffff : (__mmask16)((1u << visible[r]) - 1);
-        const __m512 scores = _mm512_mul_ps(_mm512_add_ps(even[r], odd[r]), _mm512_set1_ps(scale));
-        const float tile_max = _mm512_reduce_max_ps(_mm512_mask_blend_ps(seen, _mm512_set1_ps(EMPTY_MAX), scores));
-        const float new_max = tile_max > *max[r] ? tile_max : *max[r];
-        const __m512 weights = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-        const float correction = *max[r] == EMPTY_MAX ? 0.0f : expf(*max[r] - new_max);
-        *sum[r] = *sum[r] * correction + _mm512_reduce_add_ps(weights);
-        *max[r] = new_max;
-        keep[r] = _mm512_set1_ps(correction);
-        _mm256_storeu_si256((__m256i *)pairs[r], (__m256i)_mm512_cvtneps_pbh(weights));
-        const int64_t pairs_used = (visible[r] + 1) / 2;
-        used = pairs_used > used ? pairs_used : used; /* a row's unseen keys weigh exactly 0 */
-    }
-    for (int64_t d = 0; d < dim; d += 16) {
-        __m512 a[ROWS];
-        for (int r = 0; r < ROWS; ++r) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + d), keep[r]);
-        for (int64_t u = 0; u < used; ++u) {
-            const __m512bh values = (__m512bh)_mm512_loadu_si512(tile->values[u] + d);
-            for (int r = 0; r < ROWS; ++r)
-                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32((int)pairs[r][u]), values);
-        }
-        for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(acc[r] + d, a[r]);
-    }
-}
 
 /* Queries [q0, q0 + count) of KV head `head`: rows r = (query q0 + r / group, head head * group
  * + r % group). */
@@ -139,48 +44,25 @@ static void attend_item(const uint16_t *q, int64_t q0, int64_t count, int64_t he
                         int64_t head, const uint16_t *k, const uint16_t *v, const int64_t *table, int64_t block_size,
                         int64_t length, int64_t base, float scale, uint16_t *out, float *lse) {
     const int64_t group = heads / kv_heads, rows = count * group;
-    static __thread Tile tile __attribute__((aligned(64)));
-    float maxes[MAX_ROWS], sums[MAX_ROWS], acc[MAX_ROWS * MAX_DIM];
-    int64_t seen[MAX_ROWS];
-    /* A place-holder row: zero queries, no visible key, its results thrown away. */
-    static __thread uint32_t spare_query[MAX_DIM / 2];
-    static __thread float spare_acc[MAX_DIM] __attribute__((aligned(64)));
-    float spare_max[ROWS], spare_sum[ROWS];
-    for (int j = 0; j < ROWS; ++j) spare_max[j] = EMPTY_MAX, spare_sum[j] = 0.0f;
+    static __thread KeyTile tile __attribute__((aligned(64)));
+    float maxes[MAX_ROWS], sums[MAX_ROWS], acc[MAX_ROWS * TILE_MAX_DIM];
+    int64_t seen[MAX_ROWS], visible[MAX_ROWS];
+    const uint32_t *queries[MAX_ROWS];
     for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = q0 + r / group;
+        const int64_t i = q0 + r / group, h = head * group + r % group;
         seen[r] = base + i < length ? base + i : length;
-        maxes[r] = EMPTY_MAX;
+        queries[r] = (const uint32_t *)(q + (i * heads + h) * dim);
+        maxes[r] = TILE_EMPTY_MAX;
         sums[r] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * rows * dim);
     const int64_t last = seen[rows - 1]; /* rows see more keys as their query moves on */
-    for (int64_t first = 0; first < last; first += KEYS) {
-        const int64_t keys = last - first < KEYS ? last - first : KEYS;
-        lay_out(&tile, k, v, table, block_size, kv_heads, head, dim, first, keys);
-        /* Rows in fours; a row past the last, or with no key of this tile (causal), fills a
-         * place with a scratch row that sees no key. */
-        for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
-            const uint32_t *query[ROWS];
-            int64_t visible[ROWS];
-            float *max[ROWS], *sum[ROWS], *out_acc[ROWS];
-            int any = 0;
-            for (int j = 0; j < ROWS; ++j) {
-                const int64_t r = r0 + j;
-                if (r < rows && seen[r] > first) {
-                    const int64_t i = q0 + r / group, h = head * group + r % group;
-                    query[j] = (const uint32_t *)(q + (i * heads + h) * dim);
-                    visible[j] = seen[r] - first < KEYS ? seen[r] - first : KEYS;
-                    max[j] = maxes + r, sum[j] = sums + r, out_acc[j] = acc + r * dim;
-                    any = 1;
-                } else {
-                    query[j] = spare_query;
-                    visible[j] = 0;
-                    max[j] = spare_max + j, sum[j] = spare_sum + j, out_acc[j] = spare_acc;
-                }
-            }
-            if (any) attend_tile(&tile, query, dim, visible, scale, max, sum, out_acc);
-        }
+    for (int64_t first = 0; first < last; first += TILE_KEYS) {
+        const int64_t keys = last - first < TILE_KEYS ? last - first : TILE_KEYS;
+        tile_lay_out(&tile, k, v, table, block_size, kv_heads, head, dim, first, keys);
+        for (int64_t r = 0; r < rows; ++r)
+            visible[r] = seen[r] <= first ? 0 : (seen[r] - first < TILE_KEYS ? seen[r] - first : TILE_KEYS);
+        tile_attend_rows(&tile, rows, queries, visible, dim, scale, maxes, sums, acc);
     }
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = q0 + r / group, h = head * group + r % group;
@@ -202,7 +84,7 @@ int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv
                          const uint16_t *v, const int64_t *table, int64_t block_size, int64_t length, int64_t base,
                          float scale, uint16_t *out, float *lse, int threads) {
     const int64_t group = heads / kv_heads;
-    if (dim % 32 || dim > MAX_DIM || group * kv_heads != heads || group > MAX_ROWS || n < 1 || length < 1)
+    if (dim % 32 || dim > TILE_MAX_DIM || group * kv_heads != heads || group > MAX_ROWS || n < 1 || length < 1)
         return -1;
     const int64_t per_item = MAX_ROWS / group; /* queries per work item */
     const int64_t tiles = (n + per_item - 1) / per_item;

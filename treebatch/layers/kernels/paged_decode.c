@@ -39,6 +39,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+#include "bf16_tile.h"
 #include "fast_exp.h"
 
 #if defined(__AVX512F__)
@@ -446,6 +448,32 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
     return 0;
 }
 
+#if defined(BF16_TILES)
+/* The `rows` query rows (float32 values that came from bfloat16, so rounding them back is exact)
+ * take keys [0, prefix_len) of a bfloat16 block table into their running softmax, sixteen keys
+ * at a time (bf16_tile.h): each tile laid out once for all the rows. Measured against the
+ * widening path on the prefix of a group's decodes: see BENCHMARKS.md. */
+static void prefix_tiles(Running *restrict state, int64_t rows, const float *restrict q, const void *k, const void *v,
+                         const int64_t *table, int64_t prefix_len, int64_t kv_heads, int64_t head, int64_t dim,
+                         int64_t block_size, float scale) {
+    static __thread KeyTile tile __attribute__((aligned(64)));
+    uint32_t pairs[MAX_GROUP][MAX_DIM / 2];
+    const uint32_t *queries[MAX_GROUP];
+    int64_t visible[MAX_GROUP];
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t p = 0; p < dim / 2; ++p)
+            pairs[r][p] = (uint32_t)bf16_round(q[r * dim + 2 * p]) | ((uint32_t)bf16_round(q[r * dim + 2 * p + 1]) << 16);
+        queries[r] = pairs[r];
+    }
+    for (int64_t first = 0; first < prefix_len; first += TILE_KEYS) {
+        const int64_t keys = prefix_len - first < TILE_KEYS ? prefix_len - first : TILE_KEYS;
+        tile_lay_out(&tile, k, v, table, block_size, kv_heads, head, dim, first, keys);
+        for (int64_t r = 0; r < rows; ++r) visible[r] = keys;
+        tile_attend_rows(&tile, rows, queries, visible, dim, scale, state->maxes, state->sums, state->acc);
+    }
+}
+#endif
+
 /* One (KV head, run of members) item of a shared-prefix group: the run's query rows read each
  * prefix block once, together, then each member continues its own rows over its own blocks. */
 static inline __attribute__((always_inline)) void cascade_item(
@@ -460,6 +488,11 @@ static inline __attribute__((always_inline)) void cascade_item(
                sizeof(float) * group * dim);
     Running state;
     running_start(&state, rows, dim);
+#if defined(BF16_TILES)
+    if (bf16 && softcap == 0.0f && dim % 32 == 0) /* the prefix in tiles, by bf16 dot products */
+        prefix_tiles(&state, rows, queries, k, v, prefix, prefix_len, kv_heads, head, dim, block_size, scale);
+    else
+#endif
     attend_blocks(&state, 0, rows, queries, k, v, bf16, prefix, prefix_len, kv_heads, head, dim, block_size, scale,
                   0, softcap, reduce);
     for (int64_t m = 0; m < members; ++m) {
