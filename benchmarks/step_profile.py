@@ -72,14 +72,30 @@ def instrument() -> None:
     def rows_band(name):
         return lambda first, *args, **kwargs: f"C {name}, {'<=64' if first.shape[0] <= 64 else '>64'} rows"
 
-    for name in ("paged_decode_attention", "cascade_decode_attention", "add_rms_norm", "silu_mul", "rope_store"):
+    for name in ("paged_decode_attention", "cascade_decode_attention", "chunk_attention", "add_rms_norm", "silu_mul",
+                 "rope_store"):
         wrapped = timed(rows_band(name), getattr(native, name))
         setattr(native, name, wrapped)
         for module in (attention, decoder):
             if hasattr(module, name):
                 setattr(module, name, wrapped)
-    decoder.paged_attention = timed("attention (other than the C kernels)", attention.paged_attention)
+    decoder.paged_attention = timed("attention (other than the parts below)", attention.paged_attention)
+    for name in ("folded_attention_with_lse", "merge_attention", "gather_blocks", "_prefix_kv"):
+        setattr(attention, name, timed(f"attention: {name}", getattr(attention, name)))
+    attention.F = _TimedFunctional(attention.F)
     sampler.Sampler.sample = timed("sampler", sampler.Sampler.sample)
+
+
+class _TimedFunctional:
+    """torch.nn.functional with scaled_dot_product_attention timed (prefill chunks' attention)."""
+
+    def __init__(self, functional) -> None:
+        self._functional = functional
+        self.scaled_dot_product_attention = timed("attention: prefill chunks' SDPA",
+                                                  functional.scaled_dot_product_attention)
+
+    def __getattr__(self, name):
+        return getattr(self._functional, name)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from treebatch.core.outputs import ScheduledChunk
 from treebatch.core.step_layout import StepLayout, layout_step
 from treebatch.layers import native
 from treebatch.layers.attention import LayerAttention, paged_attention
+from treebatch.runtime.prefix_store import PrefixKVStore
 from treebatch.runtime.step_inputs import build_step_inputs
 
 pytestmark = pytest.mark.skipif(not native.chunk_attention_available(), reason="needs AVX512-BF16")
@@ -67,8 +68,27 @@ def test_refuses_what_it_does_not_take():
 BLOCK, HEADS, KV_HEADS, DIM = 16, 9, 3, 64
 
 
+def test_kept_tiles_are_read_as_the_cache_itself():
+    """A prefix laid out once (lay_out_tiles) gives the kernels' results bit for bit."""
+    torch.manual_seed(4)
+    k = torch.randn(40 * 16, 3, 64).bfloat16()
+    v = torch.randn(40 * 16, 3, 64).bfloat16()
+    blocks = torch.tensor([9, 2, 31, 17])
+    tiles = native.lay_out_tiles(k, v, blocks, 64, 16)
+    assert tiles.shape == (3, 4, 16 * 64) and tiles.element_size() * tiles.numel() == 2 * 64 * 3 * 64 * 2
+    q = torch.randn(23, 9, 64).bfloat16()
+    plain = native.chunk_attention(q, k, v, blocks, 64, 64, 16, 0.125)
+    kept = native.chunk_attention(q, k, v, blocks, 64, 64, 16, 0.125, tiles)
+    assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
+    tables, lengths = torch.tensor([[5, 6], [7, 8]]), torch.tensor([3, 20])
+    plain = native.cascade_decode_attention(q[:2], k, v, blocks, tables, lengths, 16, 0.125)
+    kept = native.cascade_decode_attention(q[:2], k, v, blocks, tables, lengths, 16, 0.125, prefix_tiles=tiles)
+    assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
+
+
 @pytest.mark.parametrize("grouped", [False, True])
-def test_model_paths_equal_torch_attention_in_bf16(grouped: bool):
+@pytest.mark.parametrize("store", [False, True])
+def test_model_paths_equal_torch_attention_in_bf16(grouped: bool, store: bool):
     """Prefill chunks (plain and as a prefix group's members, with decodes beside them) through
     the kernel and through torch's attention (`native_decode` off) give the same rows."""
     torch.manual_seed(3)
@@ -88,10 +108,14 @@ def test_model_paths_equal_torch_attention_in_bf16(grouped: bool):
     chunks.append(ScheduledChunk("plain", [0] * 37, 0, [40, 41, 42], True, 1))
     step = layout_step(chunks, min_queries=2, min_decodes=1)
     assert len(step.cascades) == (1 if grouped else 0)
-    _, _, slots, meta = build_step_inputs(step, BLOCK)
+    prefix_store = PrefixKVStore(1, 2 * KV_HEADS * DIM * 2, 1 << 20) if store else None
+    _, _, slots, meta = build_step_inputs(step, BLOCK, prefix_store)
     q = torch.randn(slots.numel(), HEADS, DIM).bfloat16()
     attn = LayerAttention(DIM**-0.5)
     fast = paged_attention(q, k_cache, v_cache, meta, attn)
+    if store and grouped:  # the prefix's tiles are kept, and read as they are in the next step
+        assert isinstance(meta.cascades[0].prefix_kv[0], torch.Tensor)
+        assert torch.equal(paged_attention(q, k_cache, v_cache, meta, attn), fast)
     _, _, _, torch_meta = build_step_inputs(step, BLOCK)
     torch_meta.native_decode = False
     slow = paged_attention(q, k_cache, v_cache, torch_meta, attn)

@@ -74,9 +74,9 @@ class CascadeGroup:
     # The additive bias hiding the padding, [num_decodes, 1, 1, max_blocks * block_size]: made at
     # first use by the gathering path only (the in-place kernel reads the lengths).
     decode_suffix_bias: torch.Tensor | None = None
-    # Per layer, the prefix's gathered (K, V), kept by the runner across steps (see
-    # prefix_store.py) and filled here at first use; None: gather every step.
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    # Per layer, the prefix's gathered (K, V), or for the bfloat16 kernels its tiles, kept by the
+    # runner across steps (see prefix_store.py) and filled here at first use; None: every step.
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None] | None = None
     masks: dict = field(default_factory=dict)  # per sliding window: the prefix's mask, or "skip"
 
 
@@ -258,13 +258,14 @@ def _native_chunk(
     length: int,
     base: int,
     attn: LayerAttention,
+    tiles: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rows q against keys [0, length) of `blocks`, row i seeing the first base + i of them, by
-    the in-place C kernel (bfloat16 on AVX512-BF16), or None for the torch path (which also
-    takes sliding windows and soft-capped scores)."""
+    the in-place C kernel (bfloat16 on AVX512-BF16; `tiles`: those keys already laid out for
+    it), or None for the torch path (which also takes sliding windows and soft-capped scores)."""
     if attn.window is not None or attn.softcap or not metadata.native_decode:
         return None
-    return native.chunk_attention(q, k_cache, v_cache, blocks, length, base, metadata.block_size, attn.scale)
+    return native.chunk_attention(q, k_cache, v_cache, blocks, length, base, metadata.block_size, attn.scale, tiles)
 
 
 def padding_bias(lengths: torch.Tensor, width: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
@@ -302,8 +303,9 @@ def _cascade_attention(
     queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
     num_decodes = cascade.num_decodes
     first = 0  # the group's rows before `queries`: its decodes, where the C kernel took them
+    tiles = _prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer)
     # The decodes in one pass over the prefix (read once for all of them) and their own keys.
-    whole = _native_cascade_decode(queries[:num_decodes], k_cache, v_cache, metadata, cascade, attn)
+    whole = _native_cascade_decode(queries[:num_decodes], k_cache, v_cache, metadata, cascade, attn, tiles)
     if whole is not None:
         if not cascade.chunks:
             return whole
@@ -312,7 +314,7 @@ def _cascade_attention(
     prefix_mask = _prefix_window_mask(metadata, cascade, group, window)
     prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
     in_place_prefix = _native_chunk(queries, k_cache, v_cache, metadata, cascade.prefix_blocks, prefix_len,
-                                    prefix_len, attn)
+                                    prefix_len, attn, tiles)
     if in_place_prefix is not None:
         prefix_out, prefix_lse = in_place_prefix
     elif prefix_mask == "skip":  # the whole prefix lies before every query's window
@@ -365,6 +367,25 @@ def _cascade_attention(
     return merged if whole is None else torch.cat([whole, merged])
 
 
+def _prefix_tiles(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, cascade: CascadeGroup,
+    attn: LayerAttention, layer: int,
+) -> torch.Tensor | None:
+    """The group prefix laid out for the bfloat16 kernels (native.lay_out_tiles), kept across
+    steps in the prefix store's slot for this layer like the torch path's gathered K and V, or
+    None where the kernels do not read it (float32, a window or soft-cap, no AVX512-BF16)."""
+    if attn.window is not None or attn.softcap or not metadata.native_decode or k_cache.dtype != torch.bfloat16:
+        return None
+    kept = cascade.prefix_kv
+    if kept is not None and isinstance(kept[layer], torch.Tensor):
+        return kept[layer]
+    tiles = native.lay_out_tiles(k_cache, v_cache, cascade.prefix_blocks,
+                                 cascade.prefix_blocks.numel() * metadata.block_size, metadata.block_size)
+    if kept is not None and tiles is not None:
+        kept[layer] = tiles
+    return tiles
+
+
 def _native_cascade_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -372,6 +393,7 @@ def _native_cascade_decode(
     metadata: AttentionMetadata,
     cascade: CascadeGroup,
     attn: LayerAttention,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """A group's single-query rows over its prefix and their own keys by the C kernel, or None
     (no such rows, no kernel, or a sliding window: the torch cascade takes those)."""
@@ -380,7 +402,7 @@ def _native_cascade_decode(
     tables = cascade.decode_suffix_blocks.view(q.shape[0], -1)
     result = native.cascade_decode_attention(q, k_cache, v_cache, cascade.prefix_blocks, tables,
                                              cascade.decode_suffix_lengths, metadata.block_size, attn.scale,
-                                             attn.softcap)
+                                             attn.softcap, tiles)
     return None if result is None else result[0]
 
 

@@ -45,8 +45,8 @@ _SIGNATURES = {
                _F32, _POINTER, _POINTER, _INT]
         for name in ("paged_decode_attention", "paged_decode_attention_bf16")
     } | {
-        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64, _I64,
-               _F32, _F32, _POINTER, _POINTER, _INT]
+        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64,
+               _I64, _F32, _F32, _POINTER, _POINTER, _INT]
         for name in ("cascade_decode_attention", "cascade_decode_attention_bf16")
     },
     "layer_ops": {
@@ -60,7 +60,8 @@ _SIGNATURES = {
     "chunk_attention": {
         "chunk_attention_available": [],
         "chunk_attention_bf16": [_POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64,
-                                 _F32, _POINTER, _POINTER, _INT],
+                                 _F32, _POINTER, _POINTER, _POINTER, _INT],
+        "lay_out_tiles_bf16": [_POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _POINTER, _INT],
     },
     "gemm": {
         "gemm_available": [],
@@ -198,6 +199,7 @@ def cascade_decode_attention(
     block_size: int,
     scale: float,
     softcap: float | None = None,
+    prefix_tiles: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The single-query rows of one shared-prefix group against the group's prefix and then each
     row's own keys, read in place: each prefix block is read once for all the rows (in runs of
@@ -207,7 +209,8 @@ def cascade_decode_attention(
     [M, width] int64 each member's blocks after the prefix; suffix_lengths: [M] int64 its keys
     there. Returns out [M, H, D] in q's dtype and lse [M, H] float32 over prefix and own keys
     together (no merge left to do), or None as paged_decode_attention does. No sliding window:
-    a layer with one takes the torch cascade."""
+    a layer with one takes the torch cascade. `prefix_tiles`: the prefix as lay_out_tiles made
+    it (bfloat16 only), read instead of laying each tile out again."""
     function = _in_place_function(_CASCADE_BY_DTYPE, q, k_cache, v_cache)
     if function is None:
         return None
@@ -218,7 +221,8 @@ def cascade_decode_attention(
     lse = torch.empty(num_members, num_heads, dtype=torch.float32)
     status = function(
         queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), prefix_blocks.data_ptr(),
-        prefix_blocks.numel() * block_size, suffix_tables.data_ptr(), suffix_tables.shape[1], suffix_lengths.data_ptr(),
+        prefix_blocks.numel() * block_size, None if prefix_tiles is None else prefix_tiles.data_ptr(),
+        suffix_tables.data_ptr(), suffix_tables.shape[1], suffix_lengths.data_ptr(),
         num_members, num_heads, k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(),
         lse.data_ptr(), torch.get_num_threads(),
     )
@@ -245,6 +249,7 @@ def chunk_attention(
     base: int,
     block_size: int,
     scale: float,
+    tiles: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The queries of one chunk against keys [0, length) of `blocks`, read in place: query i sees
     keys [0, min(length, base + i)) (base = length - n + 1: causal at the end of the context;
@@ -253,7 +258,7 @@ def chunk_attention(
     q: [n, H, D] bfloat16; k_cache, v_cache: [slots, KVH, D] bfloat16, contiguous; blocks: int64
     block ids holding the keys. Returns out [n, H, D] bfloat16 and lse [n, H] float32, or None
     where the kernel is unavailable or does not take these arguments (the caller then uses the
-    torch path)."""
+    torch path). `tiles`: these keys as lay_out_tiles made them, read instead of the cache."""
     if (q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16
             or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not chunk_attention_available()):
         return None
@@ -264,9 +269,28 @@ def chunk_attention(
     lse = torch.empty(num_queries, num_heads, dtype=torch.float32)
     status = library("chunk_attention").chunk_attention_bf16(
         q.data_ptr(), num_queries, num_heads, k_cache.shape[1], dim, k_cache.data_ptr(), v_cache.data_ptr(),
-        blocks.data_ptr(), block_size, length, base, scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
+        blocks.data_ptr(), block_size, length, base, scale, None if tiles is None else tiles.data_ptr(), out.data_ptr(),
+        lse.data_ptr(), torch.get_num_threads(),
     )
     return (out, lse) if status == 0 else None
+
+
+def lay_out_tiles(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, length: int,
+                  block_size: int) -> torch.Tensor | None:
+    """Keys and values [0, length) of `blocks` (bfloat16 caches) laid out as the AVX512-BF16
+    kernels read them (kernels/bf16_tile.h: per KV head, tiles of sixteen keys), as many bytes as
+    the K and V themselves; None where the kernel is unavailable or does not take them."""
+    if (k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16 or not chunk_attention_available()
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return None
+    kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
+    blocks = blocks.contiguous()
+    tiles = torch.empty(kv_heads, -(-length // 16), 16 * dim, dtype=torch.int32)
+    status = library("chunk_attention").lay_out_tiles_bf16(
+        k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(), block_size, length, kv_heads, dim, tiles.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return tiles if status == 0 else None
 
 
 @cache

@@ -28,13 +28,15 @@
 #define TILE_MAX_DIM 256
 #define TILE_EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
 
-typedef struct {
-    uint32_t keys[TILE_MAX_DIM / 2][TILE_KEYS];          /* [pair of dims][key]: two bfloat16 per entry */
-    uint32_t values[TILE_KEYS / 2][TILE_MAX_DIM];        /* [pair of keys][dim] */
-} KeyTile;
+/* A tile is 16 * dim uint32 (64-byte aligned where it is a scratch buffer): the keys, [pair of
+ * dims][key] (two bfloat16 per entry), then the values, [pair of keys][dim]: as many bytes as the
+ * sixteen keys' K and V themselves, so a prefix kept in tiles costs what its K and V do. */
+#define TILE_WORDS(dim) (16 * (dim))
+static inline uint32_t *tile_keys(uint32_t *tile, int64_t p) { return tile + p * TILE_KEYS; }
+static inline uint32_t *tile_values(uint32_t *tile, int64_t dim, int64_t u) { return tile + 8 * dim + u * dim; }
 
 /* Keys [first, first + count) of KV head `head` into `tile` (missing keys as zeros). */
-static inline void tile_lay_out(KeyTile *restrict tile, const uint16_t *k, const uint16_t *v, const int64_t *table,
+static inline void tile_lay_out(uint32_t *restrict tile, const uint16_t *k, const uint16_t *v, const int64_t *table,
                            int64_t block_size, int64_t kv_heads, int64_t head, int64_t dim, int64_t first,
                            int64_t count) {
     const uint16_t *key_rows[TILE_KEYS], *value_rows[TILE_KEYS];
@@ -48,13 +50,13 @@ static inline void tile_lay_out(KeyTile *restrict tile, const uint16_t *k, const
         for (int64_t j = 0; j < count; ++j) {
             uint32_t pair;
             memcpy(&pair, key_rows[j] + 2 * p, sizeof pair);
-            tile->keys[p][j] = pair;
+            tile_keys(tile, p)[j] = pair;
         }
-        for (int64_t j = count; j < TILE_KEYS; ++j) tile->keys[p][j] = 0;
+        for (int64_t j = count; j < TILE_KEYS; ++j) tile_keys(tile, p)[j] = 0;
     }
     for (int64_t u = 0; u < TILE_KEYS / 2; ++u) {
         const int64_t a = 2 * u, b = 2 * u + 1;
-        uint32_t *restrict row = tile->values[u];
+        uint32_t *restrict row = tile_values(tile, dim, u);
         if (b < count) {
             const uint16_t *restrict va = value_rows[a], *restrict vb = value_rows[b];
 #pragma omp simd
@@ -74,14 +76,14 @@ static inline void tile_lay_out(KeyTile *restrict tile, const uint16_t *k, const
  * row's 32 products in a row wait on each one's latency: measured 1.3x torch's kernel, against
  * TILE_ROWS = 4). */
 #define TILE_ROWS 4
-static inline __attribute__((always_inline)) void tile_attend(const KeyTile *restrict tile, const uint32_t *query[TILE_ROWS],
+static inline __attribute__((always_inline)) void tile_attend(const uint32_t *restrict tile, const uint32_t *query[TILE_ROWS],
                                                               int64_t dim, const int64_t visible[TILE_ROWS], float scale,
                                                               float *max[TILE_ROWS], float *sum[TILE_ROWS], float *acc[TILE_ROWS]) {
     __m512 even[TILE_ROWS], odd[TILE_ROWS];
     for (int r = 0; r < TILE_ROWS; ++r) even[r] = odd[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < dim / 2; p += 2) {
-        const __m512bh k0 = (__m512bh)_mm512_load_si512(tile->keys[p]);
-        const __m512bh k1 = (__m512bh)_mm512_load_si512(tile->keys[p + 1]);
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(tile + p * TILE_KEYS);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(tile + (p + 1) * TILE_KEYS);
         for (int r = 0; r < TILE_ROWS; ++r) {
             even[r] = _mm512_dpbf16_ps(even[r], (__m512bh)_mm512_set1_epi32((int)query[r][p]), k0);
             odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)_mm512_set1_epi32((int)query[r][p + 1]), k1);
@@ -110,7 +112,7 @@ static inline __attribute__((always_inline)) void tile_attend(const KeyTile *res
         __m512 a[TILE_ROWS];
         for (int r = 0; r < TILE_ROWS; ++r) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + d), keep[r]);
         for (int64_t u = 0; u < used; ++u) {
-            const __m512bh values = (__m512bh)_mm512_loadu_si512(tile->values[u] + d);
+            const __m512bh values = (__m512bh)_mm512_loadu_si512(tile + 8 * dim + u * dim + d);
             for (int r = 0; r < TILE_ROWS; ++r)
                 a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32((int)pairs[r][u]), values);
         }
@@ -121,7 +123,7 @@ static inline __attribute__((always_inline)) void tile_attend(const KeyTile *res
 /* Rows [0, rows) take the tile's keys: row r with its query's pairs queries[r], its first
  * visible[r] keys of the tile (0: none), its running max, sum and output maxes[r], sums[r],
  * acc[r * dim ...]. */
-static inline void tile_attend_rows(const KeyTile *restrict tile, int64_t rows, const uint32_t *const *queries,
+static inline void tile_attend_rows(const uint32_t *restrict tile, int64_t rows, const uint32_t *const *queries,
                                     const int64_t *visible, int64_t dim, float scale, float *maxes, float *sums,
                                     float *acc) {
     /* A place-holder row where the last four are short or one sees no key: zero queries, no
@@ -147,6 +149,19 @@ static inline void tile_attend_rows(const KeyTile *restrict tile, int64_t rows, 
             }
         }
         if (any) tile_attend(tile, query, dim, seen, scale, max, sum, out);
+    }
+}
+
+/* Keys [0, length) of a block table, every KV head, into tiles [kv_heads][ceil(length / 16)]
+ * of TILE_WORDS(dim) each: a group's prefix, laid out once and kept while the group lives. */
+static inline void tile_lay_out_all(uint32_t *tiles, const uint16_t *k, const uint16_t *v, const int64_t *table,
+                                    int64_t block_size, int64_t length, int64_t kv_heads, int64_t dim, int threads) {
+    const int64_t count = (length + TILE_KEYS - 1) / TILE_KEYS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < kv_heads * count; ++item) {
+        const int64_t head = item / count, t = item % count;
+        const int64_t keys = length - t * TILE_KEYS < TILE_KEYS ? length - t * TILE_KEYS : TILE_KEYS;
+        tile_lay_out(tiles + item * TILE_WORDS(dim), k, v, table, block_size, kv_heads, head, dim, t * TILE_KEYS, keys);
     }
 }
 

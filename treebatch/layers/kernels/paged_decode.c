@@ -450,13 +450,14 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
 
 #if defined(BF16_TILES)
 /* The `rows` query rows (float32 values that came from bfloat16, so rounding them back is exact)
- * take keys [0, prefix_len) of a bfloat16 block table into their running softmax, sixteen keys
- * at a time (bf16_tile.h): each tile laid out once for all the rows. Measured against the
- * widening path on the prefix of a group's decodes: see BENCHMARKS.md. */
+ * take keys [0, prefix_len) of KV head `head` of a bfloat16 block table into their running
+ * softmax, sixteen keys at a time by bf16 dot products (bf16_tile.h): each tile laid out once
+ * for all the rows, or read from `kept` (the prefix's tiles of every KV head, laid out when the
+ * group first ran). */
 static void prefix_tiles(Running *restrict state, int64_t rows, const float *restrict q, const void *k, const void *v,
-                         const int64_t *table, int64_t prefix_len, int64_t kv_heads, int64_t head, int64_t dim,
-                         int64_t block_size, float scale) {
-    static __thread KeyTile tile __attribute__((aligned(64)));
+                         const int64_t *table, int64_t prefix_len, const uint32_t *kept, int64_t kv_heads,
+                         int64_t head, int64_t dim, int64_t block_size, float scale) {
+    static __thread uint32_t scratch[TILE_WORDS(MAX_DIM)] __attribute__((aligned(64)));
     uint32_t pairs[MAX_GROUP][MAX_DIM / 2];
     const uint32_t *queries[MAX_GROUP];
     int64_t visible[MAX_GROUP];
@@ -465,11 +466,16 @@ static void prefix_tiles(Running *restrict state, int64_t rows, const float *res
             pairs[r][p] = (uint32_t)bf16_round(q[r * dim + 2 * p]) | ((uint32_t)bf16_round(q[r * dim + 2 * p + 1]) << 16);
         queries[r] = pairs[r];
     }
-    for (int64_t first = 0; first < prefix_len; first += TILE_KEYS) {
-        const int64_t keys = prefix_len - first < TILE_KEYS ? prefix_len - first : TILE_KEYS;
-        tile_lay_out(&tile, k, v, table, block_size, kv_heads, head, dim, first, keys);
+    const int64_t per_head = (prefix_len + TILE_KEYS - 1) / TILE_KEYS;
+    for (int64_t t = 0; t < per_head; ++t) {
+        const int64_t first = t * TILE_KEYS, keys = prefix_len - first < TILE_KEYS ? prefix_len - first : TILE_KEYS;
+        const uint32_t *tile = scratch;
+        if (kept)
+            tile = kept + (head * per_head + t) * TILE_WORDS(dim);
+        else
+            tile_lay_out(scratch, k, v, table, block_size, kv_heads, head, dim, first, keys);
         for (int64_t r = 0; r < rows; ++r) visible[r] = keys;
-        tile_attend_rows(&tile, rows, queries, visible, dim, scale, state->maxes, state->sums, state->acc);
+        tile_attend_rows(tile, rows, queries, visible, dim, scale, state->maxes, state->sums, state->acc);
     }
 }
 #endif
@@ -478,8 +484,8 @@ static void prefix_tiles(Running *restrict state, int64_t rows, const float *res
  * prefix block once, together, then each member continues its own rows over its own blocks. */
 static inline __attribute__((always_inline)) void cascade_item(
     const float *q, const void *k, const void *v, const int bf16, const int64_t *prefix, int64_t prefix_len,
-    const int64_t *tables, int64_t width, const int64_t *lengths, int64_t first_member, int64_t members,
-    int64_t num_heads, int64_t kv_heads, int64_t head, int64_t dim, int64_t block_size, float scale, float softcap,
+    const uint32_t *kept, const int64_t *tables, int64_t width, const int64_t *lengths, int64_t first_member,
+    int64_t members, int64_t num_heads, int64_t kv_heads, int64_t head, int64_t dim, int64_t block_size, float scale, float softcap,
     float *out, float *lse, const void *reduce) {
     const int64_t group = num_heads / kv_heads, rows = members * group;
     float queries[MAX_GROUP * MAX_DIM];
@@ -490,7 +496,7 @@ static inline __attribute__((always_inline)) void cascade_item(
     running_start(&state, rows, dim);
 #if defined(BF16_TILES)
     if (bf16 && softcap == 0.0f && dim % 32 == 0) /* the prefix in tiles, by bf16 dot products */
-        prefix_tiles(&state, rows, queries, k, v, prefix, prefix_len, kv_heads, head, dim, block_size, scale);
+        prefix_tiles(&state, rows, queries, k, v, prefix, prefix_len, kept, kv_heads, head, dim, block_size, scale);
     else
 #endif
     attend_blocks(&state, 0, rows, queries, k, v, bf16, prefix, prefix_len, kv_heads, head, dim, block_size, scale,
@@ -511,8 +517,8 @@ static inline __attribute__((always_inline)) void cascade_item(
  * the KV heads alone would leave a thread idle: each run reads the prefix once. */
 static inline __attribute__((always_inline)) int cascade_all(
     const float *q, const void *k, const void *v, const int bf16, const int64_t *prefix, int64_t prefix_len,
-    const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_members, int64_t num_heads,
-    int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
+    const uint32_t *kept, const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_members,
+    int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
     int num_threads) {
     const int64_t group = num_heads / kv_heads;
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads ||
@@ -529,7 +535,7 @@ static inline __attribute__((always_inline)) int cascade_all(
         if (first >= num_members) continue;
         const int64_t members = num_members - first < per_run ? num_members - first : per_run;
 #define CALL(DIM, BLOCK)                                                                                      \
-    cascade_item(q, k, v, bf16, prefix, prefix_len, tables, width, lengths, first, members, num_heads, kv_heads,     \
+    cascade_item(q, k, v, bf16, prefix, prefix_len, kept, tables, width, lengths, first, members, num_heads, kv_heads,     \
                  head, DIM, BLOCK, scale, softcap, out, lse, reduce)
         WITH_CONSTANT_SIZES(CALL);
 #undef CALL
@@ -553,19 +559,22 @@ int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
                       window, softcap, out, lse, num_threads);
 }
 
+/* `kept`: the prefix laid out in tiles (bf16_tile.h) for every KV head, or NULL (the bfloat16
+ * kernel then lays out each tile itself; the float32 one never reads it). */
 int cascade_decode_attention(const float *q, const float *k, const float *v, const int64_t *prefix,
-                             int64_t prefix_len, const int64_t *tables, int64_t width, const int64_t *lengths,
-                             int64_t num_members, int64_t num_heads, int64_t kv_heads, int64_t dim,
-                             int64_t block_size, float scale, float softcap, float *out, float *lse, int num_threads) {
-    return cascade_all(q, k, v, 0, prefix, prefix_len, tables, width, lengths, num_members, num_heads, kv_heads, dim,
-                       block_size, scale, softcap, out, lse, num_threads);
+                             int64_t prefix_len, const uint32_t *kept, const int64_t *tables, int64_t width,
+                             const int64_t *lengths, int64_t num_members, int64_t num_heads, int64_t kv_heads,
+                             int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
+                             int num_threads) {
+    return cascade_all(q, k, v, 0, prefix, prefix_len, kept, tables, width, lengths, num_members, num_heads, kv_heads,
+                       dim, block_size, scale, softcap, out, lse, num_threads);
 }
 
 int cascade_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *prefix,
-                                  int64_t prefix_len, const int64_t *tables, int64_t width, const int64_t *lengths,
-                                  int64_t num_members, int64_t num_heads, int64_t kv_heads, int64_t dim,
-                                  int64_t block_size, float scale, float softcap, float *out, float *lse,
+                                  int64_t prefix_len, const uint32_t *kept, const int64_t *tables, int64_t width,
+                                  const int64_t *lengths, int64_t num_members, int64_t num_heads, int64_t kv_heads,
+                                  int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
                                   int num_threads) {
-    return cascade_all(q, k, v, 1, prefix, prefix_len, tables, width, lengths, num_members, num_heads, kv_heads, dim,
-                       block_size, scale, softcap, out, lse, num_threads);
+    return cascade_all(q, k, v, 1, prefix, prefix_len, kept, tables, width, lengths, num_members, num_heads, kv_heads,
+                       dim, block_size, scale, softcap, out, lse, num_threads);
 }
