@@ -1,6 +1,6 @@
 """The step's kernels alone, per call: projections by kernel and batch size, decode attention.
 
-    .venv/bin/python benchmarks/kernels.py [--dtype bfloat16] [--model-shape llama-1b] [--part gemm|decode|all]
+    .venv/bin/python benchmarks/kernel_speed.py [--dtype bfloat16] [--model-shape llama-1b] [--part gemm|decode|all]
 
 Projections: each of the model's weight shapes (qkv, o, gate/up, down, the vocabulary head) at
 1 / 16 / 64 / 256 / 512 rows through each kernel layers/linear.py can run (treebatch's own GEMM,
