@@ -96,6 +96,33 @@ static inline __m512 dots16_dim64(const float *restrict query, const float *rest
                                      _mm512_permutex2var_ps(parts[2 * i], index->high[round], parts[2 * i + 1]));
     return parts[0];
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define BF16_DOTS 1
+/* As dots16_dim64 for a bfloat16 query and keys read in place: each key's 64 products by two
+ * bf16 dot-product instructions (pairs of dims summed into 16 float32 lanes), no widening. The
+ * query's float32 values came from bfloat16, so rounding them back is exact. */
+static inline __m512 dots16_dim64_bf16(const float *restrict query, const uint16_t *restrict keys, int64_t stride,
+                                       int64_t n, const ReduceIndex *index) {
+    const __m512bh q0 = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(query + 16), _mm512_loadu_ps(query));
+    const __m512bh q1 = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(query + 48), _mm512_loadu_ps(query + 32));
+    __m512 parts[16];
+    for (int64_t j = 0; j < 16; ++j) {
+        if (j >= n) {
+            parts[j] = _mm512_setzero_ps();
+            continue;
+        }
+        const uint16_t *restrict key = keys + j * stride;
+        const __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(key));
+        parts[j] = _mm512_dpbf16_ps(acc, q1, (__m512bh)_mm512_loadu_si512(key + 32));
+    }
+    for (int round = 0, count = 16; round < 4; ++round, count /= 2)
+        for (int i = 0; i < count / 2; ++i)
+            parts[i] = _mm512_add_ps(_mm512_permutex2var_ps(parts[2 * i], index->low[round], parts[2 * i + 1]),
+                                     _mm512_permutex2var_ps(parts[2 * i], index->high[round], parts[2 * i + 1]));
+    return parts[0];
+}
+#endif
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -289,6 +316,17 @@ static inline __attribute__((always_inline)) void attend_blocks(
         const int64_t offset = (first_slot * kv_heads + head) * dim;
         const float *restrict keys = (const float *)k + offset;
         const float *restrict values = (const float *)v + offset;
+#if defined(BF16_DOTS)
+        if (bf16 && dim == 64 && block_size == 16) { /* keys read in place by bf16 dot products */
+            for (int64_t g = 0; g < rows; ++g)
+                _mm512_storeu_ps(scores + g * 16, _mm512_mul_ps(dots16_dim64_bf16(q + g * 64, (const uint16_t *)k + offset,
+                                                                                  stride, n, reduce),
+                                                                _mm512_set1_ps(scale)));
+            widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
+            values = wide_values;
+            stride = dim;
+        } else
+#endif
         if (bf16) {
             widen((const uint16_t *)k + offset, n, dim, stride, wide_keys);
             widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
@@ -296,6 +334,11 @@ static inline __attribute__((always_inline)) void attend_blocks(
             values = wide_values;
             stride = dim;
         }
+#if defined(BF16_DOTS)
+        if (bf16 && dim == 64 && block_size == 16) {
+            /* scored above */
+        } else
+#endif
 #if defined(__AVX512F__)
         /* Over the widened bf16 block (contiguous rows) this is faster than the per-key sums
          * (0.30 against 0.40 ms for 16 sequences x 256 keys, 9 heads over 3, per layer); read in
@@ -376,8 +419,18 @@ static inline __attribute__((always_inline)) void attend_sequence(
     float *restrict out, float *restrict lse, const void *reduce) {
     Running state;
     running_start(&state, kv_heads * group, dim);
+    const int64_t element = bf16 ? 2 : 4, block_bytes = block_size * kv_heads * dim * element;
     for (int64_t start = 0; start < length; start += block_size) {
         const int64_t n = length - start < block_size ? length - start : block_size;
+        /* The next block lies anywhere in the cache: ask for its keys and values now, while this
+         * one is scored (measured: see BENCHMARKS.md). */
+        if (start + block_size < length) {
+            const int64_t next = table[start / block_size + 1] * block_bytes;
+            for (int64_t line = 0; line < block_bytes; line += 64) {
+                __builtin_prefetch((const char *)k + next + line);
+                __builtin_prefetch((const char *)v + next + line);
+            }
+        }
         for (int64_t head = 0; head < kv_heads; ++head)
             attend_blocks(&state, head * group, group, q + head * group * dim, k, v, bf16, table + start / block_size,
                           n, kv_heads, head, dim, block_size, scale, 0, softcap, reduce);
