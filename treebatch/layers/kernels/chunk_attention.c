@@ -18,6 +18,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -91,6 +92,17 @@ int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv
         return -1;
     const int64_t per_item = MAX_ROWS / group; /* queries per work item */
     const int64_t query_tiles = (n + per_item - 1) / per_item;
+    /* More than one tile of queries would each lay the same keys out again: lay them all out
+     * once (as many bytes as their K and V), in parallel, and read them from there. */
+    uint32_t *laid_out = NULL;
+    if (!tiles && query_tiles > 1) {
+        const size_t words = (size_t)(kv_heads * ((length + TILE_KEYS - 1) / TILE_KEYS) * TILE_WORDS(dim));
+        laid_out = aligned_alloc(64, (words * sizeof(uint32_t) + 63) / 64 * 64);
+        if (laid_out) {
+            tile_lay_out_all(laid_out, k, v, table, block_size, length, kv_heads, dim, threads);
+            tiles = laid_out;
+        }
+    }
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t item = 0; item < query_tiles * kv_heads; ++item) {
         /* Later query tiles see more keys: hand them out first. */
@@ -99,6 +111,7 @@ int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv
         attend_item(q, q0, count, heads, kv_heads, dim, head, k, v, table, block_size, length, base, scale, tiles, out,
                     lse);
     }
+    free(laid_out);
     return 0;
 }
 
