@@ -38,7 +38,9 @@ batches, it leads (AMD EPYC with AVX2 only, float32, ms; SmolLM2-135M's projecti
              own      5.28   15.2   39.7    129      -
 
 and it runs bfloat16 weights (widened in registers, summed in float32) at 55 GFLOP/s on a CPU
-where torch's bfloat16 GEMM is emulated (0.2 GFLOP/s).
+where torch's bfloat16 GEMM is emulated (0.2 GFLOP/s). On a CPU with AVX512-BF16 it multiplies
+bfloat16 by pairs of k with the bf16 dot-product instruction, 1.2-1.6x oneDNN's speed at 16 rows
+and even from 256 (AMD EPYC, benchmarks/kernel_speed.py).
 
 Where the packed kernel wins depends on the CPU's GEMM libraries (on AMD EPYC MKL's float32
 GEMM trails oneDNN's at every size, while on the Intel Xeon of the first table it leads from 48

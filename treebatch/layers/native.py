@@ -2,7 +2,8 @@
 
 - `paged_decode.c`: single-query attention that reads the paged KV cache (float32 or bfloat16)
   in place.
-- `gemm.c`: projections of small batches on weights packed in 16-feature panels (AVX2 + FMA).
+- `gemm.c`: projections on weights packed in 16-feature panels (AVX2 + FMA), or for bfloat16 on
+  AVX512-BF16, in 32-feature panels by pairs of k (bf16 dot products).
 - `layer_ops.c`: residual add + RMSNorm, and SiLU(gate) x up, one pass each.
 - `rope_cache.c`: q/k norms, the rotary embedding and the KV cache write, one pass.
 - `chunk_attention.c`: a prefill chunk's attention over the paged cache in bfloat16 (AVX512-BF16).

@@ -11,7 +11,8 @@ follows the answer: the largest probed size up to which packed wins at every pro
 
 treebatch's own kernel (kernels/gemm.c, where it builds) is then timed against that choice in
 the same way, from 16 rows up, and serves the batches up to where it stops winning (all of them
-on an AMD EPYC with AVX2 only, in both dtypes: one copy, in its panel layout). Its result is
+on an AMD EPYC with AVX2 only, in both dtypes, and in bfloat16 on an AMD EPYC with AVX512-BF16,
+where its pair panels run bf16 dot products: one copy, in its panel layout). Its result is
 checked against torch's on the probe's random inputs first; a kernel that disagrees is not used.
 """
 
