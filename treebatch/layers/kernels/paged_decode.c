@@ -21,7 +21,10 @@
  * (paged_decode_attention_bf16), which is read at half the bytes: each block's keys and values
  * are widened to float32 once (exactly: a bfloat16 is the upper half of a float32), then scored
  * and summed as in float32. Widening inside the dot products instead would repeat it for every
- * query head of the group and, measured, made the bf16 kernel slower than the float32 one.
+ * query head of the group and, measured, made the bf16 kernel slower than the float32 one. On
+ * AVX512-BF16 the keys are not widened: the bf16 dot-product instruction scores them in place
+ * (head size 64, blocks of 16), and a group's prefix goes in tiles (bf16_tile.h). Each sequence's
+ * next block is prefetched while one is scored.
  * A sequence with no key gets out 0 and lse -inf.
  *
  * Where the CPU has AVX2 and FMA but not AVX-512, head sizes that are multiples of 64 take
@@ -99,6 +102,7 @@ static inline __m512 dots16_dim64(const float *restrict query, const float *rest
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define BF16_DOTS 1
+#define BF16_DOTS_ON 1
 /* As dots16_dim64 for a bfloat16 query and keys read in place: each key's 64 products by two
  * bf16 dot-product instructions (pairs of dims summed into 16 float32 lanes), no widening. The
  * query's float32 values came from bfloat16, so rounding them back is exact. */
@@ -123,6 +127,9 @@ static inline __m512 dots16_dim64_bf16(const float *restrict query, const uint16
     return parts[0];
 }
 #endif
+#endif
+#ifndef BF16_DOTS_ON
+#define BF16_DOTS_ON 0
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -316,27 +323,25 @@ static inline __attribute__((always_inline)) void attend_blocks(
         const int64_t offset = (first_slot * kv_heads + head) * dim;
         const float *restrict keys = (const float *)k + offset;
         const float *restrict values = (const float *)v + offset;
+        /* On AVX512-BF16 a bf16 block's keys are scored where they lie, by bf16 dot products:
+         * only its values are widened. */
+        const int keys_in_place = BF16_DOTS_ON && bf16 && dim == 64 && block_size == 16;
+        if (bf16) {
+            if (!keys_in_place) {
+                widen((const uint16_t *)k + offset, n, dim, stride, wide_keys);
+                keys = wide_keys;
+            }
+            widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
+            values = wide_values;
+        }
+        const int64_t slot_stride = stride;
+        if (bf16) stride = dim; /* the widened block's rows lie one after the other */
 #if defined(BF16_DOTS)
-        if (bf16 && dim == 64 && block_size == 16) { /* keys read in place by bf16 dot products */
+        if (keys_in_place) {
             for (int64_t g = 0; g < rows; ++g)
                 _mm512_storeu_ps(scores + g * 16, _mm512_mul_ps(dots16_dim64_bf16(q + g * 64, (const uint16_t *)k + offset,
-                                                                                  stride, n, reduce),
+                                                                                  slot_stride, n, reduce),
                                                                 _mm512_set1_ps(scale)));
-            widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
-            values = wide_values;
-            stride = dim;
-        } else
-#endif
-        if (bf16) {
-            widen((const uint16_t *)k + offset, n, dim, stride, wide_keys);
-            widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
-            keys = wide_keys;
-            values = wide_values;
-            stride = dim;
-        }
-#if defined(BF16_DOTS)
-        if (bf16 && dim == 64 && block_size == 16) {
-            /* scored above */
         } else
 #endif
 #if defined(__AVX512F__)
