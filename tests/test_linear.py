@@ -118,16 +118,18 @@ def test_the_own_kernel_in_bf16_sums_in_float32_and_rounds_once(with_bias: bool)
 
 
 @pytest.mark.skipif(not native.gemm_pairs_available(), reason="the pair path needs AVX512-BF16")
-@pytest.mark.parametrize("shape", [(70, 201), (32, 2), (97, 1)])
-def test_the_pair_kernel_pads_odd_k_and_partial_panels(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("shape,all_rows", [((70, 201), range(1, 20)), ((32, 2), range(1, 20)), ((97, 1), range(1, 20)),
+                                            ((40, 4099), (1, 9, 263))])
+def test_the_pair_kernel_pads_odd_k_and_partial_panels(shape: tuple[int, int], all_rows) -> None:
     """Pair panels of 32 features by pairs of k: an odd K's last pair and a partial last panel
     are zero-padded, and every tile height (1 to 8 rows, and more tiles) is summed in float32
-    and rounded once."""
+    and rounded once; a K past 2,048 goes in blocks whose sums carry over in float32 (with more
+    rows than one chunk of them)."""
     torch.manual_seed(7)
     weight = torch.randn(*shape).bfloat16()
     panels = native.pack_panels(weight)
     assert panels.shape == (-(-shape[0] // 32), -(-shape[1] // 2), 32, 2)
-    for rows in range(1, 20):
+    for rows in all_rows:
         x = torch.randn(rows, shape[1]).bfloat16()
         expected = (x.float() @ weight.float().t()).bfloat16().float()
         torch.testing.assert_close(native.gemm(x, panels, shape[0], None).float(), expected, rtol=2 ** -7, atol=1e-3)
