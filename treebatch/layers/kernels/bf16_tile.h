@@ -26,7 +26,6 @@
 
 #define TILE_KEYS 16
 #define TILE_MAX_DIM 256
-#define TILE_EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
 
 /* A tile is 16 * dim uint32 (64-byte aligned where it is a scratch buffer): the keys, [pair of
  * dims][key] (two bfloat16 per entry), then the values, [pair of keys][dim]: as many bytes as the
@@ -97,10 +96,10 @@ static inline __attribute__((always_inline)) void tile_attend(const uint32_t *re
     for (int r = 0; r < TILE_ROWS; ++r) {
         const __mmask16 seen = visible[r] >= TILE_KEYS ? (__mmask16)0xffff : (__mmask16)((1u << visible[r]) - 1);
         const __m512 scores = _mm512_mul_ps(_mm512_add_ps(even[r], odd[r]), _mm512_set1_ps(scale));
-        const float tile_max = _mm512_reduce_max_ps(_mm512_mask_blend_ps(seen, _mm512_set1_ps(TILE_EMPTY_MAX), scores));
+        const float tile_max = _mm512_reduce_max_ps(_mm512_mask_blend_ps(seen, _mm512_set1_ps(EMPTY_MAX), scores));
         const float new_max = tile_max > *max[r] ? tile_max : *max[r];
         const __m512 weights = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-        const float correction = *max[r] == TILE_EMPTY_MAX ? 0.0f : expf(*max[r] - new_max);
+        const float correction = *max[r] == EMPTY_MAX ? 0.0f : expf(*max[r] - new_max);
         *sum[r] = *sum[r] * correction + _mm512_reduce_add_ps(weights);
         *max[r] = new_max;
         keep[r] = _mm512_set1_ps(correction);
@@ -143,7 +142,7 @@ static inline void tile_attend_rows(const uint32_t *restrict tile, int64_t rows,
                 max[j] = maxes + r, sum[j] = sums + r, out[j] = acc + r * dim;
                 any = 1;
             } else {
-                spare_max[j] = TILE_EMPTY_MAX, spare_sum[j] = 0.0f;
+                spare_max[j] = EMPTY_MAX, spare_sum[j] = 0.0f;
                 query[j] = spare_query, seen[j] = 0;
                 max[j] = spare_max + j, sum[j] = spare_sum + j, out[j] = spare_acc;
             }

@@ -52,7 +52,7 @@ static void attend_item(const uint16_t *q, int64_t q0, int64_t count, int64_t he
         const int64_t i = q0 + r / group, h = head * group + r % group;
         seen[r] = base + i < length ? base + i : length;
         queries[r] = (const uint32_t *)(q + (i * heads + h) * dim);
-        maxes[r] = TILE_EMPTY_MAX;
+        maxes[r] = EMPTY_MAX;
         sums[r] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * rows * dim);

@@ -35,27 +35,34 @@ static inline float exp_any(float x) {
     return exp_in_range(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
 }
 
+/* A running softmax max before any key: finite, so no inf - inf (the decode and tile kernels
+ * share running states, so they share this). */
+#define EMPTY_MAX (-3.0e38f)
+
+/* exp_any on a vector of lanes, for the vector type V (prefix P: _mm256 or _mm512) -- a compiler
+ * keeps the scalar form's clamps as branches, so loops over it stay scalar. */
+#define VECTOR_EXP(NAME, V, VI, P, ROUND, CAST_TO_FLOAT)                                          \
+    static inline V NAME(V x) {                                                                   \
+        x = P##_min_ps(P##_max_ps(x, P##_set1_ps(-87.0f)), P##_set1_ps(88.0f));                   \
+        const V n = ROUND(P##_mul_ps(x, P##_set1_ps(1.44269504088896341f)),                       \
+                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                         \
+        V r = P##_fnmadd_ps(n, P##_set1_ps(0.693145751953125f), x);                               \
+        r = P##_fnmadd_ps(n, P##_set1_ps(1.42860682030941723e-6f), r);                            \
+        V p = P##_set1_ps(1.0f / 720.0f);                                                         \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 120.0f));                                       \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 24.0f));                                        \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 6.0f));                                         \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(0.5f));                                                \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f));                                                \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f));                                                \
+        const VI scale = P##_slli_epi32(P##_add_epi32(P##_cvtps_epi32(n), P##_set1_epi32(127)), 23); \
+        return P##_mul_ps(p, CAST_TO_FLOAT(scale));                                               \
+    }
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-/* exp_any on eight lanes (a compiler keeps the scalar form's clamps as branches, so loops over
- * it stay scalar). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
+VECTOR_EXP(exp8, __m256, __m256i, _mm256, _mm256_round_ps, _mm256_castsi256_ps)
 
 /* exp_nonpositive on eight lanes: 0 at and below -87. */
 static inline __m256 exp8_nonpositive(__m256 x) {
@@ -67,23 +74,7 @@ static inline __m256 exp8_nonpositive(__m256 x) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* exp_any on sixteen lanes. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
-}
+VECTOR_EXP(exp16, __m512, __m512i, _mm512, _mm512_roundscale_ps, _mm512_castsi512_ps)
 #endif
 
 #endif

@@ -77,6 +77,15 @@ static ReduceIndex reduce_index(void) {
     return index;
 }
 
+/* parts[j]: key j's partial sums on 16 lanes -> one vector whose lane j is key j's total. */
+static inline __m512 reduce16(__m512 parts[16], const ReduceIndex *index) {
+    for (int round = 0, count = 16; round < 4; ++round, count /= 2)
+        for (int i = 0; i < count / 2; ++i)
+            parts[i] = _mm512_add_ps(_mm512_permutex2var_ps(parts[2 * i], index->low[round], parts[2 * i + 1]),
+                                     _mm512_permutex2var_ps(parts[2 * i], index->high[round], parts[2 * i + 1]));
+    return parts[0];
+}
+
 static inline __m512 dots16_dim64(const float *restrict query, const float *restrict keys, int64_t stride,
                                   int64_t n, const ReduceIndex *index) {
     const __m512 q0 = _mm512_loadu_ps(query), q1 = _mm512_loadu_ps(query + 16);
@@ -93,11 +102,7 @@ static inline __m512 dots16_dim64(const float *restrict query, const float *rest
         acc = _mm512_fmadd_ps(q2, _mm512_loadu_ps(key + 32), acc);
         parts[j] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(key + 48), acc);
     }
-    for (int round = 0, count = 16; round < 4; ++round, count /= 2)
-        for (int i = 0; i < count / 2; ++i)
-            parts[i] = _mm512_add_ps(_mm512_permutex2var_ps(parts[2 * i], index->low[round], parts[2 * i + 1]),
-                                     _mm512_permutex2var_ps(parts[2 * i], index->high[round], parts[2 * i + 1]));
-    return parts[0];
+    return reduce16(parts, index);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
@@ -120,11 +125,7 @@ static inline __m512 dots16_dim64_bf16(const float *restrict query, const uint16
         const __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(key));
         parts[j] = _mm512_dpbf16_ps(acc, q1, (__m512bh)_mm512_loadu_si512(key + 32));
     }
-    for (int round = 0, count = 16; round < 4; ++round, count /= 2)
-        for (int i = 0; i < count / 2; ++i)
-            parts[i] = _mm512_add_ps(_mm512_permutex2var_ps(parts[2 * i], index->low[round], parts[2 * i + 1]),
-                                     _mm512_permutex2var_ps(parts[2 * i], index->high[round], parts[2 * i + 1]));
-    return parts[0];
+    return reduce16(parts, index);
 }
 #endif
 #endif
@@ -212,7 +213,6 @@ static inline __attribute__((always_inline)) void values_avx2(float *restrict ac
 #define MAX_GROUP 32
 #define MAX_DIM 256
 #define MAX_BLOCK 128
-#define EMPTY_MAX (-3.0e38f) /* a running max before any key: finite, so no inf - inf */
 
 /* rows x dim bfloat16 values, `stride` elements from one row to the next -> packed float32. */
 static inline void widen(const uint16_t *restrict from, int64_t rows, int64_t dim, int64_t stride,
@@ -334,13 +334,12 @@ static inline __attribute__((always_inline)) void attend_blocks(
             widen((const uint16_t *)v + offset, n, dim, stride, wide_values);
             values = wide_values;
         }
-        const int64_t slot_stride = stride;
         if (bf16) stride = dim; /* the widened block's rows lie one after the other */
 #if defined(BF16_DOTS)
         if (keys_in_place) {
             for (int64_t g = 0; g < rows; ++g)
                 _mm512_storeu_ps(scores + g * 16, _mm512_mul_ps(dots16_dim64_bf16(q + g * 64, (const uint16_t *)k + offset,
-                                                                                  slot_stride, n, reduce),
+                                                                                  kv_heads * dim, n, reduce),
                                                                 _mm512_set1_ps(scale)));
         } else
 #endif
