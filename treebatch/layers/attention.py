@@ -249,6 +249,12 @@ def _native_decode(
     )
 
 
+def _plain_in_place(attn: LayerAttention, metadata: AttentionMetadata) -> bool:
+    """Whether the in-place kernels may take this layer's prefill rows: they have no sliding
+    window or soft-capped scores (the torch path takes those)."""
+    return attn.window is None and not attn.softcap and metadata.native_decode
+
+
 def _native_chunk(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -263,7 +269,7 @@ def _native_chunk(
     """Rows q against keys [0, length) of `blocks`, row i seeing the first base + i of them, by
     the in-place C kernel (bfloat16 on AVX512-BF16; `tiles`: those keys already laid out for
     it), or None for the torch path (which also takes sliding windows and soft-capped scores)."""
-    if attn.window is not None or attn.softcap or not metadata.native_decode:
+    if not _plain_in_place(attn, metadata):
         return None
     return native.chunk_attention(q, k_cache, v_cache, blocks, length, base, metadata.block_size, attn.scale, tiles)
 
@@ -374,7 +380,7 @@ def _prefix_tiles(
     """The group prefix laid out for the bfloat16 kernels (native.lay_out_tiles), kept across
     steps in the prefix store's slot for this layer like the torch path's gathered K and V, or
     None where the kernels do not read it (float32, a window or soft-cap, no AVX512-BF16)."""
-    if attn.window is not None or attn.softcap or not metadata.native_decode or k_cache.dtype != torch.bfloat16:
+    if not _plain_in_place(attn, metadata) or k_cache.dtype != torch.bfloat16:
         return None
     kept = cascade.prefix_kv
     if kept is not None and isinstance(kept[layer], torch.Tensor):

@@ -260,8 +260,7 @@ def chunk_attention(
     block ids holding the keys. Returns out [n, H, D] bfloat16 and lse [n, H] float32, or None
     where the kernel is unavailable or does not take these arguments (the caller then uses the
     torch path). `tiles`: these keys as lay_out_tiles made them, read instead of the cache."""
-    if (q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not chunk_attention_available()):
+    if q.dtype != torch.bfloat16 or not _tile_kernels_take(k_cache, v_cache):
         return None
     q = q.contiguous()
     blocks = blocks.contiguous()
@@ -281,17 +280,25 @@ def lay_out_tiles(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Te
     """Keys and values [0, length) of `blocks` (bfloat16 caches) laid out as the AVX512-BF16
     kernels read them (kernels/bf16_tile.h: per KV head, tiles of sixteen keys), as many bytes as
     the K and V themselves; None where the kernel is unavailable or does not take them."""
-    if (k_cache.dtype != torch.bfloat16 or v_cache.dtype != torch.bfloat16 or not chunk_attention_available()
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+    if not _tile_kernels_take(k_cache, v_cache):
         return None
     kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
     blocks = blocks.contiguous()
-    tiles = torch.empty(kv_heads, -(-length // 16), 16 * dim, dtype=torch.int32)
+    tiles = torch.empty(kv_heads, -(-length // _TILE_KEYS), _TILE_KEYS * dim, dtype=torch.int32)
     status = library("chunk_attention").lay_out_tiles_bf16(
         k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(), block_size, length, kv_heads, dim, tiles.data_ptr(),
         torch.get_num_threads(),
     )
     return tiles if status == 0 else None
+
+
+_TILE_KEYS = 16  # keys per tile in kernels/bf16_tile.h; a tile is 16 x dim int32 words
+
+
+def _tile_kernels_take(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether chunk_attention.c's kernels built here and read these caches (bfloat16, contiguous)."""
+    return (k_cache.dtype == torch.bfloat16 and v_cache.dtype == torch.bfloat16 and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and chunk_attention_available())
 
 
 @cache
