@@ -1,6 +1,7 @@
 """The step's kernels alone, per call: projections by kernel and batch size, decode attention.
 
-    .venv/bin/python benchmarks/kernel_speed.py [--dtype bfloat16] [--model-shape llama-1b] [--part gemm|decode|all]
+    .venv/bin/python benchmarks/kernel_speed.py [--dtype bfloat16] [--model-shape llama-1b]
+        [--part gemm|decode|tiles|all]
 
 Projections: each of the model's weight shapes (qkv, o, gate/up, down, the vocabulary head) at
 1 / 16 / 64 / 256 / 512 rows through each kernel layers/linear.py can run (treebatch's own GEMM,
@@ -8,7 +9,11 @@ kernels/gemm.c, with its pair path where the CPU has AVX512-BF16; oneDNN on the 
 torch's GEMM on the plain weight): milliseconds (best of the rounds, the kernels timed in
 alternation) and GFLOP/s. Decode attention: the C kernel reading the paged cache in place, for
 S sequences x L keys, blocks scattered over eight layers' worth of cache (so a call does not find
-the previous call's blocks in cache), milliseconds per layer call.
+the previous call's blocks in cache), milliseconds per layer call. Tiles (bfloat16 on
+AVX512-BF16): the kernels that read keys in tiles of sixteen (kernels/bf16_tile.h) at the
+shapes of docqa's groups: a group's decodes over its kept prefix tiles and their own keys
+(cascade), a prefill chunk over a kept prefix (every key visible) and a causal chunk at the end
+of its context: milliseconds per layer call and GFLOP/s of the scores and weighted values.
 """
 
 from __future__ import annotations
@@ -103,11 +108,51 @@ def decode_table(config: dict, dtype: torch.dtype, rounds: int) -> None:
         print(f"| {seqs} | {keys} | {ms:.3f} | {read / ms / 1e6:.1f} |")
 
 
+def tiles_table(config: dict, rounds: int) -> None:
+    if not native.chunk_attention_available():
+        print("\ntile kernels: not built here (no AVX512-BF16)")
+        return
+    heads, kv_heads, dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    block, dtype = 16, torch.bfloat16
+    generator = torch.Generator().manual_seed(2)
+    slots = 4096 * block
+    k = torch.randn(slots, kv_heads, dim, generator=generator).to(dtype)
+    v = torch.randn(slots, kv_heads, dim, generator=generator).to(dtype)
+    order = torch.randperm(slots // block, generator=generator)
+    scale = dim**-0.5
+    print(f"\ntile kernels, bfloat16, {heads} heads over {kv_heads}, ms per layer call (GFLOP/s)")
+    print("| kernel | queries | keys | ms | GFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
+
+    def report(name: str, queries: int, keys: str, pairs: int, call) -> None:
+        ms = min(best_ms(call, 1, 20) for _ in range(rounds))
+        flops = 4 * pairs * heads * dim  # a score and a weighted value per (query head, key) pair
+        print(f"| {name} | {queries} | {keys} | {ms:.3f} | {flops / ms / 1e6:.0f} |")
+
+    prefix_len, own, members = 608, 48, 16
+    prefix = order[: prefix_len // block]
+    tiles = native.lay_out_tiles(k, v, prefix, prefix_len, block)
+    own_tables = order[prefix_len // block:prefix_len // block + members * own // block].view(members, own // block)
+    q = torch.randn(members, heads, dim, generator=generator).to(dtype)
+    lengths = torch.full((members,), own, dtype=torch.int64)
+    report("cascade decode", members, f"{prefix_len} + {own}", members * (prefix_len + own),
+           lambda: native.cascade_decode_attention(q, k, v, prefix, own_tables, lengths, block, scale,
+                                                   prefix_tiles=tiles))
+    n = 256
+    q = torch.randn(n, heads, dim, generator=generator).to(dtype)
+    report("chunk over kept prefix", n, f"{prefix_len}", n * prefix_len,
+           lambda: native.chunk_attention(q, k, v, prefix, prefix_len, prefix_len, block, scale, tiles=tiles))
+    context = 512
+    blocks = order[:context // block]
+    report("causal chunk", n, f"{context} (last {n} new)", n * (context - n) + n * (n + 1) // 2,
+           lambda: native.chunk_attention(q, k, v, blocks, context, context - n + 1, block, scale))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--model-shape", choices=sorted(SHAPES), default=None)
-    parser.add_argument("--part", default="all", choices=["all", "gemm", "decode"])
+    parser.add_argument("--part", default="all", choices=["all", "gemm", "decode", "tiles"])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     config = SHAPES[args.model_shape] if args.model_shape else SMOLLM2
@@ -118,6 +163,8 @@ def main() -> None:
             gemm_table(config, dtype, args.rounds)
         if args.part in ("all", "decode"):
             decode_table(config, dtype, args.rounds)
+        if args.part in ("all", "tiles"):
+            tiles_table(config, args.rounds)
 
 
 if __name__ == "__main__":

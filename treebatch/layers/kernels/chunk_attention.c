@@ -8,8 +8,8 @@
  * some of the keys merges exactly with another.
  *
  * A work item is one KV head and a tile of queries: its rows are (query, head of the group)
- * pairs, up to MAX_ROWS. Keys go sixteen at a time, each tile of sixteen keys laid out once per
- * item for the bf16 dot-product instruction and then read by every row (bf16_tile.h), or, where
+ * pairs, up to MAX_ROWS. Keys go 64 at a time, each tile of sixteen keys laid out once per item
+ * for the bf16 dot-product instruction and then read by every row (bf16_tile.h), or, where
  * the caller passes `tiles` (a group's prefix, laid out once by lay_out_tiles_bf16 and kept while
  * the group lives), read from there. The output is rounded to bfloat16 once.
  *
@@ -43,10 +43,8 @@ static void attend_item(const uint16_t *q, int64_t q0, int64_t count, int64_t he
                         int64_t length, int64_t base, float scale, const uint32_t *tiles, uint16_t *out,
                         float *lse) {
     const int64_t group = heads / kv_heads, rows = count * group;
-    static __thread uint32_t scratch[TILE_WORDS(TILE_MAX_DIM)] __attribute__((aligned(64)));
-    const int64_t tiles_per_head = (length + TILE_KEYS - 1) / TILE_KEYS;
     float maxes[MAX_ROWS], sums[MAX_ROWS], acc[MAX_ROWS * TILE_MAX_DIM];
-    int64_t seen[MAX_ROWS], visible[MAX_ROWS];
+    int64_t seen[MAX_ROWS];
     const uint32_t *queries[MAX_ROWS];
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = q0 + r / group, h = head * group + r % group;
@@ -56,18 +54,8 @@ static void attend_item(const uint16_t *q, int64_t q0, int64_t count, int64_t he
         sums[r] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * rows * dim);
-    const int64_t last = seen[rows - 1]; /* rows see more keys as their query moves on */
-    for (int64_t first = 0; first < last; first += TILE_KEYS) {
-        const int64_t keys = last - first < TILE_KEYS ? last - first : TILE_KEYS;
-        const uint32_t *tile = scratch;
-        if (tiles)
-            tile = tiles + (head * tiles_per_head + first / TILE_KEYS) * TILE_WORDS(dim);
-        else
-            tile_lay_out(scratch, k, v, table, block_size, kv_heads, head, dim, first, keys);
-        for (int64_t r = 0; r < rows; ++r)
-            visible[r] = seen[r] <= first ? 0 : (seen[r] - first < TILE_KEYS ? seen[r] - first : TILE_KEYS);
-        tile_attend_rows(tile, rows, queries, visible, dim, scale, maxes, sums, acc);
-    }
+    tiles_attend(tiles, k, v, table, block_size, kv_heads, head, dim, length, rows, queries, seen, scale, maxes, sums,
+                 acc);
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = q0 + r / group, h = head * group + r % group;
         uint16_t *restrict o = out + (i * heads + h) * dim;

@@ -508,32 +508,23 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
 #if defined(BF16_TILES)
 /* The `rows` query rows (float32 values that came from bfloat16, so rounding them back is exact)
  * take keys [0, prefix_len) of KV head `head` of a bfloat16 block table into their running
- * softmax, sixteen keys at a time by bf16 dot products (bf16_tile.h): each tile laid out once
- * for all the rows, or read from `kept` (the prefix's tiles of every KV head, laid out when the
+ * softmax, 64 keys at a time by bf16 dot products (bf16_tile.h): each tile laid out once for
+ * all the rows, or read from `kept` (the prefix's tiles of every KV head, laid out when the
  * group first ran). */
 static void prefix_tiles(Running *restrict state, int64_t rows, const float *restrict q, const void *k, const void *v,
                          const int64_t *table, int64_t prefix_len, const uint32_t *kept, int64_t kv_heads,
                          int64_t head, int64_t dim, int64_t block_size, float scale) {
-    static __thread uint32_t scratch[TILE_WORDS(MAX_DIM)] __attribute__((aligned(64)));
     uint32_t pairs[MAX_GROUP][MAX_DIM / 2];
     const uint32_t *queries[MAX_GROUP];
-    int64_t visible[MAX_GROUP];
+    int64_t seen[MAX_GROUP];
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t p = 0; p < dim / 2; ++p)
             pairs[r][p] = (uint32_t)bf16_round(q[r * dim + 2 * p]) | ((uint32_t)bf16_round(q[r * dim + 2 * p + 1]) << 16);
         queries[r] = pairs[r];
+        seen[r] = prefix_len;
     }
-    const int64_t per_head = (prefix_len + TILE_KEYS - 1) / TILE_KEYS;
-    for (int64_t t = 0; t < per_head; ++t) {
-        const int64_t first = t * TILE_KEYS, keys = prefix_len - first < TILE_KEYS ? prefix_len - first : TILE_KEYS;
-        const uint32_t *tile = scratch;
-        if (kept)
-            tile = kept + (head * per_head + t) * TILE_WORDS(dim);
-        else
-            tile_lay_out(scratch, k, v, table, block_size, kv_heads, head, dim, first, keys);
-        for (int64_t r = 0; r < rows; ++r) visible[r] = keys;
-        tile_attend_rows(tile, rows, queries, visible, dim, scale, state->maxes, state->sums, state->acc);
-    }
+    tiles_attend(kept, k, v, table, block_size, kv_heads, head, dim, prefix_len, rows, queries, seen, scale,
+                 state->maxes, state->sums, state->acc);
 }
 #endif
 
