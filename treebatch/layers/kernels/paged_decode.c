@@ -540,6 +540,19 @@ static inline __attribute__((always_inline)) void cascade_item(
     for (int64_t m = 0; m < members; ++m)
         memcpy(queries + m * group * dim, q + ((first_member + m) * num_heads + head * group) * dim,
                sizeof(float) * group * dim);
+    /* The members' own keys and values of this head lie scattered over the cache: ask for them
+     * now (into L2), so they arrive while the prefix is scored. */
+    const int64_t element = bf16 ? 2 : 4, row_bytes = dim * element;
+    for (int64_t m = 0; m < members; ++m) {
+        const int64_t *table = tables + (first_member + m) * width;
+        for (int64_t t = 0; t < lengths[first_member + m]; ++t) {
+            const int64_t at = ((table[t / block_size] * block_size + t % block_size) * kv_heads + head) * row_bytes;
+            for (int64_t line = 0; line < row_bytes; line += 64) {
+                __builtin_prefetch((const char *)k + at + line, 0, 2);
+                __builtin_prefetch((const char *)v + at + line, 0, 2);
+            }
+        }
+    }
     Running state;
     running_start(&state, rows, dim);
 #if defined(BF16_TILES)
