@@ -340,3 +340,38 @@ def test_cascade_kernel_in_bf16_equals_the_softmax(members, num_heads, kv_heads,
                                   dim**-0.5)
     torch.testing.assert_close(got[0].float(), out, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(got[1], lse, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_groups_in_one_call_equal_each_group_alone(dtype):
+    """Several groups (prefixes of 1, 5 and 9 blocks: spans of 64 keys, whole and cut; 1 to 12
+    members) in one cascade_decode_groups call: each group's rows equal what a call for that
+    group alone gives, bit for bit (a row's arithmetic does not depend on the rows beside it),
+    and the explicit softmax (float32 to 1e-5; bfloat16 as the one-group test)."""
+    torch.manual_seed(21)
+    num_heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    k_cache = torch.randn(80 * block_size, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(80 * block_size, kv_heads, dim).to(dtype)
+    order = iter(torch.randperm(80).tolist())
+    groups, queries = [], []
+    for prefix_blocks, members in ((5, 4), (1, 12), (9, 1)):
+        prefix = torch.tensor([next(order) for _ in range(prefix_blocks)])
+        tables = torch.tensor([[next(order) for _ in range(2)] for _ in range(members)])
+        lengths = torch.tensor([1 + (7 * m) % (2 * block_size) for m in range(members)])
+        tiles = native.lay_out_tiles(k_cache, v_cache, prefix, prefix_blocks * block_size, block_size)
+        groups.append(native.CascadeDecode(prefix, tables, lengths, tiles))
+        queries.append((torch.randn(members, num_heads, dim) * 0.5).to(dtype))
+    got = native.cascade_decode_groups(torch.cat(queries), k_cache, v_cache, groups, block_size, dim**-0.5)
+    assert got is not None
+    row = 0
+    for group, q in zip(groups, queries):
+        alone = native.cascade_decode_attention(q, k_cache, v_cache, *group[:3], block_size, dim**-0.5,
+                                                prefix_tiles=group.prefix_tiles)
+        rows = slice(row, row + q.shape[0])
+        assert torch.equal(got[0][rows], alone[0]) and torch.equal(got[1][rows], alone[1])
+        out, lse = _cascade_reference(q.float(), k_cache.float(), v_cache.float(), *group[:3], block_size, dim**-0.5)
+        tolerance = (1e-5, 1e-5) if dtype == torch.float32 else (3e-2, 2e-2)
+        torch.testing.assert_close(got[0][rows].float(), out, atol=tolerance[0], rtol=tolerance[1])
+        torch.testing.assert_close(got[1][rows], lse, atol=1e-4, rtol=1e-5)
+        row += q.shape[0]

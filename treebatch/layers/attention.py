@@ -191,8 +191,10 @@ def paged_attention(
         )
         parts.append(attended.squeeze(0).transpose(0, 1))
 
-    for cascade in metadata.cascades:
-        parts.append(_cascade_attention(q, k_cache, v_cache, metadata, cascade, attn, layer))
+    tiles = [_prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer) for cascade in metadata.cascades]
+    wholes = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
+    for cascade, prefix_tiles, whole in zip(metadata.cascades, tiles, wholes):
+        parts.append(_cascade_attention(q, k_cache, v_cache, metadata, cascade, attn, layer, prefix_tiles, whole))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -299,7 +301,11 @@ def _cascade_attention(
     cascade: CascadeGroup,
     attn: LayerAttention,
     layer: int,
+    tiles: torch.Tensor | None,
+    whole: torch.Tensor | None,
 ) -> torch.Tensor:
+    """One group's rows: `whole` its decodes' results where the C kernel took them (then only
+    its chunks are left here), `tiles` its prefix's tiles (_prefix_tiles)."""
     scale, window, softcap = attn.scale, attn.window, attn.softcap
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
@@ -309,9 +315,6 @@ def _cascade_attention(
     queries = q[cascade.row_start : cascade.row_start + cascade.num_rows]  # [N, heads, D]
     num_decodes = cascade.num_decodes
     first = 0  # the group's rows before `queries`: its decodes, where the C kernel took them
-    tiles = _prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer)
-    # The decodes in one pass over the prefix (read once for all of them) and their own keys.
-    whole = _native_cascade_decode(queries[:num_decodes], k_cache, v_cache, metadata, cascade, attn, tiles)
     if whole is not None:
         if not cascade.chunks:
             return whole
@@ -392,24 +395,30 @@ def _prefix_tiles(
     return tiles
 
 
-def _native_cascade_decode(
+def _native_cascade_decodes(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
-    cascade: CascadeGroup,
     attn: LayerAttention,
-    tiles: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """A group's single-query rows over its prefix and their own keys by the C kernel, or None
+    tiles: list[torch.Tensor | None],
+) -> list[torch.Tensor | None]:
+    """Every group's single-query rows over its prefix (read once for all of them) and their own
+    keys, by one call of the C kernel for the whole step: per group its decodes' results, or None
     (no such rows, no kernel, or a sliding window: the torch cascade takes those)."""
-    if not q.shape[0] or attn.window is not None or not metadata.native_decode:
-        return None
-    tables = cascade.decode_suffix_blocks.view(q.shape[0], -1)
-    result = native.cascade_decode_attention(q, k_cache, v_cache, cascade.prefix_blocks, tables,
-                                             cascade.decode_suffix_lengths, metadata.block_size, attn.scale,
-                                             attn.softcap, tiles)
-    return None if result is None else result[0]
+    taken = [c for c in metadata.cascades if c.num_decodes]
+    if not taken or attn.window is not None or not metadata.native_decode:
+        return [None] * len(metadata.cascades)
+    rows = [q[c.row_start : c.row_start + c.num_decodes] for c in taken]
+    groups = [native.CascadeDecode(c.prefix_blocks, c.decode_suffix_blocks.view(c.num_decodes, -1),
+                                   c.decode_suffix_lengths, t)
+              for c, t in zip(metadata.cascades, tiles) if c.num_decodes]
+    result = native.cascade_decode_groups(rows[0] if len(rows) == 1 else torch.cat(rows), k_cache, v_cache, groups,
+                                          metadata.block_size, attn.scale, attn.softcap)
+    if result is None:
+        return [None] * len(metadata.cascades)
+    outs = iter(result[0].split([c.num_decodes for c in taken]))
+    return [next(outs) if c.num_decodes else None for c in metadata.cascades]
 
 
 def _prefix_window_mask(

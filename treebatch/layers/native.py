@@ -28,9 +28,10 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -46,8 +47,7 @@ _SIGNATURES = {
                _F32, _POINTER, _POINTER, _INT]
         for name in ("paged_decode_attention", "paged_decode_attention_bf16")
     } | {
-        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _POINTER, _POINTER, _I64, _POINTER, _I64, _I64, _I64, _I64,
-               _I64, _F32, _F32, _POINTER, _POINTER, _INT]
+        name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _POINTER, _POINTER, _INT]
         for name in ("cascade_decode_attention", "cascade_decode_attention_bf16")
     },
     "layer_ops": {
@@ -212,20 +212,56 @@ def cascade_decode_attention(
     together (no merge left to do), or None as paged_decode_attention does. No sliding window:
     a layer with one takes the torch cascade. `prefix_tiles`: the prefix as lay_out_tiles made
     it (bfloat16 only), read instead of laying each tile out again."""
+    group = CascadeDecode(prefix_blocks, suffix_tables, suffix_lengths, prefix_tiles)
+    return cascade_decode_groups(q, k_cache, v_cache, [group], block_size, scale, softcap)
+
+
+class CascadeDecode(NamedTuple):
+    """One group's part of a cascade_decode_groups call (as cascade_decode_attention's arguments)."""
+
+    prefix_blocks: torch.Tensor
+    suffix_tables: torch.Tensor  # [members, width]
+    suffix_lengths: torch.Tensor  # [members]
+    prefix_tiles: torch.Tensor | None = None
+
+
+def cascade_decode_groups(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: Sequence[CascadeDecode],
+    block_size: int,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cascade_decode_attention for several groups in one call (one pass of Python and one team
+    of threads per layer, not per group): q [sum of the members, H, D] holds the groups' rows in
+    the order of `groups`, and so do the results."""
     function = _in_place_function(_CASCADE_BY_DTYPE, q, k_cache, v_cache)
     if function is None:
         return None
     queries = q.float().contiguous()
-    prefix_blocks, suffix_tables, suffix_lengths = (t.contiguous() for t in (prefix_blocks, suffix_tables, suffix_lengths))
-    num_members, num_heads, dim = q.shape
+    num_rows, num_heads, dim = q.shape
+    held = []  # the contiguous tensors whose addresses the call reads
+    fields = []
+    row = 0
+    for group in groups:
+        prefix, tables, lengths = (t.contiguous() for t in (group.prefix_blocks, group.suffix_tables, group.suffix_lengths))
+        held += [prefix, tables, lengths]
+        members = tables.shape[0]
+        tiles = 0 if group.prefix_tiles is None else group.prefix_tiles.data_ptr()
+        fields += [row, members, prefix.data_ptr(), prefix.numel() * block_size, tiles, tables.data_ptr(),
+                   tables.shape[1], lengths.data_ptr()]
+        row += members
+    if row != num_rows:
+        raise ValueError(f"the groups hold {row} rows, q {num_rows}")
+    table = torch.tensor(fields, dtype=torch.int64)
     out = torch.empty_like(queries)
-    lse = torch.empty(num_members, num_heads, dtype=torch.float32)
+    lse = torch.empty(num_rows, num_heads, dtype=torch.float32)
     status = function(
-        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), prefix_blocks.data_ptr(),
-        prefix_blocks.numel() * block_size, None if prefix_tiles is None else prefix_tiles.data_ptr(),
-        suffix_tables.data_ptr(), suffix_tables.shape[1], suffix_lengths.data_ptr(),
-        num_members, num_heads, k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(),
-        lse.data_ptr(), torch.get_num_threads(),
+        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), len(groups), num_heads,
+        k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(), lse.data_ptr(),
+        torch.get_num_threads(),
     )
     return (out.to(q.dtype), lse) if status == 0 else None
 

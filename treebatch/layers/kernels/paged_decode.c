@@ -9,10 +9,10 @@
  * per query head, rescaled block by block. Besides the output it returns each query's
  * log-sum-exp, so a result over part of the keys can be merged exactly.
  *
- * cascade_decode_attention: the single-query rows of one shared-prefix group. A work item is a
- * KV head and a run of members: the run's query rows read each prefix block once, together,
- * then each member's rows go on over its own blocks in the same running softmax, so there is
- * nothing to merge afterwards.
+ * cascade_decode_attention: the single-query rows of shared-prefix groups, every group of a
+ * step's layer in one call. A work item is a KV head and a run of a group's members: the run's
+ * query rows read each prefix block once, together, then each member's rows go on over its own
+ * blocks in the same running softmax, so there is nothing to merge afterwards.
  *
  * Layouts (row-major, contiguous):
  *   q [S, H, D]; k, v [num_slots, KVH, D]; tables [S, width] (int64); lengths [S] (int64)
@@ -40,6 +40,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -571,36 +572,59 @@ static inline __attribute__((always_inline)) void cascade_item(
     }
 }
 
-/* q [M, H, D]: the single-query rows of M members of one group; prefix [prefix_len / block_size]
- * its shared blocks; tables [M, width], lengths [M]: each member's own blocks and keys after the
- * prefix. out, lse as for paged_decode_attention, over the prefix and the member's own keys
- * together. Members are cut into runs of at most MAX_GROUP query rows, and into more runs where
- * the KV heads alone would leave a thread idle: each run reads the prefix once. */
+/* A group's row of `groups` (int64, GROUP_FIELDS each): the row of its first member in q, out
+ * and lse; its members; the address of its prefix's block ids, its prefix's keys and the address
+ * of its kept tiles (or 0); the address of its members' block tables [members, width], width,
+ * and the address of their own key counts. */
+enum { G_ROW, G_MEMBERS, G_PREFIX, G_PREFIX_LEN, G_KEPT, G_TABLES, G_WIDTH, G_LENGTHS, GROUP_FIELDS };
+#define FIELD(g, f) groups[(g) * GROUP_FIELDS + (f)]
+#define ADDRESS(g, f) ((const void *)(intptr_t)FIELD(g, f))
+
+/* The single-query rows of several shared-prefix groups in one call, rows [row, row + members)
+ * of q [S, H, D] for each group: out, lse as for paged_decode_attention, over the group's prefix
+ * and the member's own keys together. Each group's members are cut into runs of at most
+ * MAX_GROUP query rows, shorter where all the work items together would leave a thread idle;
+ * a work item is a run and a KV head, and each reads its group's prefix once. */
 static inline __attribute__((always_inline)) int cascade_all(
-    const float *q, const void *k, const void *v, const int bf16, const int64_t *prefix, int64_t prefix_len,
-    const uint32_t *kept, const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_members,
-    int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
-    int num_threads) {
+    const float *q, const void *k, const void *v, const int bf16, const int64_t *groups, int64_t num_groups,
+    int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float softcap, float *out,
+    float *lse, int num_threads) {
     const int64_t group = num_heads / kv_heads;
-    if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads ||
-        prefix_len % block_size)
+    if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
         return -1;
-    const int64_t most = MAX_GROUP / group; /* members in a run of at most MAX_GROUP rows */
-    int64_t runs = (num_members + most - 1) / most;
-    while (runs < num_members && runs * kv_heads < 2 * num_threads) ++runs;
-    const int64_t per_run = (num_members + runs - 1) / runs;
+    int64_t total = 0; /* members of all groups: the most runs there can be */
+    for (int64_t g = 0; g < num_groups; ++g) {
+        if (FIELD(g, G_PREFIX_LEN) % block_size) return -1;
+        total += FIELD(g, G_MEMBERS);
+    }
+    int64_t per_run = MAX_GROUP / group, runs;
+    for (;; --per_run) {
+        runs = 0;
+        for (int64_t g = 0; g < num_groups; ++g) runs += (FIELD(g, G_MEMBERS) + per_run - 1) / per_run;
+        if (per_run == 1 || runs * kv_heads >= 2 * num_threads) break;
+    }
+    int64_t *run_group = malloc(sizeof(int64_t) * 2 * (total > 0 ? total : 1)), *run_first = run_group + total;
+    if (!run_group) return -1;
+    for (int64_t g = 0, r = 0; g < num_groups; ++g)
+        for (int64_t first = 0; first < FIELD(g, G_MEMBERS); first += per_run) run_group[r] = g, run_first[r++] = first;
     REDUCE_INDEX;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t item = 0; item < runs * kv_heads; ++item) {
-        const int64_t head = item % kv_heads, first = item / kv_heads * per_run;
-        if (first >= num_members) continue;
-        const int64_t members = num_members - first < per_run ? num_members - first : per_run;
+        const int64_t g = run_group[item / kv_heads], first = run_first[item / kv_heads], head = item % kv_heads;
+        const int64_t members = FIELD(g, G_MEMBERS) - first < per_run ? FIELD(g, G_MEMBERS) - first : per_run;
+        const int64_t row = FIELD(g, G_ROW);
+        const float *q_g = q + row * num_heads * dim;
+        float *out_g = out + row * num_heads * dim, *lse_g = lse + row * num_heads;
+        const int64_t *prefix = ADDRESS(g, G_PREFIX), *tables = ADDRESS(g, G_TABLES), *lengths = ADDRESS(g, G_LENGTHS);
+        const uint32_t *kept = ADDRESS(g, G_KEPT);
+        const int64_t prefix_len = FIELD(g, G_PREFIX_LEN), width = FIELD(g, G_WIDTH);
 #define CALL(DIM, BLOCK)                                                                                      \
-    cascade_item(q, k, v, bf16, prefix, prefix_len, kept, tables, width, lengths, first, members, num_heads, kv_heads,     \
-                 head, DIM, BLOCK, scale, softcap, out, lse, reduce)
+    cascade_item(q_g, k, v, bf16, prefix, prefix_len, kept, tables, width, lengths, first, members, num_heads,     \
+                 kv_heads, head, DIM, BLOCK, scale, softcap, out_g, lse_g, reduce)
         WITH_CONSTANT_SIZES(CALL);
 #undef CALL
     }
+    free(run_group);
     return 0;
 }
 
@@ -620,22 +644,20 @@ int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
                       window, softcap, out, lse, num_threads);
 }
 
-/* `kept`: the prefix laid out in tiles (bf16_tile.h) for every KV head, or NULL (the bfloat16
- * kernel then lays out each tile itself; the float32 one never reads it). */
-int cascade_decode_attention(const float *q, const float *k, const float *v, const int64_t *prefix,
-                             int64_t prefix_len, const uint32_t *kept, const int64_t *tables, int64_t width,
-                             const int64_t *lengths, int64_t num_members, int64_t num_heads, int64_t kv_heads,
-                             int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
-                             int num_threads) {
-    return cascade_all(q, k, v, 0, prefix, prefix_len, kept, tables, width, lengths, num_members, num_heads, kv_heads,
-                       dim, block_size, scale, softcap, out, lse, num_threads);
+/* `groups` as for cascade_all; a group's kept tiles: its prefix laid out in tiles (bf16_tile.h)
+ * for every KV head, or 0 (the bfloat16 kernel then lays out each tile itself; the float32 one
+ * never reads them). */
+int cascade_decode_attention(const float *q, const float *k, const float *v, const int64_t *groups,
+                             int64_t num_groups, int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                             float scale, float softcap, float *out, float *lse, int num_threads) {
+    return cascade_all(q, k, v, 0, groups, num_groups, num_heads, kv_heads, dim, block_size, scale, softcap, out, lse,
+                       num_threads);
 }
 
-int cascade_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *prefix,
-                                  int64_t prefix_len, const uint32_t *kept, const int64_t *tables, int64_t width,
-                                  const int64_t *lengths, int64_t num_members, int64_t num_heads, int64_t kv_heads,
-                                  int64_t dim, int64_t block_size, float scale, float softcap, float *out, float *lse,
+int cascade_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *groups,
+                                  int64_t num_groups, int64_t num_heads, int64_t kv_heads, int64_t dim,
+                                  int64_t block_size, float scale, float softcap, float *out, float *lse,
                                   int num_threads) {
-    return cascade_all(q, k, v, 1, prefix, prefix_len, kept, tables, width, lengths, num_members, num_heads, kv_heads,
-                       dim, block_size, scale, softcap, out, lse, num_threads);
+    return cascade_all(q, k, v, 1, groups, num_groups, num_heads, kv_heads, dim, block_size, scale, softcap, out, lse,
+                       num_threads);
 }
