@@ -72,7 +72,8 @@ def instrument() -> None:
     def rows_band(name):
         return lambda first, *args, **kwargs: f"C {name}, {'<=64' if first.shape[0] <= 64 else '>64'} rows"
 
-    for name in ("paged_decode_attention", "cascade_decode_groups", "chunk_attention", "add_rms_norm", "silu_mul",
+    for name in ("paged_decode_attention", "cascade_decode_groups", "chunk_attention", "chunk_attention_parts",
+                 "add_rms_norm", "silu_mul",
                  "rope_store"):
         wrapped = timed(rows_band(name), getattr(native, name))
         setattr(native, name, wrapped)

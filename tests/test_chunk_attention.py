@@ -86,6 +86,47 @@ def test_kept_tiles_are_read_as_the_cache_itself():
     assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
 
 
+@pytest.mark.parametrize("kept", [False, True])
+def test_chunks_of_a_step_in_one_call_see_their_prefix_first(kept: bool):
+    """chunk_attention_parts: a plain chunk and members' chunks of two groups (prefixes of 80 and
+    16 keys, kept as tiles or laid out by the kernel; chunks of 1 to 45 queries, several tiles of
+    queries where longer than 21), written at their rows of one output: each row equals the
+    explicit softmax over its prefix and its own keys, and rows no part names stay untouched."""
+    torch.manual_seed(8)
+    k = torch.randn(64 * BLOCK, KV_HEADS, DIM).bfloat16()
+    v = torch.randn(64 * BLOCK, KV_HEADS, DIM).bfloat16()
+    order = iter(torch.randperm(64).tolist())
+
+    def blocks(count: int) -> torch.Tensor:
+        return torch.tensor([next(order) for _ in range(count)])
+
+    prefixes = [blocks(5), blocks(1)]
+    q = (torch.randn(120, HEADS, DIM) * 0.5).bfloat16()
+    parts, row = [], 2  # rows 0 and 1: no part's
+    for prefix, (n, length) in [(None, (30, 40)), (prefixes[0], (45, 45)), (prefixes[0], (1, 20)),
+                                (prefixes[1], (12, 33)), (prefixes[1], (22, 22))]:
+        prefix_len = 0 if prefix is None else prefix.numel() * BLOCK
+        tiles = native.lay_out_tiles(k, v, prefix, prefix_len, BLOCK) if kept and prefix is not None else None
+        parts.append(native.ChunkPart(row, n, blocks(-(-length // BLOCK)), length, length - n + 1, None, prefix,
+                                      prefix_len, tiles))
+        row += n
+    out = torch.full_like(q, 7.0)
+    assert native.chunk_attention_parts(q, k, v, parts, BLOCK, DIM**-0.5, out)
+    assert torch.equal(out[:2], torch.full_like(out[:2], 7.0))
+
+    def slots(table: torch.Tensor, length: int) -> torch.Tensor:
+        return (table[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)[:length]
+
+    for part in parts:
+        keys = slots(part.blocks, part.length)
+        if part.prefix_blocks is not None:
+            keys = torch.cat([slots(part.prefix_blocks, part.prefix_len), keys])
+        seen = part.prefix_len + torch.clamp(part.base + torch.arange(part.n), max=part.length)
+        rows = slice(part.row, part.row + part.n)
+        expected, _ = explicit(q[rows], k[keys], v[keys], seen, DIM**-0.5)
+        torch.testing.assert_close(out[rows].float(), expected, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("store", [False, True])
 def test_model_paths_equal_torch_attention_in_bf16(grouped: bool, store: bool):

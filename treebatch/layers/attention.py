@@ -136,6 +136,9 @@ def paged_attention(
     if not isinstance(attn, LayerAttention):
         attn = LayerAttention(float(attn))
     scale, window, softcap = attn.scale, attn.window, attn.softcap
+    whole_step = _in_place_step(q, k_cache, v_cache, metadata, attn, layer)
+    if whole_step is not None:
+        return whole_step
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -192,7 +195,11 @@ def paged_attention(
         parts.append(attended.squeeze(0).transpose(0, 1))
 
     tiles = [_prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer) for cascade in metadata.cascades]
-    wholes = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
+    decoded = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
+    wholes = [None] * len(metadata.cascades)
+    if decoded is not None:
+        each = iter(decoded.split([c.num_decodes for c in metadata.cascades if c.num_decodes]))
+        wholes = [next(each) if c.num_decodes else None for c in metadata.cascades]
     for cascade, prefix_tiles, whole in zip(metadata.cascades, tiles, wholes):
         parts.append(_cascade_attention(q, k_cache, v_cache, metadata, cascade, attn, layer, prefix_tiles, whole))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -402,23 +409,65 @@ def _native_cascade_decodes(
     metadata: AttentionMetadata,
     attn: LayerAttention,
     tiles: list[torch.Tensor | None],
-) -> list[torch.Tensor | None]:
+) -> torch.Tensor | None:
     """Every group's single-query rows over its prefix (read once for all of them) and their own
-    keys, by one call of the C kernel for the whole step: per group its decodes' results, or None
-    (no such rows, no kernel, or a sliding window: the torch cascade takes those)."""
+    keys, by one call of the C kernel for the whole step: the groups' decodes' results one group
+    after the other, or None (no such rows, no kernel, or a sliding window: the torch cascade
+    takes those)."""
     taken = [c for c in metadata.cascades if c.num_decodes]
     if not taken or attn.window is not None or not metadata.native_decode:
-        return [None] * len(metadata.cascades)
+        return None
     rows = [q[c.row_start : c.row_start + c.num_decodes] for c in taken]
     groups = [native.CascadeDecode(c.prefix_blocks, c.decode_suffix_blocks.view(c.num_decodes, -1),
                                    c.decode_suffix_lengths, t)
               for c, t in zip(metadata.cascades, tiles) if c.num_decodes]
     result = native.cascade_decode_groups(rows[0] if len(rows) == 1 else torch.cat(rows), k_cache, v_cache, groups,
                                           metadata.block_size, attn.scale, attn.softcap)
-    if result is None:
-        return [None] * len(metadata.cascades)
-    outs = iter(result[0].split([c.num_decodes for c in taken]))
-    return [next(outs) if c.num_decodes else None for c in metadata.cascades]
+    return None if result is None else result[0]
+
+
+def _in_place_step(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    attn: LayerAttention,
+    layer: int,
+) -> torch.Tensor | None:
+    """The whole step's rows by the in-place kernels into one output, three calls per layer: the
+    plain decodes, every group's decodes, and every prefill chunk (a group member's over its
+    group's prefix and its own keys in one softmax, so nothing is merged). None where they do
+    not take this layer (float32, a window or soft-cap, no AVX512-BF16): the per-part path."""
+    if q.dtype != torch.bfloat16 or not _plain_in_place(attn, metadata) or not native.chunk_attention_available():
+        return None
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if metadata.num_decodes:
+        decoded = _native_decode(q[: metadata.num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks,
+                                 metadata.decode_lengths, attn)
+        if decoded is None:
+            return None
+        out[: metadata.num_decodes] = decoded[0]
+    tiles = [_prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer) for cascade in metadata.cascades]
+    decode_rows = [row for c in metadata.cascades for row in range(c.row_start, c.row_start + c.num_decodes)]
+    if decode_rows:
+        decoded = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
+        if decoded is None:
+            return None
+        out.index_copy_(0, torch.tensor(decode_rows), decoded)
+    parts = [native.ChunkPart(chunk.query_start, chunk.num_queries, chunk.context_blocks, chunk.context_len,
+                              chunk.context_len - chunk.num_queries + 1) for chunk in metadata.prefills]
+    for cascade, prefix_tiles in zip(metadata.cascades, tiles):
+        row = cascade.row_start + cascade.num_decodes
+        prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
+        for chunk in cascade.chunks:
+            parts.append(native.ChunkPart(row, chunk.num_queries, chunk.suffix_blocks, chunk.suffix_len,
+                                          chunk.suffix_len - chunk.num_queries + 1, None, cascade.prefix_blocks,
+                                          prefix_len, prefix_tiles))
+            row += chunk.num_queries
+    if parts and not native.chunk_attention_parts(q, k_cache, v_cache, parts, metadata.block_size, attn.scale, out):
+        return None
+    return out
 
 
 def _prefix_window_mask(

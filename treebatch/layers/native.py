@@ -60,8 +60,8 @@ _SIGNATURES = {
     },
     "chunk_attention": {
         "chunk_attention_available": [],
-        "chunk_attention_bf16": [_POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64,
-                                 _F32, _POINTER, _POINTER, _POINTER, _INT],
+        "chunk_attention_bf16": [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _I64, _POINTER, _I64, _F32, _POINTER,
+                                 _POINTER, _INT],
         "lay_out_tiles_bf16": [_POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _POINTER, _INT],
     },
     "gemm": {
@@ -249,8 +249,7 @@ def cascade_decode_groups(
         prefix, tables, lengths = (t.contiguous() for t in (group.prefix_blocks, group.suffix_tables, group.suffix_lengths))
         held += [prefix, tables, lengths]
         members = tables.shape[0]
-        tiles = 0 if group.prefix_tiles is None else group.prefix_tiles.data_ptr()
-        fields += [row, members, prefix.data_ptr(), prefix.numel() * block_size, tiles, tables.data_ptr(),
+        fields += [row, members, prefix.data_ptr(), prefix.numel() * block_size, _address(group.prefix_tiles), tables.data_ptr(),
                    tables.shape[1], lengths.data_ptr()]
         row += members
     if row != num_rows:
@@ -296,19 +295,67 @@ def chunk_attention(
     block ids holding the keys. Returns out [n, H, D] bfloat16 and lse [n, H] float32, or None
     where the kernel is unavailable or does not take these arguments (the caller then uses the
     torch path). `tiles`: these keys as lay_out_tiles made them, read instead of the cache."""
-    if q.dtype != torch.bfloat16 or not _tile_kernels_take(k_cache, v_cache):
-        return None
     q = q.contiguous()
-    blocks = blocks.contiguous()
-    num_queries, num_heads, dim = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty(num_queries, num_heads, dtype=torch.float32)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32)
+    part = ChunkPart(0, q.shape[0], blocks, length, base, tiles)
+    return (out, lse) if chunk_attention_parts(q, k_cache, v_cache, [part], block_size, scale, out, lse) else None
+
+
+class ChunkPart(NamedTuple):
+    """One prefill chunk of a chunk_attention_parts call: its queries, rows [row, row + n) of q,
+    against keys [0, length) of `blocks`, query i seeing the first base + i of them (`tiles`:
+    those keys laid out, or None), after every key of its group's prefix, if any (prefix_len
+    keys of prefix_blocks; prefix_tiles: laid out, or None)."""
+
+    row: int
+    n: int
+    blocks: torch.Tensor
+    length: int
+    base: int
+    tiles: torch.Tensor | None = None
+    prefix_blocks: torch.Tensor | None = None
+    prefix_len: int = 0
+    prefix_tiles: torch.Tensor | None = None
+
+
+def chunk_attention_parts(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    parts: Sequence[ChunkPart],
+    block_size: int,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> bool:
+    """Every prefill chunk of a step's layer by one call of the in-place kernel, a group member's
+    chunk over its group's prefix and its own keys in one softmax (nothing to merge): writes
+    out [T, H, D] (bfloat16, as q) at each part's rows and, if given, lse [T, H] (float32).
+    False where the kernel is unavailable or does not take these arguments (nothing written)."""
+    if q.dtype != torch.bfloat16 or out.dtype != torch.bfloat16 or not _tile_kernels_take(k_cache, v_cache):
+        return False
+    if not (q.is_contiguous() and out.is_contiguous()):
+        raise ValueError("chunk_attention_parts: q and out must be contiguous")
+    held = []  # the contiguous tensors whose addresses the call reads
+    fields = []
+    for part in parts:
+        blocks = part.blocks.contiguous()
+        prefix = None if part.prefix_blocks is None else part.prefix_blocks.contiguous()
+        held += [blocks, prefix]
+        fields += [part.row, part.n, blocks.data_ptr(), part.length, part.base, _address(part.tiles),
+                   _address(prefix), part.prefix_len if prefix is not None else 0, _address(part.prefix_tiles)]
+    table = torch.tensor(fields, dtype=torch.int64)
     status = library("chunk_attention").chunk_attention_bf16(
-        q.data_ptr(), num_queries, num_heads, k_cache.shape[1], dim, k_cache.data_ptr(), v_cache.data_ptr(),
-        blocks.data_ptr(), block_size, length, base, scale, None if tiles is None else tiles.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), torch.get_num_threads(),
+        q.data_ptr(), q.shape[1], k_cache.shape[1], q.shape[2], k_cache.data_ptr(), v_cache.data_ptr(), block_size,
+        table.data_ptr(), len(parts), scale, out.data_ptr(), None if lse is None else lse.data_ptr(),
+        torch.get_num_threads(),
     )
-    return (out, lse) if status == 0 else None
+    return status == 0
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
 
 
 def lay_out_tiles(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, length: int,

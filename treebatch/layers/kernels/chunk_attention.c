@@ -1,17 +1,21 @@
 /* Prefill attention in bfloat16, read straight out of the paged KV cache, on AVX512-BF16.
  *
- * The queries of one chunk, q [n, H, D], attend to keys [0, length) of one block table (key t in
- * slot table[t / block_size] * block_size + t % block_size of k, v [slots, KVH, D]); query i sees
- * keys [0, min(length, base + i)): base = length - n + 1 is a causal chunk at the end of its
- * context, base = length lets every query see every key (a group's shared prefix). Returns out
- * [n, H, D] (bfloat16) and each query head's log-sum-exp lse [n, H] (float32), so a part over
- * some of the keys merges exactly with another.
+ * Every prefill chunk of a step's layer in one call. A chunk's queries, rows [row, row + n) of
+ * q [T, H, D], attend to keys [0, length) of its block table (key t in slot table[t /
+ * block_size] * block_size + t % block_size of k, v [slots, KVH, D]); query i sees keys [0,
+ * min(length, base + i)): base = length - n + 1 is a causal chunk at the end of its context,
+ * base = length lets every query see every key. A chunk of a prefix group's member sees the
+ * group's prefix first, every query all of it, in the same running softmax: nothing is left to
+ * merge. Writes out [T, H, D] (bfloat16) at the chunks' rows and, where lse is not NULL, each
+ * query head's log-sum-exp lse [T, H] (float32), so a part over some of the keys merges exactly
+ * with another.
  *
- * A work item is one KV head and a tile of queries: its rows are (query, head of the group)
- * pairs, up to MAX_ROWS. Keys go 64 at a time, each tile of sixteen keys laid out once per item
- * for the bf16 dot-product instruction and then read by every row (bf16_tile.h), or, where
- * the caller passes `tiles` (a group's prefix, laid out once by lay_out_tiles_bf16 and kept while
- * the group lives), read from there. The output is rounded to bfloat16 once.
+ * A work item is one KV head and a tile of a chunk's queries: its rows are (query, head of the
+ * group) pairs, up to MAX_ROWS. Keys go 64 at a time, each tile of sixteen keys laid out once per
+ * item for the bf16 dot-product instruction and then read by every row (bf16_tile.h), or, where
+ * the chunk has more than one tile of queries, laid out once for all of them before the items
+ * run, or, where the caller passes them (a group's prefix, laid out once by lay_out_tiles_bf16
+ * and kept while the group lives), read from there. The output is rounded to bfloat16 once.
  *
  * Built where the CPU has AVX512-BF16; elsewhere chunk_attention_available() is 0 and the caller
  * keeps torch's attention. Head sizes: multiples of 32 up to TILE_MAX_DIM.
@@ -24,82 +28,127 @@
 #include "bf16.h"
 #include "bf16_tile.h"
 
+/* A chunk's row of `chunks` (int64, CHUNK_FIELDS each): its first query's row, its queries, the
+ * address of its block table, its keys, its base, the address of those keys in tiles (or 0),
+ * and its group's prefix: the address of the prefix's block table, its keys (0: no prefix) and
+ * the address of its kept tiles (or 0). */
+enum { C_ROW, C_N, C_TABLE, C_LENGTH, C_BASE, C_TILES, C_PREFIX, C_PREFIX_LEN, C_PREFIX_TILES, CHUNK_FIELDS };
+
 int chunk_attention_available(void);
-int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
-                         const uint16_t *v, const int64_t *table, int64_t block_size, int64_t length, int64_t base,
-                         float scale, const uint32_t *tiles, uint16_t *out, float *lse, int threads);
+int chunk_attention_bf16(const uint16_t *q, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
+                         const uint16_t *v, int64_t block_size, const int64_t *chunks, int64_t num_chunks, float scale,
+                         uint16_t *out, float *lse, int threads);
 int lay_out_tiles_bf16(const uint16_t *k, const uint16_t *v, const int64_t *table, int64_t block_size, int64_t length,
                        int64_t kv_heads, int64_t dim, uint32_t *tiles, int threads);
 
 #if defined(BF16_TILES)
 #define MAX_ROWS 64
+#define FIELD(c, f) chunks[(c) * CHUNK_FIELDS + (f)]
+#define ADDRESS(c, f) ((const void *)(intptr_t)FIELD(c, f))
 
 int chunk_attention_available(void) { return 1; }
 
-/* Queries [q0, q0 + count) of KV head `head`: rows r = (query q0 + r / group, head head * group
- * + r % group). */
-static void attend_item(const uint16_t *q, int64_t q0, int64_t count, int64_t heads, int64_t kv_heads, int64_t dim,
-                        int64_t head, const uint16_t *k, const uint16_t *v, const int64_t *table, int64_t block_size,
-                        int64_t length, int64_t base, float scale, const uint32_t *tiles, uint16_t *out,
-                        float *lse) {
-    const int64_t group = heads / kv_heads, rows = count * group;
+/* Queries [q0, q0 + count) of chunk c, KV head `head`: rows r = (query q0 + r / group, head
+ * head * group + r % group); `tiles`: the chunk's keys laid out, or NULL. */
+static void attend_item(const uint16_t *q, const int64_t *chunks, int64_t c, int64_t q0, int64_t count, int64_t heads,
+                        int64_t kv_heads, int64_t dim, int64_t head, const uint16_t *k, const uint16_t *v,
+                        int64_t block_size, const uint32_t *tiles, float scale, uint16_t *out, float *lse) {
+    const int64_t group = heads / kv_heads, rows = count * group, row0 = FIELD(c, C_ROW);
+    const int64_t length = FIELD(c, C_LENGTH), base = FIELD(c, C_BASE), prefix_len = FIELD(c, C_PREFIX_LEN);
     float maxes[MAX_ROWS], sums[MAX_ROWS], acc[MAX_ROWS * TILE_MAX_DIM];
     int64_t seen[MAX_ROWS];
     const uint32_t *queries[MAX_ROWS];
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = q0 + r / group, h = head * group + r % group;
-        seen[r] = base + i < length ? base + i : length;
-        queries[r] = (const uint32_t *)(q + (i * heads + h) * dim);
+        queries[r] = (const uint32_t *)(q + ((row0 + i) * heads + h) * dim);
         maxes[r] = EMPTY_MAX;
         sums[r] = 0.0f;
+        seen[r] = prefix_len;
     }
     memset(acc, 0, sizeof(float) * rows * dim);
-    tiles_attend(tiles, k, v, table, block_size, kv_heads, head, dim, length, rows, queries, seen, scale, maxes, sums,
-                 acc);
+    if (prefix_len > 0)
+        tiles_attend(ADDRESS(c, C_PREFIX_TILES), k, v, ADDRESS(c, C_PREFIX), block_size, kv_heads, head, dim, prefix_len,
+                     rows, queries, seen, scale, maxes, sums, acc);
     for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = q0 + r / group, h = head * group + r % group;
-        uint16_t *restrict o = out + (i * heads + h) * dim;
+        const int64_t i = q0 + r / group;
+        seen[r] = base + i < length ? base + i : length;
+    }
+    tiles_attend(tiles, k, v, ADDRESS(c, C_TABLE), block_size, kv_heads, head, dim, length, rows, queries, seen, scale,
+                 maxes, sums, acc);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at = (row0 + q0 + r / group) * heads + head * group + r % group;
+        uint16_t *restrict o = out + at * dim;
         if (sums[r] > 0.0f) {
             const float inverse = 1.0f / sums[r];
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) o[d] = bf16_round(acc[r * dim + d] * inverse);
-            lse[i * heads + h] = maxes[r] + logf(sums[r]);
+            if (lse) lse[at] = maxes[r] + logf(sums[r]);
         } else {
             memset(o, 0, sizeof(uint16_t) * dim);
-            lse[i * heads + h] = -INFINITY;
+            if (lse) lse[at] = -INFINITY;
         }
     }
 }
 
 /* Returns 0, or -1 for a shape the kernel does not take (the caller keeps torch's path). */
-int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
-                         const uint16_t *v, const int64_t *table, int64_t block_size, int64_t length, int64_t base,
-                         float scale, const uint32_t *tiles, uint16_t *out, float *lse, int threads) {
+int chunk_attention_bf16(const uint16_t *q, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
+                         const uint16_t *v, int64_t block_size, const int64_t *chunks, int64_t num_chunks, float scale,
+                         uint16_t *out, float *lse, int threads) {
     const int64_t group = heads / kv_heads;
-    if (dim % 32 || dim > TILE_MAX_DIM || group * kv_heads != heads || group > MAX_ROWS || n < 1 || length < 1)
-        return -1;
+    if (dim % 32 || dim > TILE_MAX_DIM || group * kv_heads != heads || group > MAX_ROWS) return -1;
+    for (int64_t c = 0; c < num_chunks; ++c)
+        if (FIELD(c, C_N) < 1 || FIELD(c, C_LENGTH) < 1 || FIELD(c, C_PREFIX_LEN) < 0) return -1;
     const int64_t per_item = MAX_ROWS / group; /* queries per work item */
-    const int64_t query_tiles = (n + per_item - 1) / per_item;
-    /* More than one tile of queries would each lay the same keys out again: lay them all out
-     * once (as many bytes as their K and V), in parallel, and read them from there. */
-    uint32_t *laid_out = NULL;
-    if (!tiles && query_tiles > 1) {
-        const size_t words = (size_t)(kv_heads * ((length + TILE_KEYS - 1) / TILE_KEYS) * TILE_WORDS(dim));
-        laid_out = aligned_alloc(64, (words * sizeof(uint32_t) + 63) / 64 * 64);
-        if (laid_out) {
-            tile_lay_out_all(laid_out, k, v, table, block_size, length, kv_heads, dim, threads);
-            tiles = laid_out;
+    /* A chunk with more than one tile of queries would have each lay the same keys out again:
+     * lay them out once (as many bytes as their K and V), all such chunks' tiles in parallel,
+     * and read them from there. */
+    int64_t *offset = malloc(sizeof(int64_t) * (3 * num_chunks + 1)), *first_item = offset + num_chunks + 1;
+    int64_t *first_unit = first_item + num_chunks;
+    if (!offset) return -1;
+    int64_t words = 0, items = 0, units = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t query_tiles = (FIELD(c, C_N) + per_item - 1) / per_item;
+        const int64_t key_tiles = (FIELD(c, C_LENGTH) + TILE_KEYS - 1) / TILE_KEYS;
+        const int laid_out = !FIELD(c, C_TILES) && query_tiles > 1;
+        offset[c] = laid_out ? words : -1;
+        first_unit[c] = units;
+        first_item[c] = items;
+        words += laid_out ? kv_heads * key_tiles * TILE_WORDS(dim) : 0;
+        units += laid_out ? kv_heads * key_tiles : 0;
+        items += query_tiles * kv_heads;
+    }
+    uint32_t *laid = words ? aligned_alloc(64, (words * sizeof(uint32_t) + 63) / 64 * 64) : NULL;
+    if (words && !laid) {
+        free(offset);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t unit = 0; unit < units; ++unit) {
+            int64_t c = 0;
+            while (offset[c] < 0 || (c + 1 < num_chunks && first_unit[c + 1] <= unit)) ++c;
+            const int64_t key_tiles = (FIELD(c, C_LENGTH) + TILE_KEYS - 1) / TILE_KEYS, local = unit - first_unit[c];
+            const int64_t head = local / key_tiles, t = local % key_tiles, length = FIELD(c, C_LENGTH);
+            const int64_t keys = length - t * TILE_KEYS < TILE_KEYS ? length - t * TILE_KEYS : TILE_KEYS;
+            tile_lay_out(laid + offset[c] + local * TILE_WORDS(dim), k, v, ADDRESS(c, C_TABLE), block_size, kv_heads,
+                         head, dim, t * TILE_KEYS, keys);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; ++item) {
+            int64_t c = 0;
+            while (c + 1 < num_chunks && first_item[c + 1] <= item) ++c;
+            const int64_t n = FIELD(c, C_N), query_tiles = (n + per_item - 1) / per_item;
+            /* Later query tiles see more keys: hand them out first. */
+            const int64_t local = item - first_item[c], query_tile = query_tiles - 1 - local / kv_heads;
+            const int64_t head = local % kv_heads, q0 = query_tile * per_item;
+            const int64_t count = n - q0 < per_item ? n - q0 : per_item;
+            const uint32_t *tiles = FIELD(c, C_TILES) ? ADDRESS(c, C_TILES) : offset[c] >= 0 ? laid + offset[c] : NULL;
+            attend_item(q, chunks, c, q0, count, heads, kv_heads, dim, head, k, v, block_size, tiles, scale, out, lse);
         }
     }
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < query_tiles * kv_heads; ++item) {
-        /* Later query tiles see more keys: hand them out first. */
-        const int64_t query_tile = query_tiles - 1 - item / kv_heads, head = item % kv_heads;
-        const int64_t q0 = query_tile * per_item, count = n - q0 < per_item ? n - q0 : per_item;
-        attend_item(q, q0, count, heads, kv_heads, dim, head, k, v, table, block_size, length, base, scale, tiles, out,
-                    lse);
-    }
-    free(laid_out);
+    free(laid);
+    free(offset);
     return 0;
 }
 
@@ -115,11 +164,11 @@ int lay_out_tiles_bf16(const uint16_t *k, const uint16_t *v, const int64_t *tabl
 
 int chunk_attention_available(void) { return 0; }
 
-int chunk_attention_bf16(const uint16_t *q, int64_t n, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
-                         const uint16_t *v, const int64_t *table, int64_t block_size, int64_t length, int64_t base,
-                         float scale, const uint32_t *tiles, uint16_t *out, float *lse, int threads) {
-    (void)q, (void)tiles, (void)n, (void)heads, (void)kv_heads, (void)dim, (void)k, (void)v, (void)table, (void)block_size;
-    (void)length, (void)base, (void)scale, (void)out, (void)lse, (void)threads;
+int chunk_attention_bf16(const uint16_t *q, int64_t heads, int64_t kv_heads, int64_t dim, const uint16_t *k,
+                         const uint16_t *v, int64_t block_size, const int64_t *chunks, int64_t num_chunks, float scale,
+                         uint16_t *out, float *lse, int threads) {
+    (void)q, (void)heads, (void)kv_heads, (void)dim, (void)k, (void)v, (void)block_size, (void)chunks, (void)num_chunks;
+    (void)scale, (void)out, (void)lse, (void)threads;
     return -1;
 }
 
