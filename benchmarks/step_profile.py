@@ -73,8 +73,7 @@ def instrument() -> None:
         return lambda first, *args, **kwargs: f"C {name}, {'<=64' if first.shape[0] <= 64 else '>64'} rows"
 
     for name in ("paged_decode_attention", "cascade_decode_groups", "chunk_attention", "chunk_attention_parts",
-                 "add_rms_norm", "silu_mul",
-                 "rope_store"):
+                 "add_rms_norm", "silu_mul", "rope_store"):
         wrapped = timed(rows_band(name), getattr(native, name))
         setattr(native, name, wrapped)
         for module in (attention, decoder):

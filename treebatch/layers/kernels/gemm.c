@@ -226,8 +226,9 @@ static inline void store_pairs(__m512 low, __m512 high, void *y, int64_t offset,
  * (R rows of 32 floats), and go to y (`final`: + bias, in y's dtype) or back to `partial`. */
 static inline __attribute__((always_inline)) void tile_pairs(const int R, const uint16_t *restrict x, int64_t ldx,
                                                              const uint16_t *restrict panel, int64_t kc,
-                                                             float *partial, int first, int final, void *y,
-                                                             int64_t N, int cols, const float *bias, int y_bf16) {
+                                                             const uint16_t *next, float *partial, int first,
+                                                             int final, void *y, int64_t N, int cols,
+                                                             const float *bias, int y_bf16) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
            c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
     if (!first) {
@@ -241,7 +242,14 @@ static inline __attribute__((always_inline)) void tile_pairs(const int R, const 
 #undef LOAD_PARTIAL
     }
     int64_t t = 0;
-    for (const int last = 0; t < kc / 2; ++t) DOT_PAIR
+    if (next) /* the next panel's block, into L2 while this one is multiplied (a line per pair) */
+        for (const int last = 0; t < kc / 2; ++t) {
+            __builtin_prefetch(next + t * 2 * NR2, 0, 2);
+            __builtin_prefetch(next + t * 2 * NR2 + NR2, 0, 2);
+            DOT_PAIR
+        }
+    else
+        for (const int last = 0; t < kc / 2; ++t) DOT_PAIR
     if (kc % 2) {
         const int last = 1;
         DOT_PAIR
@@ -263,8 +271,8 @@ static inline __attribute__((always_inline)) void tile_pairs(const int R, const 
 
 /* Rows [0, rows) of x against one pair panel, K in blocks of `kc` (all of K in one where it is
  * short), tile by tile within each block. */
-static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, const uint16_t *panel, int64_t N,
-                        int cols, const float *bias, void *y, int y_bf16) {
+static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, const uint16_t *panel,
+                        const uint16_t *next, int64_t N, int cols, const float *bias, void *y, int y_bf16) {
     const size_t element = y_bf16 ? 2 : 4;
     float partial[KBLOCK_ROWS * NR2];
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
@@ -275,11 +283,13 @@ static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, 
             const uint16_t *xm = x + m * K + k0;
             void *ym = (char *)y + (size_t)(m * N) * element;
             float *pm = kc < K ? partial + m * NR2 : NULL; /* one block: no partial sums */
+            /* The last tile of the block asks for the next panel's block. */
+            const uint16_t *ahead = next && m + MR2 >= rows ? next + k0 / 2 * 2 * NR2 : NULL;
 #define TILE_CASE(R)                                                                            \
-    case R: tile_pairs(R, xm, K, panel_block, block, pm, first, final, ym, N, cols, bias, y_bf16); break;
+    case R: tile_pairs(R, xm, K, panel_block, block, ahead, pm, first, final, ym, N, cols, bias, y_bf16); break;
             switch (rows - m < MR2 ? rows - m : MR2) {
             TILE_CASE(8) TILE_CASE(7) TILE_CASE(6) TILE_CASE(5) TILE_CASE(4) TILE_CASE(3) TILE_CASE(2)
-            default: tile_pairs(1, xm, K, panel_block, block, pm, first, final, ym, N, cols, bias, y_bf16); break;
+            default: tile_pairs(1, xm, K, panel_block, block, ahead, pm, first, final, ym, N, cols, bias, y_bf16); break;
             }
 #undef TILE_CASE
         }
@@ -301,8 +311,8 @@ int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; ++p) {
             const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
-            panel_pairs(x + m * K, rows, K, kc, w + p * panel_size, N, cols, bias ? bias + p * NR2 : NULL,
-                        (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
+            panel_pairs(x + m * K, rows, K, kc, w + p * panel_size, p + 1 < panels ? w + (p + 1) * panel_size : NULL, N,
+                        cols, bias ? bias + p * NR2 : NULL, (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
         }
     }
     return 0;
