@@ -35,7 +35,33 @@
 static inline uint32_t *tile_keys(uint32_t *tile, int64_t p) { return tile + p * TILE_KEYS; }
 static inline uint32_t *tile_values(uint32_t *tile, int64_t dim, int64_t u) { return tile + 8 * dim + u * dim; }
 
-/* Keys [first, first + count) of KV head `head` into `tile` (missing keys as zeros). */
+/* r[j] lane i -> r[i] lane j: sixteen rows of sixteen 32-bit lanes transposed (two rounds of
+ * unpacking within 128-bit lanes, two of shuffling whole lanes). */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4(u[8 * i + j], u[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; ++j) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* Keys [first, first + count) of KV head `head` into `tile` (missing keys as zeros): the keys by
+ * sixteen-by-sixteen transposes of their pairs, the values by pairs of keys interleaved. */
 static inline void tile_lay_out(uint32_t *restrict tile, const uint16_t *k, const uint16_t *v, const int64_t *table,
                            int64_t block_size, int64_t kv_heads, int64_t head, int64_t dim, int64_t first,
                            int64_t count) {
@@ -46,27 +72,26 @@ static inline void tile_lay_out(uint32_t *restrict tile, const uint16_t *k, cons
         key_rows[j] = k + (slot * kv_heads + head) * dim;
         value_rows[j] = v + (slot * kv_heads + head) * dim;
     }
-    for (int64_t p = 0; p < dim / 2; ++p) {
-        for (int64_t j = 0; j < count; ++j) {
-            uint32_t pair;
-            memcpy(&pair, key_rows[j] + 2 * p, sizeof pair);
-            tile_keys(tile, p)[j] = pair;
-        }
-        for (int64_t j = count; j < TILE_KEYS; ++j) tile_keys(tile, p)[j] = 0;
+    for (int64_t c = 0; c < dim / 32; ++c) { /* pairs [16c, 16c + 16) of every key */
+        __m512i rows[TILE_KEYS];
+        for (int64_t j = 0; j < TILE_KEYS; ++j)
+            rows[j] = j < count ? _mm512_loadu_si512(key_rows[j] + 32 * c) : _mm512_setzero_si512();
+        transpose16(rows);
+        for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(tile_keys(tile, 16 * c + i), rows[i]);
     }
+    /* Dims d of keys a and b side by side: a's 16 bits low, b's high. */
+    const __m512i low16 = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006,
+                                            0x270007, 0x280008, 0x290009, 0x2a000a, 0x2b000b, 0x2c000c, 0x2d000d,
+                                            0x2e000e, 0x2f000f);
+    const __m512i high16 = _mm512_add_epi16(low16, _mm512_set1_epi16(16));
     for (int64_t u = 0; u < TILE_KEYS / 2; ++u) {
         const int64_t a = 2 * u, b = 2 * u + 1;
         uint32_t *restrict row = tile_values(tile, dim, u);
-        if (b < count) {
-            const uint16_t *restrict va = value_rows[a], *restrict vb = value_rows[b];
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) row[d] = (uint32_t)va[d] | ((uint32_t)vb[d] << 16);
-        } else if (a < count) {
-            const uint16_t *restrict va = value_rows[a];
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) row[d] = va[d];
-        } else {
-            memset(row, 0, sizeof(uint32_t) * dim);
+        for (int64_t d = 0; d < dim; d += 32) {
+            const __m512i va = a < count ? _mm512_loadu_si512(value_rows[a] + d) : _mm512_setzero_si512();
+            const __m512i vb = b < count ? _mm512_loadu_si512(value_rows[b] + d) : _mm512_setzero_si512();
+            _mm512_storeu_si512(row + d, _mm512_permutex2var_epi16(va, low16, vb));
+            _mm512_storeu_si512(row + d + 16, _mm512_permutex2var_epi16(va, high16, vb));
         }
     }
 }
