@@ -8,7 +8,9 @@ block of queries against all of its sequence's keys so far), then prefix groups.
 Everything that depends only on the step (block indices, masks as additive biases) is built once,
 by the runner or at the first layer; per layer there remain block gathers, the attention products
 and one concatenation. On a few CPU cores each extra small op costs a thread-pool round trip, and
-a step pays it once per layer.
+a step pays it once per layer. In bfloat16 where the in-place kernels take the layer
+(`_in_place_step`), a layer is three C calls writing into one output, whatever the number of
+groups and chunks: the plain decodes, every group's decodes, every prefill chunk.
 
 A layer may differ from plain softmax attention in two ways (`LayerAttention`): a sliding window
 (a query at position p sees keys (p - window, p]: Mistral, the local layers of Gemma 2 and 3) and
