@@ -99,6 +99,45 @@ class AttentionMetadata:
     # [T] each row's position; the window masks read it (None: no layer has a window).
     positions: torch.Tensor | None = None
     masks: dict = field(default_factory=dict)  # per sliding window: the decodes' padding bias
+    in_place: InPlacePlan | None = None  # _in_place_step's tables for the step, made at the first layer
+
+
+@dataclass(slots=True)
+class InPlacePlan:
+    """What the in-place kernels read at every layer of a step (_in_place_step), made once: the
+    groups' decode rows, and the kernels' tables of groups and of chunks, whose prefix tiles
+    column each layer fills with its own tiles."""
+
+    decode_index: torch.Tensor  # the rows of the groups' decodes, group after group
+    groups: native.KernelTable  # the groups with decodes
+    grouped: list[int]  # their cascades' indices
+    chunks: native.KernelTable  # the plain prefill chunks, then the groups' chunks
+    chunk_cascades: list[int | None]  # each chunk's cascade's index (None: a plain chunk)
+
+    @staticmethod
+    def of(metadata: AttentionMetadata) -> InPlacePlan:
+        cascades = metadata.cascades
+        grouped = [i for i, c in enumerate(cascades) if c.num_decodes]
+        decode_rows = [row for i in grouped for row in range(cascades[i].row_start,
+                                                                cascades[i].row_start + cascades[i].num_decodes)]
+        groups = [native.CascadeDecode(cascades[i].prefix_blocks,
+                                       cascades[i].decode_suffix_blocks.view(cascades[i].num_decodes, -1),
+                                       cascades[i].decode_suffix_lengths) for i in grouped]
+        parts = [native.ChunkPart(chunk.query_start, chunk.num_queries, chunk.context_blocks, chunk.context_len,
+                                  chunk.context_len - chunk.num_queries + 1) for chunk in metadata.prefills]
+        chunk_cascades: list[int | None] = [None] * len(parts)
+        for i, cascade in enumerate(cascades):
+            row = cascade.row_start + cascade.num_decodes
+            prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
+            for chunk in cascade.chunks:
+                parts.append(native.ChunkPart(row, chunk.num_queries, chunk.suffix_blocks, chunk.suffix_len,
+                                              chunk.suffix_len - chunk.num_queries + 1, None, cascade.prefix_blocks,
+                                              prefix_len))
+                chunk_cascades.append(i)
+                row += chunk.num_queries
+        return InPlacePlan(torch.tensor(decode_rows, dtype=torch.int64),
+                           native.KernelTable.of_groups(groups, metadata.block_size), grouped,
+                           native.KernelTable.of_chunks(parts), chunk_cascades)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -442,6 +481,9 @@ def _in_place_step(
     not take this layer (float32, a window or soft-cap, no AVX512-BF16): the per-part path."""
     if q.dtype != torch.bfloat16 or not _plain_in_place(attn, metadata) or not native.chunk_attention_available():
         return None
+    if metadata.in_place is None:
+        metadata.in_place = InPlacePlan.of(metadata)
+    plan = metadata.in_place
     q = q.contiguous()
     out = torch.empty_like(q)
     if metadata.num_decodes:
@@ -451,24 +493,17 @@ def _in_place_step(
             return None
         out[: metadata.num_decodes] = decoded[0]
     tiles = [_prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer) for cascade in metadata.cascades]
-    decode_rows = [row for c in metadata.cascades for row in range(c.row_start, c.row_start + c.num_decodes)]
-    if decode_rows:
-        decoded = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
+    if plan.grouped:
+        decoded = native.cascade_decode_table(q.index_select(0, plan.decode_index), k_cache, v_cache,
+                                              plan.groups.with_tiles([tiles[i] for i in plan.grouped]),
+                                              metadata.block_size, attn.scale)
         if decoded is None:
             return None
-        out.index_copy_(0, torch.tensor(decode_rows), decoded)
-    parts = [native.ChunkPart(chunk.query_start, chunk.num_queries, chunk.context_blocks, chunk.context_len,
-                              chunk.context_len - chunk.num_queries + 1) for chunk in metadata.prefills]
-    for cascade, prefix_tiles in zip(metadata.cascades, tiles):
-        row = cascade.row_start + cascade.num_decodes
-        prefix_len = cascade.prefix_blocks.numel() * metadata.block_size
-        for chunk in cascade.chunks:
-            parts.append(native.ChunkPart(row, chunk.num_queries, chunk.suffix_blocks, chunk.suffix_len,
-                                          chunk.suffix_len - chunk.num_queries + 1, None, cascade.prefix_blocks,
-                                          prefix_len, prefix_tiles))
-            row += chunk.num_queries
-    if parts and not native.chunk_attention_parts(q, k_cache, v_cache, parts, metadata.block_size, attn.scale, out):
-        return None
+        out.index_copy_(0, plan.decode_index, decoded[0])
+    if plan.chunk_cascades:
+        fields = plan.chunks.with_tiles([None if i is None else tiles[i] for i in plan.chunk_cascades])
+        if not native.chunk_attention_table(q, k_cache, v_cache, fields, metadata.block_size, attn.scale, out):
+            return None
     return out
 
 

@@ -237,32 +237,79 @@ def cascade_decode_groups(
     """cascade_decode_attention for several groups in one call (one pass of Python and one team
     of threads per layer, not per group): q [sum of the members, H, D] holds the groups' rows in
     the order of `groups`, and so do the results."""
+    table = KernelTable.of_groups(groups, block_size)
+    if table.rows != q.shape[0]:
+        raise ValueError(f"the groups hold {table.rows} rows, q {q.shape[0]}")
+    return cascade_decode_table(q, k_cache, v_cache, table.fields, block_size, scale, softcap)
+
+
+def cascade_decode_table(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    fields: torch.Tensor,
+    block_size: int,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cascade_decode_groups on a table KernelTable.of_groups made (kept across a step's layers,
+    its tiles column filled per layer)."""
     function = _in_place_function(_CASCADE_BY_DTYPE, q, k_cache, v_cache)
     if function is None:
         return None
     queries = q.float().contiguous()
     num_rows, num_heads, dim = q.shape
-    held = []  # the contiguous tensors whose addresses the call reads
-    fields = []
-    row = 0
-    for group in groups:
-        prefix, tables, lengths = (t.contiguous() for t in (group.prefix_blocks, group.suffix_tables, group.suffix_lengths))
-        held += [prefix, tables, lengths]
-        members = tables.shape[0]
-        fields += [row, members, prefix.data_ptr(), prefix.numel() * block_size, _address(group.prefix_tiles), tables.data_ptr(),
-                   tables.shape[1], lengths.data_ptr()]
-        row += members
-    if row != num_rows:
-        raise ValueError(f"the groups hold {row} rows, q {num_rows}")
-    table = torch.tensor(fields, dtype=torch.int64)
     out = torch.empty_like(queries)
     lse = torch.empty(num_rows, num_heads, dtype=torch.float32)
     status = function(
-        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), len(groups), num_heads,
+        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), fields.data_ptr(), fields.shape[0], num_heads,
         k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(), lse.data_ptr(),
         torch.get_num_threads(),
     )
     return (out.to(q.dtype), lse) if status == 0 else None
+
+
+class KernelTable(NamedTuple):
+    """The int64 table a kernel call of several groups or chunks reads (a row of fields each, as
+    paged_decode.c's and chunk_attention.c's enums lay them out), the tensors whose addresses it
+    holds (kept alive with it), its query rows, and which column takes each row's laid-out tiles."""
+
+    fields: torch.Tensor
+    held: list[torch.Tensor]
+    rows: int
+    tiles_column: int
+
+    @staticmethod
+    def of_groups(groups: Sequence[CascadeDecode], block_size: int) -> KernelTable:
+        held, fields, row = [], [], 0
+        for group in groups:
+            prefix, tables, lengths = (t.contiguous() for t in (group.prefix_blocks, group.suffix_tables,
+                                                                 group.suffix_lengths))
+            held += [prefix, tables, lengths]
+            members = tables.shape[0]
+            fields.append([row, members, prefix.data_ptr(), prefix.numel() * block_size, _address(group.prefix_tiles),
+                           tables.data_ptr(), tables.shape[1], lengths.data_ptr()])
+            row += members
+        return KernelTable(torch.tensor(fields, dtype=torch.int64).view(len(fields), 8), held, row, 4)
+
+    @staticmethod
+    def of_chunks(parts: Sequence[ChunkPart]) -> KernelTable:
+        held, fields = [], []
+        for part in parts:
+            blocks = part.blocks.contiguous()
+            prefix = None if part.prefix_blocks is None else part.prefix_blocks.contiguous()
+            held += [blocks, prefix]
+            fields.append([part.row, part.n, blocks.data_ptr(), part.length, part.base, _address(part.tiles),
+                           _address(prefix), part.prefix_len if prefix is not None else 0,
+                           _address(part.prefix_tiles)])
+        return KernelTable(torch.tensor(fields, dtype=torch.int64).view(len(fields), 9), held,
+                           sum(part.n for part in parts), 8)
+
+    def with_tiles(self, tiles: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The fields with row i's tiles column set to tiles[i]'s address (0 for None)."""
+        fields = self.fields.clone()
+        fields[:, self.tiles_column] = torch.tensor([_address(t) for t in tiles], dtype=torch.int64)
+        return fields
 
 
 _CASCADE_BY_DTYPE = {torch.float32: "cascade_decode_attention", torch.bfloat16: "cascade_decode_attention_bf16"}
@@ -333,22 +380,29 @@ def chunk_attention_parts(
     chunk over its group's prefix and its own keys in one softmax (nothing to merge): writes
     out [T, H, D] (bfloat16, as q) at each part's rows and, if given, lse [T, H] (float32).
     False where the kernel is unavailable or does not take these arguments (nothing written)."""
+    table = KernelTable.of_chunks(parts)
+    return chunk_attention_table(q, k_cache, v_cache, table.fields, block_size, scale, out, lse)
+
+
+def chunk_attention_table(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    fields: torch.Tensor,
+    block_size: int,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> bool:
+    """chunk_attention_parts on a table KernelTable.of_chunks made (kept across a step's layers,
+    its prefix tiles column filled per layer)."""
     if q.dtype != torch.bfloat16 or out.dtype != torch.bfloat16 or not _tile_kernels_take(k_cache, v_cache):
         return False
     if not (q.is_contiguous() and out.is_contiguous()):
         raise ValueError("chunk_attention_parts: q and out must be contiguous")
-    held = []  # the contiguous tensors whose addresses the call reads
-    fields = []
-    for part in parts:
-        blocks = part.blocks.contiguous()
-        prefix = None if part.prefix_blocks is None else part.prefix_blocks.contiguous()
-        held += [blocks, prefix]
-        fields += [part.row, part.n, blocks.data_ptr(), part.length, part.base, _address(part.tiles),
-                   _address(prefix), part.prefix_len if prefix is not None else 0, _address(part.prefix_tiles)]
-    table = torch.tensor(fields, dtype=torch.int64)
     status = library("chunk_attention").chunk_attention_bf16(
         q.data_ptr(), q.shape[1], k_cache.shape[1], q.shape[2], k_cache.data_ptr(), v_cache.data_ptr(), block_size,
-        table.data_ptr(), len(parts), scale, out.data_ptr(), None if lse is None else lse.data_ptr(),
+        fields.data_ptr(), fields.shape[0], scale, out.data_ptr(), None if lse is None else lse.data_ptr(),
         torch.get_num_threads(),
     )
     return status == 0
