@@ -603,15 +603,23 @@ static inline __attribute__((always_inline)) int cascade_all(
         for (int64_t g = 0; g < num_groups; ++g) runs += (FIELD(g, G_MEMBERS) + per_run - 1) / per_run;
         if (per_run == 1 || runs * kv_heads >= 2 * num_threads) break;
     }
-    int64_t *run_group = malloc(sizeof(int64_t) * 2 * (total > 0 ? total : 1)), *run_first = run_group + total;
+    /* Run r: members [run_first[r], + run_size[r]) of group run_group[r]; a group's runs share its
+     * members evenly (16 in runs of at most 10: 8 and 8, not 10 and 6). */
+    int64_t *run_group = malloc(sizeof(int64_t) * 3 * (total > 0 ? total : 1));
     if (!run_group) return -1;
-    for (int64_t g = 0, r = 0; g < num_groups; ++g)
-        for (int64_t first = 0; first < FIELD(g, G_MEMBERS); first += per_run) run_group[r] = g, run_first[r++] = first;
+    int64_t *run_first = run_group + total, *run_size = run_first + total;
+    runs = 0; /* as counted above, or fewer: even sizes can cover a group in fewer runs */
+    for (int64_t g = 0; g < num_groups; ++g) {
+        const int64_t members = FIELD(g, G_MEMBERS), count = (members + per_run - 1) / per_run;
+        const int64_t size = count ? (members + count - 1) / count : 0;
+        for (int64_t first = 0; first < members; first += size, ++runs)
+            run_group[runs] = g, run_first[runs] = first, run_size[runs] = members - first < size ? members - first : size;
+    }
     REDUCE_INDEX;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t item = 0; item < runs * kv_heads; ++item) {
-        const int64_t g = run_group[item / kv_heads], first = run_first[item / kv_heads], head = item % kv_heads;
-        const int64_t members = FIELD(g, G_MEMBERS) - first < per_run ? FIELD(g, G_MEMBERS) - first : per_run;
+        const int64_t run = item / kv_heads, head = item % kv_heads;
+        const int64_t g = run_group[run], first = run_first[run], members = run_size[run];
         const int64_t row = FIELD(g, G_ROW);
         const float *q_g = q + row * num_heads * dim;
         float *out_g = out + row * num_heads * dim, *lse_g = lse + row * num_heads;
