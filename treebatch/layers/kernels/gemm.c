@@ -283,8 +283,9 @@ static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, 
             const uint16_t *xm = x + m * K + k0;
             void *ym = (char *)y + (size_t)(m * N) * element;
             float *pm = kc < K ? partial + m * NR2 : NULL; /* one block: no partial sums */
-            /* The last tile of the block asks for the next panel's block. */
-            const uint16_t *ahead = next && m + MR2 >= rows ? next + k0 / 2 * 2 * NR2 : NULL;
+            /* The first tile of the block asks for the next panel's block, early enough for memory to
+             * deliver it while every tile of this one runs. */
+            const uint16_t *ahead = next && m == 0 ? next + k0 / 2 * 2 * NR2 : NULL;
 #define TILE_CASE(R)                                                                            \
     case R: tile_pairs(R, xm, K, panel_block, block, ahead, pm, first, final, ym, N, cols, bias, y_bf16); break;
             switch (rows - m < MR2 ? rows - m : MR2) {
