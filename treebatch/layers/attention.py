@@ -99,14 +99,14 @@ class AttentionMetadata:
     # [T] each row's position; the window masks read it (None: no layer has a window).
     positions: torch.Tensor | None = None
     masks: dict = field(default_factory=dict)  # per sliding window: the decodes' padding bias
-    in_place: InPlacePlan | None = None  # _in_place_step's tables for the step, made at the first layer
+    in_place: InPlacePlan | None = None  # the in-place kernels' tables for the step, made at the first layer
 
 
 @dataclass(slots=True)
 class InPlacePlan:
-    """What the in-place kernels read at every layer of a step (_in_place_step), made once: the
-    groups' decode rows, and the kernels' tables of groups and of chunks, whose prefix tiles
-    column each layer fills with its own tiles."""
+    """What the in-place kernels read at every layer of a step (_in_place_step; the groups'
+    decodes also on the per-part path), made once: the groups' decode rows, and the kernels'
+    tables of groups and of chunks, whose prefix tiles column each layer fills with its own."""
 
     decode_index: torch.Tensor  # the rows of the groups' decodes, group after group
     groups: native.KernelTable  # the groups with decodes
@@ -452,19 +452,23 @@ def _native_cascade_decodes(
     tiles: list[torch.Tensor | None],
 ) -> torch.Tensor | None:
     """Every group's single-query rows over its prefix (read once for all of them) and their own
-    keys, by one call of the C kernel for the whole step: the groups' decodes' results one group
-    after the other, or None (no such rows, no kernel, or a sliding window: the torch cascade
-    takes those)."""
-    taken = [c for c in metadata.cascades if c.num_decodes]
-    if not taken or attn.window is not None or not metadata.native_decode:
+    keys, by one call of the C kernel for the whole step (the step's InPlacePlan table, with this
+    layer's tiles): the results in the rows of plan.decode_index, or None (no such rows, no
+    kernel, or a sliding window: the torch cascade takes those)."""
+    if attn.window is not None or not metadata.native_decode or not any(c.num_decodes for c in metadata.cascades):
         return None
-    rows = [q[c.row_start : c.row_start + c.num_decodes] for c in taken]
-    groups = [native.CascadeDecode(c.prefix_blocks, c.decode_suffix_blocks.view(c.num_decodes, -1),
-                                   c.decode_suffix_lengths, t)
-              for c, t in zip(metadata.cascades, tiles) if c.num_decodes]
-    result = native.cascade_decode_groups(rows[0] if len(rows) == 1 else torch.cat(rows), k_cache, v_cache, groups,
-                                          metadata.block_size, attn.scale, attn.softcap)
+    plan = _step_plan(metadata)
+    result = native.cascade_decode_table(q.index_select(0, plan.decode_index), k_cache, v_cache,
+                                         plan.groups.with_tiles([tiles[i] for i in plan.grouped]),
+                                         metadata.block_size, attn.scale, attn.softcap)
     return None if result is None else result[0]
+
+
+def _step_plan(metadata: AttentionMetadata) -> InPlacePlan:
+    """The step's InPlacePlan, made at the first layer that asks."""
+    if metadata.in_place is None:
+        metadata.in_place = InPlacePlan.of(metadata)
+    return metadata.in_place
 
 
 def _in_place_step(
@@ -481,9 +485,7 @@ def _in_place_step(
     not take this layer (float32, a window or soft-cap, no AVX512-BF16): the per-part path."""
     if q.dtype != torch.bfloat16 or not _plain_in_place(attn, metadata) or not native.chunk_attention_available():
         return None
-    if metadata.in_place is None:
-        metadata.in_place = InPlacePlan.of(metadata)
-    plan = metadata.in_place
+    plan = _step_plan(metadata)
     q = q.contiguous()
     out = torch.empty_like(q)
     if metadata.num_decodes:
@@ -494,12 +496,10 @@ def _in_place_step(
         out[: metadata.num_decodes] = decoded[0]
     tiles = [_prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer) for cascade in metadata.cascades]
     if plan.grouped:
-        decoded = native.cascade_decode_table(q.index_select(0, plan.decode_index), k_cache, v_cache,
-                                              plan.groups.with_tiles([tiles[i] for i in plan.grouped]),
-                                              metadata.block_size, attn.scale)
+        decoded = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
         if decoded is None:
             return None
-        out.index_copy_(0, plan.decode_index, decoded[0])
+        out.index_copy_(0, plan.decode_index, decoded)
     if plan.chunk_cascades:
         fields = plan.chunks.with_tiles([None if i is None else tiles[i] for i in plan.chunk_cascades])
         if not native.chunk_attention_table(q, k_cache, v_cache, fields, metadata.block_size, attn.scale, out):

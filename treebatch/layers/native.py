@@ -298,7 +298,7 @@ class KernelTable(NamedTuple):
         for part in parts:
             blocks = part.blocks.contiguous()
             prefix = None if part.prefix_blocks is None else part.prefix_blocks.contiguous()
-            held += [blocks, prefix]
+            held += [blocks] if prefix is None else [blocks, prefix]
             fields.append([part.row, part.n, blocks.data_ptr(), part.length, part.base, _address(part.tiles),
                            _address(prefix), part.prefix_len if prefix is not None else 0,
                            _address(part.prefix_tiles)])

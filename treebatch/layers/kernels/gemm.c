@@ -242,7 +242,7 @@ static inline __attribute__((always_inline)) void tile_pairs(const int R, const 
 #undef LOAD_PARTIAL
     }
     int64_t t = 0;
-    if (next) /* the next panel's block, into L2 while this one is multiplied (a line per pair) */
+    if (next) /* the next panel's block, into L2 while this one is multiplied (its two lines per pair) */
         for (const int last = 0; t < kc / 2; ++t) {
             __builtin_prefetch(next + t * 2 * NR2, 0, 2);
             __builtin_prefetch(next + t * 2 * NR2 + NR2, 0, 2);
