@@ -72,8 +72,9 @@ def instrument() -> None:
     def rows_band(name):
         return lambda first, *args, **kwargs: f"C {name}, {'<=64' if first.shape[0] <= 64 else '>64'} rows"
 
-    for name in ("paged_decode_attention", "cascade_decode_groups", "chunk_attention", "chunk_attention_parts",
-                 "add_rms_norm", "silu_mul", "rope_store"):
+    for name in ("paged_decode_attention", "cascade_decode_groups", "cascade_decode_table", "chunk_attention",
+                 "chunk_attention_parts", "chunk_attention_table", "lay_out_tiles", "add_rms_norm", "silu_mul",
+                 "rope_store"):
         wrapped = timed(rows_band(name), getattr(native, name))
         setattr(native, name, wrapped)
         for module in (attention, decoder):

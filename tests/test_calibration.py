@@ -36,6 +36,11 @@ def fake():
     return FakeRunner(clock), lambda: clock[0]
 
 
+def steady(seconds: float = 1.0):
+    """The machine's pace, now and around a measurement, as a fixed number."""
+    return (lambda: seconds, lambda: seconds)
+
+
 def test_measure_finds_the_knee_and_the_attention_cost():
     runner, timer = fake()
     table = measure(runner, {"model": "m"}, timer)
@@ -59,22 +64,49 @@ def test_decodes_are_timed_over_blocks_of_their_own():
 
 def test_calibration_is_cached_and_reused_per_key(tmp_path):
     runner, timer = fake()
-    first = load_or_measure(runner, {"model": "m", "threads": 2}, tmp_path, timer)
+    first = load_or_measure(runner, {"model": "m", "threads": 2}, tmp_path, timer, steady())
     steps = runner.num_steps
     assert steps > 0 and cache_path({"model": "m", "threads": 2}, tmp_path).is_file()
-    again = load_or_measure(runner, {"model": "m", "threads": 2}, tmp_path, timer)
-    assert runner.num_steps == steps and again == first  # read back, nothing run
-    load_or_measure(runner, {"model": "m", "threads": 1}, tmp_path, timer)
+    again = load_or_measure(runner, {"model": "m", "threads": 2}, tmp_path, timer, steady())
+    assert runner.num_steps == steps and again == first and first.pace == 1.0  # read back, nothing run
+    load_or_measure(runner, {"model": "m", "threads": 1}, tmp_path, timer, steady())
     assert runner.num_steps > steps  # another key measures again
     data = json.loads(cache_path({"model": "m", "threads": 2}, tmp_path).read_text())
     assert CalibrationTable.from_dict(data) == first
+
+
+def test_a_table_measured_under_load_is_measured_again(tmp_path):
+    runner, timer = fake()
+    paces = iter([2.0, 2.4])  # the machine's pace before and after: busy throughout
+    loaded = load_or_measure(runner, {"model": "m"}, tmp_path, timer, (lambda: 1.0, lambda: next(paces)))
+    assert loaded.pace == 2.4  # the slower of the two
+    steps = runner.num_steps
+    # A start on a machine as busy (pace 2.0: within LOADED_FACTOR of 2.4) reads it back...
+    assert load_or_measure(runner, {"model": "m"}, tmp_path, timer, steady(2.0)) == loaded
+    assert runner.num_steps == steps
+    # ...one on a quiet machine measures again and keeps the new table.
+    quiet = load_or_measure(runner, {"model": "m"}, tmp_path, timer, steady(1.0))
+    assert runner.num_steps > steps and quiet.pace == 1.0
+    data = json.loads(cache_path({"model": "m"}, tmp_path).read_text())
+    assert CalibrationTable.from_dict(data) == quiet
+
+
+def test_a_table_stored_without_its_pace_is_measured_again(tmp_path):
+    runner, timer = fake()
+    table = load_or_measure(runner, {"model": "m"}, tmp_path, timer, steady())
+    data = table.to_dict()
+    del data["pace"]  # as written before the pace was kept
+    cache_path({"model": "m"}, tmp_path).write_text(json.dumps(data))
+    steps = runner.num_steps
+    load_or_measure(runner, {"model": "m"}, tmp_path, timer, steady())
+    assert runner.num_steps > steps
 
 
 def test_cut_short_measurement_falls_back_and_is_not_cached(tmp_path):
     clock = [0.0]
     runner = FakeRunner(clock)
     runner.execute = lambda plan: clock.__setitem__(0, clock[0] + 3.0)  # a very busy machine
-    table = load_or_measure(runner, {"model": "slow"}, tmp_path, lambda: clock[0])
+    table = load_or_measure(runner, {"model": "slow"}, tmp_path, lambda: clock[0], steady())
     assert not table.is_complete and table.token_budget == 512
     assert not cache_path({"model": "slow"}, tmp_path).exists()
 

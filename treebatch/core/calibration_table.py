@@ -39,6 +39,9 @@ class CalibrationTable:
     seconds_per_decode: float = 0.0
     seconds_per_chunk_pair: float = 0.0  # a prefill chunk's attention over cached keys, per pair
     seconds_per_chunk: float = 0.0  # a prefill chunk beyond its tokens
+    # The machine's pace while this was measured (runtime/machine_cache.py), None where unknown:
+    # a later start that finds the machine much faster than that measures again.
+    pace: float | None = None
 
     def __post_init__(self) -> None:
         assert self.forward_seconds and all(t > 0 for t in self.forward_seconds.values())
@@ -84,6 +87,7 @@ class CalibrationTable:
             "seconds_per_decode": self.seconds_per_decode,
             "seconds_per_chunk_pair": self.seconds_per_chunk_pair,
             "seconds_per_chunk": self.seconds_per_chunk,
+            "pace": self.pace,
         }
 
     @classmethod
@@ -97,6 +101,7 @@ class CalibrationTable:
             seconds_per_decode=float(data.get("seconds_per_decode", 0.0)),
             seconds_per_chunk_pair=float(data.get("seconds_per_chunk_pair", 0.0)),
             seconds_per_chunk=float(data.get("seconds_per_chunk", 0.0)),
+            pace=None if data.get("pace") is None else float(data["pace"]),
         )
 
 

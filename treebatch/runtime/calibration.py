@@ -7,7 +7,9 @@ tokens for M from 16 to 2048, plus decodes (each over its own blocks) and a pref
 over a short and a long context, for the two attention terms. The result is a
 `CalibrationTable`, written as JSON under `<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
 thread count, the CPU model and the code that runs the step, so a later start with the same key
-reads the file instead of measuring (about 4 s on 2 cores for SmolLM2-135M in float32).
+reads the file instead of measuring (about 4 s on 2 cores for SmolLM2-135M in float32), unless
+the table was measured on a machine busier than it is now (machine_cache.measured_under_load):
+then it measures again and replaces it.
 
 The timed steps go through `ModelRunner.execute` like real ones, on scratch KV blocks that are
 zeroed afterwards; nothing is sampled.
@@ -15,6 +17,7 @@ zeroed afterwards; nothing is sampled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -28,7 +31,7 @@ import torch
 from treebatch.core.calibration_table import MIN_TOKEN_BUDGET, CalibrationTable, choose_token_budget
 from treebatch.core.outputs import ScheduledChunk, StepPlan
 from treebatch.host import cpu_model
-from treebatch.runtime.machine_cache import write_atomically
+from treebatch.runtime.machine_cache import measured_under_load, pace, pace_now, paced, write_atomically
 
 FORMAT = 8  # bump when what is measured changes, so stale files are not reused
 FORWARD_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -101,16 +104,22 @@ def cache_path(key: dict[str, Any], cache_dir: Path) -> Path:
     return cache_dir / "calibration" / f"{name}.json"
 
 
-def load_or_measure(runner: Any, key: dict[str, Any], cache_dir: Path, timer: Timer = time.perf_counter) -> CalibrationTable:
-    """The cached table for `key`, or a fresh measurement (then cached)."""
+def load_or_measure(
+    runner: Any, key: dict[str, Any], cache_dir: Path, timer: Timer = time.perf_counter,
+    paces: tuple[Timer, Timer] = (pace_now, pace),
+) -> CalibrationTable:
+    """The cached table for `key`, or a fresh measurement (then cached) where there is none or
+    it was measured under load. `paces`: the machine's pace now (for the check) and measured
+    afresh (around a new measurement)."""
     path = cache_path(key, cache_dir)
     try:
         table = CalibrationTable.from_dict(json.loads(path.read_text()))
-        if table.key == key:
+        if table.key == key and not measured_under_load(table.pace, paces[0]):
             return table
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         pass  # missing or unreadable: measure again
-    table = measure(runner, key, timer)
+    table, seconds = paced(lambda: measure(runner, key, timer), paces[1])
+    table = dataclasses.replace(table, pace=seconds)
     if table.is_complete:  # an interrupted measurement is not worth keeping: retry next start
         write_atomically(path, json.dumps(table.to_dict(), indent=1))
     return table
