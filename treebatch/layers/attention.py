@@ -8,8 +8,8 @@ block of queries against all of its sequence's keys so far), then prefix groups.
 Everything that depends only on the step (block indices, masks as additive biases) is built once,
 by the runner or at the first layer; per layer there remain block gathers, the attention products
 and one concatenation. On a few CPU cores each extra small op costs a thread-pool round trip, and
-a step pays it once per layer. In bfloat16 where the in-place kernels take the layer
-(`_in_place_step`), a layer is three C calls writing into one output, whatever the number of
+a step pays it once per layer. Where the in-place kernels take the layer (`_in_place_step`: on
+AVX-512, in float32 or, with AVX512-BF16, in bfloat16), a layer is three C calls writing into one output, whatever the number of
 groups and chunks: the plain decodes, every group's decodes, every prefill chunk.
 
 A layer may differ from plain softmax attention in two ways (`LayerAttention`): a sliding window
@@ -428,10 +428,10 @@ def _prefix_tiles(
     k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, cascade: CascadeGroup,
     attn: LayerAttention, layer: int,
 ) -> torch.Tensor | None:
-    """The group prefix laid out for the bfloat16 kernels (native.lay_out_tiles), kept across
-    steps in the prefix store's slot for this layer like the torch path's gathered K and V, or
-    None where the kernels do not read it (float32, a window or soft-cap, no AVX512-BF16)."""
-    if not _plain_in_place(attn, metadata) or k_cache.dtype != torch.bfloat16:
+    """The group prefix laid out for the tile kernels (native.lay_out_tiles), kept across steps in
+    the prefix store's slot for this layer like the torch path's gathered K and V, or None where
+    the kernels do not read it (a window or soft-cap, no AVX-512)."""
+    if not _plain_in_place(attn, metadata):
         return None
     kept = cascade.prefix_kv
     if kept is not None and isinstance(kept[layer], torch.Tensor):
@@ -482,8 +482,9 @@ def _in_place_step(
     """The whole step's rows by the in-place kernels into one output, three calls per layer: the
     plain decodes, every group's decodes, and every prefill chunk (a group member's over its
     group's prefix and its own keys in one softmax, so nothing is merged). None where they do
-    not take this layer (float32, a window or soft-cap, no AVX512-BF16): the per-part path."""
-    if q.dtype != torch.bfloat16 or not _plain_in_place(attn, metadata) or not native.chunk_attention_available():
+    not take this layer (a window or soft-cap, no AVX-512, or for bfloat16 no AVX512-BF16): the
+    per-part path."""
+    if not _plain_in_place(attn, metadata) or not native.chunk_attention_available(q.dtype):
         return None
     plan = _step_plan(metadata)
     q = q.contiguous()

@@ -59,10 +59,12 @@ _SIGNATURES = {
                        _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT],
     },
     "chunk_attention": {
-        "chunk_attention_available": [],
+        "chunk_attention_available": [_INT],
         "chunk_attention_bf16": [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _I64, _POINTER, _I64, _F32, _POINTER,
                                  _POINTER, _INT],
-        "lay_out_tiles_bf16": [_POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _POINTER, _INT],
+        "chunk_attention_f32": [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _I64, _POINTER, _I64, _F32, _POINTER,
+                                _POINTER, _INT],
+        "lay_out_tiles": [_INT, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _POINTER, _INT],
     },
     "gemm": {
         "gemm_available": [],
@@ -211,7 +213,7 @@ def cascade_decode_attention(
     there. Returns out [M, H, D] in q's dtype and lse [M, H] float32 over prefix and own keys
     together (no merge left to do), or None as paged_decode_attention does. No sliding window:
     a layer with one takes the torch cascade. `prefix_tiles`: the prefix as lay_out_tiles made
-    it (bfloat16 only), read instead of laying each tile out again."""
+    it, read instead of laying each tile out again."""
     group = CascadeDecode(prefix_blocks, suffix_tables, suffix_lengths, prefix_tiles)
     return cascade_decode_groups(q, k_cache, v_cache, [group], block_size, scale, softcap)
 
@@ -317,10 +319,15 @@ _CASCADE_BY_DTYPE = {torch.float32: "cascade_decode_attention", torch.bfloat16: 
 
 
 @cache
-def chunk_attention_available() -> bool:
-    """Whether kernels/chunk_attention.c built here with its AVX512-BF16 code."""
+def chunk_attention_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether kernels/chunk_attention.c built here with its tile code for `dtype` (float32:
+    AVX-512; bfloat16: AVX512-BF16 too)."""
     kernel = library("chunk_attention")
-    return kernel is not None and kernel.chunk_attention_available() == 1
+    return (dtype in _CHUNK_BY_DTYPE and kernel is not None
+            and kernel.chunk_attention_available(int(dtype == torch.float32)) == 1)
+
+
+_CHUNK_BY_DTYPE = {torch.float32: "chunk_attention_f32", torch.bfloat16: "chunk_attention_bf16"}
 
 
 def chunk_attention(
@@ -338,8 +345,8 @@ def chunk_attention(
     keys [0, min(length, base + i)) (base = length - n + 1: causal at the end of the context;
     base = length: every key).
 
-    q: [n, H, D] bfloat16; k_cache, v_cache: [slots, KVH, D] bfloat16, contiguous; blocks: int64
-    block ids holding the keys. Returns out [n, H, D] bfloat16 and lse [n, H] float32, or None
+    q: [n, H, D] bfloat16 or float32; k_cache, v_cache: [slots, KVH, D] of q's dtype, contiguous;
+    blocks: int64 block ids holding the keys. Returns out [n, H, D] (q's dtype) and lse [n, H] float32, or None
     where the kernel is unavailable or does not take these arguments (the caller then uses the
     torch path). `tiles`: these keys as lay_out_tiles made them, read instead of the cache."""
     q = q.contiguous()
@@ -378,7 +385,7 @@ def chunk_attention_parts(
 ) -> bool:
     """Every prefill chunk of a step's layer by one call of the in-place kernel, a group member's
     chunk over its group's prefix and its own keys in one softmax (nothing to merge): writes
-    out [T, H, D] (bfloat16, as q) at each part's rows and, if given, lse [T, H] (float32).
+    out [T, H, D] (q's dtype) at each part's rows and, if given, lse [T, H] (float32).
     False where the kernel is unavailable or does not take these arguments (nothing written)."""
     table = KernelTable.of_chunks(parts)
     return chunk_attention_table(q, k_cache, v_cache, table.fields, block_size, scale, out, lse)
@@ -396,11 +403,11 @@ def chunk_attention_table(
 ) -> bool:
     """chunk_attention_parts on a table KernelTable.of_chunks made (kept across a step's layers,
     its prefix tiles column filled per layer)."""
-    if q.dtype != torch.bfloat16 or out.dtype != torch.bfloat16 or not _tile_kernels_take(k_cache, v_cache):
+    if q.dtype != k_cache.dtype or out.dtype != q.dtype or not _tile_kernels_take(k_cache, v_cache):
         return False
     if not (q.is_contiguous() and out.is_contiguous()):
         raise ValueError("chunk_attention_parts: q and out must be contiguous")
-    status = library("chunk_attention").chunk_attention_bf16(
+    status = getattr(library("chunk_attention"), _CHUNK_BY_DTYPE[q.dtype])(
         q.data_ptr(), q.shape[1], k_cache.shape[1], q.shape[2], k_cache.data_ptr(), v_cache.data_ptr(), block_size,
         fields.data_ptr(), fields.shape[0], scale, out.data_ptr(), None if lse is None else lse.data_ptr(),
         torch.get_num_threads(),
@@ -414,28 +421,30 @@ def _address(tensor: torch.Tensor | None) -> int:
 
 def lay_out_tiles(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, length: int,
                   block_size: int) -> torch.Tensor | None:
-    """Keys and values [0, length) of `blocks` (bfloat16 caches) laid out as the AVX512-BF16
-    kernels read them (kernels/bf16_tile.h: per KV head, tiles of sixteen keys), as many bytes as
-    the K and V themselves; None where the kernel is unavailable or does not take them."""
+    """Keys and values [0, length) of `blocks` laid out as the tile kernels read them
+    (kernels/tile_attend.h: per KV head, tiles of sixteen keys), as many bytes as the K and V
+    themselves; None where the kernel is unavailable or does not take them."""
     if not _tile_kernels_take(k_cache, v_cache):
         return None
     kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
     blocks = blocks.contiguous()
-    tiles = torch.empty(kv_heads, -(-length // _TILE_KEYS), _TILE_KEYS * dim, dtype=torch.int32)
-    status = library("chunk_attention").lay_out_tiles_bf16(
-        k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(), block_size, length, kv_heads, dim, tiles.data_ptr(),
-        torch.get_num_threads(),
+    # A tile holds sixteen keys' K and V: 2 x 16 x dim elements, as 32-bit words.
+    words = _TILE_KEYS * dim * k_cache.element_size() // 2
+    tiles = torch.empty(kv_heads, -(-length // _TILE_KEYS), words, dtype=torch.int32)
+    status = library("chunk_attention").lay_out_tiles(
+        int(k_cache.dtype == torch.float32), k_cache.data_ptr(), v_cache.data_ptr(), blocks.data_ptr(), block_size,
+        length, kv_heads, dim, tiles.data_ptr(), torch.get_num_threads(),
     )
     return tiles if status == 0 else None
 
 
-_TILE_KEYS = 16  # keys per tile in kernels/bf16_tile.h; a tile is 16 x dim int32 words
+_TILE_KEYS = 16  # keys per tile in kernels/tile_common.h
 
 
 def _tile_kernels_take(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether chunk_attention.c's kernels built here and read these caches (bfloat16, contiguous)."""
-    return (k_cache.dtype == torch.bfloat16 and v_cache.dtype == torch.bfloat16 and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and chunk_attention_available())
+    """Whether chunk_attention.c's kernels built here and read these caches (contiguous, one dtype)."""
+    return (k_cache.dtype == v_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and chunk_attention_available(k_cache.dtype))
 
 
 @cache

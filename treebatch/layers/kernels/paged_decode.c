@@ -23,7 +23,8 @@
  * and summed as in float32. Widening inside the dot products instead would repeat it for every
  * query head of the group and, measured, made the bf16 kernel slower than the float32 one. On
  * AVX512-BF16 the keys are not widened: the bf16 dot-product instruction scores them in place
- * (head size 64, blocks of 16), and a group's prefix goes in tiles (bf16_tile.h). Each sequence's
+ * (head size 64, blocks of 16). On AVX-512 a group's prefix goes in tiles, in either dtype
+ * (tile_attend.h). Each sequence's
  * next block is prefetched while one is scored.
  * A sequence with no key gets out 0 and lse -inf.
  *
@@ -44,7 +45,7 @@
 #include <string.h>
 
 #include "bf16.h"
-#include "bf16_tile.h"
+#include "tile_attend.h"
 #include "fast_exp.h"
 
 #if defined(__AVX512F__)
@@ -506,25 +507,30 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
     return 0;
 }
 
-#if defined(BF16_TILES)
-/* The `rows` query rows (float32 values that came from bfloat16, so rounding them back is exact)
- * take keys [0, prefix_len) of KV head `head` of a bfloat16 block table into their running
- * softmax, 64 keys at a time by bf16 dot products (bf16_tile.h): each tile laid out once for
- * all the rows, or read from `kept` (the prefix's tiles of every KV head, laid out when the
- * group first ran). */
-static void prefix_tiles(Running *restrict state, int64_t rows, const float *restrict q, const void *k, const void *v,
-                         const int64_t *table, int64_t prefix_len, const uint32_t *kept, int64_t kv_heads,
-                         int64_t head, int64_t dim, int64_t block_size, float scale) {
+#if defined(TILES_512)
+/* The `rows` query rows take keys [0, prefix_len) of KV head `head` of the block table into their
+ * running softmax, 64 keys at a time (tile_attend.h): bfloat16 keys by bf16 dot products, the
+ * queries (float32 values that came from bfloat16, so rounding them back is exact) as pairs;
+ * float32 keys by FMA. Each tile is laid out once for all the rows, or read from `kept` (the
+ * prefix's tiles of every KV head, laid out when the group first ran). */
+static inline __attribute__((always_inline)) void prefix_tiles(
+    const int bf16, Running *restrict state, int64_t rows, const float *restrict q, const void *k, const void *v,
+    const int64_t *table, int64_t prefix_len, const void *kept, int64_t kv_heads, int64_t head, int64_t dim,
+    int64_t block_size, float scale) {
     uint32_t pairs[MAX_GROUP][MAX_DIM / 2];
-    const uint32_t *queries[MAX_GROUP];
+    const void *queries[MAX_GROUP];
     int64_t seen[MAX_GROUP];
     for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t p = 0; p < dim / 2; ++p)
-            pairs[r][p] = (uint32_t)bf16_round(q[r * dim + 2 * p]) | ((uint32_t)bf16_round(q[r * dim + 2 * p + 1]) << 16);
-        queries[r] = pairs[r];
+        if (bf16) {
+            for (int64_t p = 0; p < dim / 2; ++p)
+                pairs[r][p] = (uint32_t)bf16_round(q[r * dim + 2 * p]) | ((uint32_t)bf16_round(q[r * dim + 2 * p + 1]) << 16);
+            queries[r] = pairs[r];
+        } else {
+            queries[r] = q + r * dim;
+        }
         seen[r] = prefix_len;
     }
-    tiles_attend(kept, k, v, table, block_size, kv_heads, head, dim, prefix_len, rows, queries, seen, scale,
+    tiles_attend(!bf16, kept, k, v, table, block_size, kv_heads, head, dim, prefix_len, rows, queries, seen, scale,
                  state->maxes, state->sums, state->acc);
 }
 #endif
@@ -533,7 +539,7 @@ static void prefix_tiles(Running *restrict state, int64_t rows, const float *res
  * prefix block once, together, then each member continues its own rows over its own blocks. */
 static inline __attribute__((always_inline)) void cascade_item(
     const float *q, const void *k, const void *v, const int bf16, const int64_t *prefix, int64_t prefix_len,
-    const uint32_t *kept, const int64_t *tables, int64_t width, const int64_t *lengths, int64_t first_member,
+    const void *kept, const int64_t *tables, int64_t width, const int64_t *lengths, int64_t first_member,
     int64_t members, int64_t num_heads, int64_t kv_heads, int64_t head, int64_t dim, int64_t block_size, float scale, float softcap,
     float *out, float *lse, const void *reduce) {
     const int64_t group = num_heads / kv_heads, rows = members * group;
@@ -556,9 +562,10 @@ static inline __attribute__((always_inline)) void cascade_item(
     }
     Running state;
     running_start(&state, rows, dim);
-#if defined(BF16_TILES)
-    if (bf16 && softcap == 0.0f && dim % 32 == 0) /* the prefix in tiles, by bf16 dot products */
-        prefix_tiles(&state, rows, queries, k, v, prefix, prefix_len, kept, kv_heads, head, dim, block_size, scale);
+#if defined(TILES_512)
+    if (tiles_take(!bf16) && softcap == 0.0f && dim % 32 == 0) /* the prefix in tiles */
+        prefix_tiles(bf16, &state, rows, queries, k, v, prefix, prefix_len, kept, kv_heads, head, dim, block_size,
+                     scale);
     else
 #endif
     attend_blocks(&state, 0, rows, queries, k, v, bf16, prefix, prefix_len, kv_heads, head, dim, block_size, scale,
@@ -624,7 +631,7 @@ static inline __attribute__((always_inline)) int cascade_all(
         const float *q_g = q + row * num_heads * dim;
         float *out_g = out + row * num_heads * dim, *lse_g = lse + row * num_heads;
         const int64_t *prefix = ADDRESS(g, G_PREFIX), *tables = ADDRESS(g, G_TABLES), *lengths = ADDRESS(g, G_LENGTHS);
-        const uint32_t *kept = ADDRESS(g, G_KEPT);
+        const void *kept = ADDRESS(g, G_KEPT);
         const int64_t prefix_len = FIELD(g, G_PREFIX_LEN), width = FIELD(g, G_WIDTH);
 #define CALL(DIM, BLOCK)                                                                                      \
     cascade_item(q_g, k, v, bf16, prefix, prefix_len, kept, tables, width, lengths, first, members, num_heads,     \
@@ -652,9 +659,8 @@ int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
                       window, softcap, out, lse, num_threads);
 }
 
-/* `groups` as for cascade_all; a group's kept tiles: its prefix laid out in tiles (bf16_tile.h)
- * for every KV head, or 0 (the bfloat16 kernel then lays out each tile itself; the float32 one
- * never reads them). */
+/* `groups` as for cascade_all; a group's kept tiles: its prefix laid out in tiles of the cache's
+ * dtype (tile_attend.h) for every KV head, or 0 (the kernel then lays out each tile itself). */
 int cascade_decode_attention(const float *q, const float *k, const float *v, const int64_t *groups,
                              int64_t num_groups, int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                              float scale, float softcap, float *out, float *lse, int num_threads) {
