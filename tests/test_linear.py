@@ -117,6 +117,25 @@ def test_the_own_kernel_in_bf16_sums_in_float32_and_rounds_once(with_bias: bool)
     torch.testing.assert_close(native.gemm(x, linear.panels, 70, linear.panel_bias), expected, rtol=1e-5, atol=1e-4)
 
 
+@needs_gemm
+def test_float32_out_keeps_the_own_kernels_sums_and_converts_the_others() -> None:
+    """A bf16 projection's float32 output (the logits): the own kernel's float32 sums, unrounded,
+    for the batches it serves; the other kernels' bf16 results widened for the rest."""
+    torch.manual_seed(9)
+    weight = torch.randn(70, 200).bfloat16()
+    linear = Linear(weight, packed_max_rows=64, native_max_rows=16)
+    for rows in (1, 16, 17, 80):
+        x = torch.randn(rows, 200).bfloat16()
+        got = linear.float32_out(x)
+        expected = x.float() @ weight.float().t()
+        assert got.dtype == torch.float32
+        if rows <= 16:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        else:
+            assert torch.equal(got, linear(x).float())
+    assert linear.float32_out(torch.empty(0, 200).bfloat16()).shape == (0, 70)
+
+
 @pytest.mark.skipif(not native.gemm_pairs_available(), reason="the pair path needs AVX512-BF16")
 @pytest.mark.parametrize("shape,all_rows", [((70, 201), range(1, 20)), ((32, 2), range(1, 20)), ((97, 1), range(1, 20)),
                                             ((40, 4099), (1, 9, 263))])

@@ -375,3 +375,20 @@ def test_cascade_groups_in_one_call_equal_each_group_alone(dtype):
         torch.testing.assert_close(got[0][rows].float(), out, atol=tolerance[0], rtol=tolerance[1])
         torch.testing.assert_close(got[1][rows], lse, atol=1e-4, rtol=1e-5)
         row += q.shape[0]
+
+
+@pytest.mark.parametrize("rows,n", [(1, 7), (3, 49152), (128, 1000), (5, 1)])
+def test_argmax_rows_equals_torchs(rows: int, n: int) -> None:
+    """The first index of each row's largest value, ties and all, and of its first NaN where it
+    has one, as torch's argmax gives (rows x n past the kernel's parallel size run threaded)."""
+    torch.manual_seed(rows + n)
+    x = torch.randn(rows, n)
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    x = torch.randint(0, 3, (rows, n)).float()  # many ties of the largest value
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    x = torch.full((rows, n), float("-inf"))
+    x[0, n // 2] = float("nan")
+    if n > 2:
+        x[0, n - 1] = float("nan")
+        x[-1, 1] = float("inf")
+    assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))

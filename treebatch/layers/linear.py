@@ -141,6 +141,14 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         return self.transposed(x)
 
+    def float32_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T as float32 whatever x's dtype: treebatch's own kernel writes its float32 sums
+        as they are (a bfloat16 model's logits then skip a rounding and a conversion pass over
+        the vocabulary), the others' results are converted."""
+        if self.panels is not None and 0 < x.shape[0] <= self.native_max_rows:
+            return native.gemm(x, self.panels, self.out_features, self.panel_bias, out_dtype=torch.float32)
+        return self(x).float()
+
     def transposed(self, x: torch.Tensor) -> torch.Tensor:
         """(W @ x^T)^T with x padded with zero rows to a multiple of 16: the slow path's fast twin."""
         rows = x.shape[0]

@@ -189,7 +189,7 @@ class DecoderForCausalLM:
         last = hidden.index_select(0, logits_indices)
         last = native.add_rms_norm(last, None if pending is None else pending.index_select(0, logits_indices),
                                    self.final_norm, eps)
-        logits = self.head(last).float()
+        logits = self.head.float32_out(last)
         if cfg.final_logit_softcap:
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from treebatch.core.outputs import NewRequestData
+from treebatch.layers.native import argmax_rows
 from treebatch.sampling_params import SamplingParams
 
 # One generated token's logprobs: {token_id: (logprob, rank)} for the top-k and the chosen token.
@@ -90,7 +91,7 @@ class Sampler:
         greedy_rows = [i for i, s in enumerate(states) if s.params.is_greedy]
         random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
         if len(greedy_rows) == len(states):  # all greedy: no copy of the rows
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
         elif greedy_rows:
             index = torch.tensor(greedy_rows)
             tokens[index] = logits[index].argmax(dim=-1)

@@ -40,4 +40,22 @@ static inline __m128i bf16_round8(__m256 value) {
 }
 #endif
 
+#if defined(__AVX512F__)
+/* bf16_round on sixteen lanes -> sixteen bfloat16 values; with AVX512-BF16 by its one conversion
+ * instruction, which rounds alike but flushes float32 denormals (below 1.2e-38) to zero. */
+static inline __m256i bf16_round16(__m512 value) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(value);
+#else
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+#endif
+}
+#endif
+
 #endif
