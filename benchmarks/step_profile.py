@@ -69,15 +69,16 @@ def instrument() -> None:
         return f"projection {size}, {kernel}, {band}"
 
     linear.Linear.__call__ = timed(projection_kernel, linear.Linear.__call__)
+    linear.Linear.float32_out = timed(projection_kernel, linear.Linear.float32_out)
     def rows_band(name):
         return lambda first, *args, **kwargs: f"C {name}, {'<=64' if first.shape[0] <= 64 else '>64'} rows"
 
-    for name in ("paged_decode_attention", "cascade_decode_groups", "cascade_decode_table", "chunk_attention",
+    for name in ("argmax_rows", "paged_decode_attention", "cascade_decode_groups", "cascade_decode_table", "chunk_attention",
                  "chunk_attention_parts", "chunk_attention_table", "lay_out_tiles", "add_rms_norm", "silu_mul",
                  "rope_store"):
         wrapped = timed(rows_band(name), getattr(native, name))
         setattr(native, name, wrapped)
-        for module in (attention, decoder):
+        for module in (attention, decoder, sampler):
             if hasattr(module, name):
                 setattr(module, name, wrapped)
     decoder.paged_attention = timed("attention (other than the parts below)", attention.paged_attention)
