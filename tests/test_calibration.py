@@ -8,7 +8,7 @@ import torch
 
 from treebatch.core.calibration_table import CalibrationTable, choose_token_budget
 from treebatch.core.outputs import StepPlan
-from treebatch.runtime.calibration import cache_path, load_or_measure, measure
+from treebatch.runtime.calibration import cache_path, load_or_measure, measure, scratch_blocks
 
 
 class FakeRunner:
@@ -130,3 +130,12 @@ def test_table_interpolates_and_extrapolates():
     assert table.forward_time(8) == 0.01 and abs(table.forward_time(80) - 0.015) < 1e-12
     assert abs(table.forward_time(256) - 0.04) < 1e-12
     assert abs(table.step_time(1, 1000) - (0.01 + 1e-4)) < 1e-12
+
+
+def test_a_pool_too_small_for_the_timed_steps_is_its_own_key(llm):
+    """A tiny pool (a test's) times other steps than a full one: the key tells them apart, and
+    every pool big enough for the timed steps shares one."""
+    full = scratch_blocks(10**6, 16)
+    assert scratch_blocks(10**5, 16) == full and scratch_blocks(10, 16) == 10
+    engine = llm.engine
+    assert engine._calibration_key["scratch_blocks"] == scratch_blocks(engine.num_blocks, engine.runner.block_size)

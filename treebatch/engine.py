@@ -22,7 +22,7 @@ from treebatch.host import cache_root
 from treebatch.models.decoder import DecoderForCausalLM
 from treebatch.models.loader import load_model
 from treebatch.runtime.guidance import Guide
-from treebatch.runtime.calibration import MAX_POSITION, calibration_key, load_or_measure, warm_up
+from treebatch.runtime.calibration import MAX_POSITION, calibration_key, load_or_measure, scratch_blocks, warm_up
 from treebatch.runtime import kernel_choice
 from treebatch.runtime.kv_cache import allocate_kv_cache, available_memory_bytes, num_kv_blocks
 from treebatch.runtime.memory import check_fits, memory_need
@@ -106,6 +106,7 @@ class LLMEngine:
 
         block_size = config.cache.block_size
         self.num_blocks = num_kv_blocks(self.model_config, config.cache, dtype)
+        self._calibration_key["scratch_blocks"] = scratch_blocks(self.num_blocks, block_size)
         # When every layer has a sliding window, blocks that leave it go back to the pool and
         # their table entries name one more block past the pool's (KVCacheManager.null_block).
         window = self.model_config.max_window

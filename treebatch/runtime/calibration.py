@@ -6,7 +6,8 @@ times the loaded model at start-up instead of trusting a constant: forward passe
 tokens for M from 16 to 2048, plus decodes (each over its own blocks) and a prefill chunk, each
 over a short and a long context, for the two attention terms. The result is a
 `CalibrationTable`, written as JSON under `<cache root>/calibration/<key hash>.json`; the key holds the model's content fingerprint, torch's
-thread count, the CPU model and the code that runs the step, so a later start with the same key
+thread count, the CPU model, the code that runs the step and the scratch KV blocks it had (a pool
+too small for the timed steps times other steps), so a later start with the same key
 reads the file instead of measuring (about 4 s on 2 cores for SmolLM2-135M in float32), unless
 the table was measured on a machine busier than it is now (machine_cache.measured_under_load):
 then it measures again and replaces it.
@@ -99,6 +100,14 @@ def calibration_key(weights: dict[str, torch.Tensor], model_config: Any, dtype: 
     }
 
 
+def scratch_blocks(num_blocks: int, block_size: int) -> int:
+    """KV blocks a measurement on a pool of `num_blocks` uses: all it needs, or all a small pool
+    has. It belongs in the key: on a pool too small for the timed steps' own blocks, prompts are
+    shorter and decodes share blocks (a 512-token step of a test's tiny pool took twice a full
+    pool's time), which must not stand for a full pool's costs."""
+    return min(num_blocks, _DECODE_BATCH * -(-(max(_DECODE_CONTEXTS) + 1) // block_size))
+
+
 def cache_path(key: dict[str, Any], cache_dir: Path) -> Path:
     name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
     return cache_dir / "calibration" / f"{name}.json"
@@ -139,7 +148,7 @@ def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.
         for s in range(_DECODE_BATCH)
     ]
     table = tables[0]
-    used = min(num_blocks, _DECODE_BATCH * blocks_per_sequence)
+    used = scratch_blocks(num_blocks, block_size)
     try:
         _execute(runner, _prefill_plan(16, sequence_len, table))  # the first call pays one-off costs
         forward, is_complete = _forward_curve(runner, sequence_len, table, timer)
