@@ -375,6 +375,21 @@ def test_cascade_groups_in_one_call_equal_each_group_alone(dtype):
         torch.testing.assert_close(got[0][rows].float(), out, atol=tolerance[0], rtol=tolerance[1])
         torch.testing.assert_close(got[1][rows], lse, atol=1e-4, rtol=1e-5)
         row += q.shape[0]
+    # The same groups at rows of their own in a step's q (other rows between them), written into
+    # the step's output in place: equal bit for bit, and every other row untouched.
+    step_q = torch.randn(40, num_heads, dim).to(dtype)
+    first_rows, row = [2, 10, 30], 0
+    for first, q in zip(first_rows, queries):
+        step_q[first:first + q.shape[0]] = q
+    out = torch.full_like(step_q, 7.0)
+    table = native.KernelTable.of_groups(groups, block_size, first_rows)
+    assert native.cascade_decode_table(step_q, k_cache, v_cache, table.fields, block_size, dim**-0.5, out=out)
+    named = torch.zeros(40, dtype=torch.bool)
+    for first, q in zip(first_rows, queries):
+        assert torch.equal(out[first:first + q.shape[0]], got[0][row:row + q.shape[0]])
+        named[first:first + q.shape[0]] = True
+        row += q.shape[0]
+    assert torch.equal(out[~named], torch.full_like(out[~named], 7.0))
 
 
 @pytest.mark.parametrize("rows,n", [(1, 7), (3, 49152), (128, 1000), (5, 1)])

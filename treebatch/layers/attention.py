@@ -109,7 +109,7 @@ class InPlacePlan:
     tables of groups and of chunks, whose prefix tiles column each layer fills with its own."""
 
     decode_index: torch.Tensor  # the rows of the groups' decodes, group after group
-    groups: native.KernelTable  # the groups with decodes
+    groups: native.KernelTable  # the groups with decodes, at their rows of the step
     grouped: list[int]  # their cascades' indices
     chunks: native.KernelTable  # the plain prefill chunks, then the groups' chunks
     chunk_cascades: list[int | None]  # each chunk's cascade's index (None: a plain chunk)
@@ -136,7 +136,8 @@ class InPlacePlan:
                 chunk_cascades.append(i)
                 row += chunk.num_queries
         return InPlacePlan(torch.tensor(decode_rows, dtype=torch.int64),
-                           native.KernelTable.of_groups(groups, metadata.block_size), grouped,
+                           native.KernelTable.of_groups(groups, metadata.block_size,
+                                                        [cascades[i].row_start for i in grouped]), grouped,
                            native.KernelTable.of_chunks(parts), chunk_cascades)
 
 
@@ -289,13 +290,15 @@ def _native_decode(
     padded_blocks: torch.Tensor,
     lengths: torch.Tensor | None,
     attn: LayerAttention,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Single-query rows by the in-place C kernel, or None for the torch path."""
+    """Single-query rows by the in-place C kernel (into `out` where given), or None for the
+    torch path."""
     if not metadata.native_decode:
         return None
     tables = padded_blocks.view(q.shape[0], -1)
     return native.paged_decode_attention(
-        q, k_cache, v_cache, tables, lengths, metadata.block_size, attn.scale, attn.window, attn.softcap
+        q, k_cache, v_cache, tables, lengths, metadata.block_size, attn.scale, attn.window, attn.softcap, out
     )
 
 
@@ -450,18 +453,21 @@ def _native_cascade_decodes(
     metadata: AttentionMetadata,
     attn: LayerAttention,
     tiles: list[torch.Tensor | None],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Every group's single-query rows over its prefix (read once for all of them) and their own
     keys, by one call of the C kernel for the whole step (the step's InPlacePlan table, with this
-    layer's tiles): the results in the rows of plan.decode_index, or None (no such rows, no
-    kernel, or a sliding window: the torch cascade takes those)."""
+    layer's tiles), or None (no such rows, no kernel, or a sliding window: the torch cascade
+    takes those). The results go to their rows of `out` (the step's output; returned), or,
+    without one, come back alone, in the rows of plan.decode_index."""
     if attn.window is not None or not metadata.native_decode or not any(c.num_decodes for c in metadata.cascades):
         return None
     plan = _step_plan(metadata)
-    result = native.cascade_decode_table(q.index_select(0, plan.decode_index), k_cache, v_cache,
-                                         plan.groups.with_tiles([tiles[i] for i in plan.grouped]),
-                                         metadata.block_size, attn.scale, attn.softcap)
-    return None if result is None else result[0]
+    result = native.cascade_decode_table(q, k_cache, v_cache, plan.groups.with_tiles([tiles[i] for i in plan.grouped]),
+                                         metadata.block_size, attn.scale, attn.softcap, out)
+    if result is None:
+        return None
+    return out if out is not None else result[0].index_select(0, plan.decode_index)
 
 
 def _step_plan(metadata: AttentionMetadata) -> InPlacePlan:
@@ -491,16 +497,12 @@ def _in_place_step(
     out = torch.empty_like(q)
     if metadata.num_decodes:
         decoded = _native_decode(q[: metadata.num_decodes], k_cache, v_cache, metadata, metadata.decode_blocks,
-                                 metadata.decode_lengths, attn)
+                                 metadata.decode_lengths, attn, out[: metadata.num_decodes])
         if decoded is None:
             return None
-        out[: metadata.num_decodes] = decoded[0]
     tiles = [_prefix_tiles(k_cache, v_cache, metadata, cascade, attn, layer) for cascade in metadata.cascades]
-    if plan.grouped:
-        decoded = _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles)
-        if decoded is None:
-            return None
-        out.index_copy_(0, plan.decode_index, decoded)
+    if plan.grouped and _native_cascade_decodes(q, k_cache, v_cache, metadata, attn, tiles, out) is None:
+        return None
     if plan.chunk_cascades:
         fields = plan.chunks.with_tiles([None if i is None else tiles[i] for i in plan.chunk_cascades])
         if not native.chunk_attention_table(q, k_cache, v_cache, fields, metadata.block_size, attn.scale, out):

@@ -150,6 +150,7 @@ def paged_decode_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One query per sequence against its paged keys, read in place.
 
@@ -158,24 +159,34 @@ def paged_decode_attention(
     block); lengths: [S] int64 keys per sequence. Returns out [S, H, D] in q's dtype and lse
     [S, H] float32, or None where the kernel is unavailable or does not take these arguments
     (the caller then uses the torch path). A bfloat16 cache is read as it is, widened to float32
-    per element inside the kernel; the queries and the result (a few KB) cross as float32.
+    per element inside the kernel, and so are the queries; the result is rounded once.
     `window`: each query sees only its last `window` keys; `softcap`: scores soft-capped to
-    +-softcap by tanh (None: neither)."""
+    +-softcap by tanh (None: neither). `out`: where to write the result (contiguous, q's shape
+    and dtype), else a new tensor."""
     function = _in_place_function(_DECODE_BY_DTYPE, q, k_cache, v_cache)
     if function is None:
         return None
-    queries = q.float().contiguous()
+    q = q.contiguous()
     block_tables = block_tables.contiguous()
     lengths = lengths.contiguous()
     num_seqs, num_heads, dim = q.shape
-    out = torch.empty_like(queries)
+    out = _output_for(q, out)
     lse = torch.empty(num_seqs, num_heads, dtype=torch.float32)
     status = function(
-        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         lengths.data_ptr(), num_seqs, num_heads, k_cache.shape[1], dim, block_size, scale, window or 0, softcap or 0.0,
         out.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
     )
-    return (out.to(q.dtype), lse) if status == 0 else None
+    return (out, lse) if status == 0 else None
+
+
+def _output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out`, checked to take q's results in place, or a new tensor like q."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(q.shape)} {q.dtype}, not {tuple(out.shape)} {out.dtype}")
+    return out
 
 
 _DECODE_BY_DTYPE = {torch.float32: "paged_decode_attention", torch.bfloat16: "paged_decode_attention_bf16"}
@@ -256,22 +267,24 @@ def cascade_decode_table(
     block_size: int,
     scale: float,
     softcap: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """cascade_decode_groups on a table KernelTable.of_groups made (kept across a step's layers,
-    its tiles column filled per layer)."""
+    its tiles column filled per layer), q holding every row the table names: the results at
+    those rows of `out` (as for paged_decode_attention) and of lse; other rows untouched."""
     function = _in_place_function(_CASCADE_BY_DTYPE, q, k_cache, v_cache)
     if function is None:
         return None
-    queries = q.float().contiguous()
+    q = q.contiguous()
     num_rows, num_heads, dim = q.shape
-    out = torch.empty_like(queries)
+    out = _output_for(q, out)
     lse = torch.empty(num_rows, num_heads, dtype=torch.float32)
     status = function(
-        queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), fields.data_ptr(), fields.shape[0], num_heads,
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), fields.data_ptr(), fields.shape[0], num_heads,
         k_cache.shape[1], dim, block_size, scale, softcap or 0.0, out.data_ptr(), lse.data_ptr(),
         torch.get_num_threads(),
     )
-    return (out.to(q.dtype), lse) if status == 0 else None
+    return (out, lse) if status == 0 else None
 
 
 class KernelTable(NamedTuple):
@@ -281,13 +294,18 @@ class KernelTable(NamedTuple):
 
     fields: torch.Tensor
     held: list[torch.Tensor]
-    rows: int
+    rows: int  # the rows past the last one the table names
     tiles_column: int
 
     @staticmethod
-    def of_groups(groups: Sequence[CascadeDecode], block_size: int) -> KernelTable:
+    def of_groups(groups: Sequence[CascadeDecode], block_size: int,
+                  first_rows: Sequence[int] | None = None) -> KernelTable:
+        """`first_rows`: each group's first row in q and out (default: the groups' rows one after
+        the other from row 0)."""
         held, fields, row = [], [], 0
-        for group in groups:
+        for i, group in enumerate(groups):
+            if first_rows is not None:
+                row = first_rows[i]
             prefix, tables, lengths = (t.contiguous() for t in (group.prefix_blocks, group.suffix_tables,
                                                                  group.suffix_lengths))
             held += [prefix, tables, lengths]

@@ -17,8 +17,9 @@
  * Layouts (row-major, contiguous):
  *   q [S, H, D]; k, v [num_slots, KVH, D]; tables [S, width] (int64); lengths [S] (int64)
  *   out [S, H, D]; lse [S, H]. Query head h reads KV head h / (H / KVH).
- * q, out and lse are float32; the cache is float32 (paged_decode_attention) or bfloat16
- * (paged_decode_attention_bf16), which is read at half the bytes: each block's keys and values
+ * q and out are in the cache's dtype, lse float32 (or NULL: not wanted); the cache is float32
+ * (paged_decode_attention) or bfloat16 (paged_decode_attention_bf16), whose queries are widened
+ * exactly and whose outputs are rounded once. bfloat16 is read at half the bytes: each block's keys and values
  * are widened to float32 once (exactly: a bfloat16 is the upper half of a float32), then scored
  * and summed as in float32. Widening inside the dot products instead would repeat it for every
  * query head of the group and, measured, made the bf16 kernel slower than the float32 one. On
@@ -241,20 +242,34 @@ static inline void running_start(Running *state, int64_t rows, int64_t dim) {
     memset(state->acc, 0, sizeof(float) * rows * dim);
 }
 
-static inline void running_finish(const Running *state, int64_t first, int64_t rows, int64_t dim,
-                                  float *restrict out, float *restrict lse) {
+/* Rows [first, first + rows) divided by their sums into out (bfloat16 where `bf16`, rounded
+ * once, else float32) and their log-sum-exp into lse (where not NULL). */
+static inline __attribute__((always_inline)) void running_finish(const Running *state, int64_t first, int64_t rows,
+                                                                 int64_t dim, void *restrict out, const int bf16,
+                                                                 float *restrict lse) {
     for (int64_t g = 0; g < rows; ++g) {
-        float *restrict o = out + g * dim;
         const int64_t r = first + g;
-        if (state->sums[r] > 0.0f) {
-            const float inverse = 1.0f / state->sums[r];
-            for (int64_t d = 0; d < dim; ++d) o[d] = state->acc[r * dim + d] * inverse;
-            lse[g] = state->maxes[r] + logf(state->sums[r]);
+        const float inverse = state->sums[r] > 0.0f ? 1.0f / state->sums[r] : 0.0f;
+        if (bf16) {
+            uint16_t *restrict o = (uint16_t *)out + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) o[d] = bf16_round(state->acc[r * dim + d] * inverse);
         } else {
-            memset(o, 0, sizeof(float) * dim);
-            lse[g] = -INFINITY;
+            float *restrict o = (float *)out + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) o[d] = state->acc[r * dim + d] * inverse;
         }
+        if (lse) lse[g] = state->sums[r] > 0.0f ? state->maxes[r] + logf(state->sums[r]) : -INFINITY;
     }
+}
+
+/* `rows` query rows of `dim` at q (bfloat16 where `bf16`) as float32: q itself, or widened
+ * (exactly) into `buffer`. */
+static inline __attribute__((always_inline)) const float *queries_f32(const void *q, const int bf16, int64_t rows,
+                                                                      int64_t dim, float *buffer) {
+    if (!bf16) return (const float *)q;
+    widen((const uint16_t *)q, rows, dim, dim, buffer);
+    return buffer;
 }
 
 /* One query row's scores row[0, n) of a block -> e^(score - new max) in place, taken into the
@@ -404,26 +419,29 @@ static inline __attribute__((always_inline)) void attend_blocks(
 }
 
 /* One (sequence, KV head) work item: the group of query heads that share the KV head. */
-static inline __attribute__((always_inline)) void attend_one(const float *restrict q, const void *k, const void *v,
+static inline __attribute__((always_inline)) void attend_one(const void *restrict q, const void *k, const void *v,
                        const int bf16, const int64_t *restrict table, int64_t length, int64_t kv_heads,
                        int64_t head, int64_t group, int64_t dim, int64_t block_size, float scale,
-                       int64_t window, float softcap, float *restrict out, float *restrict lse,
+                       int64_t window, float softcap, void *restrict out, float *restrict lse,
                        const void *reduce) {
     Running state;
+    float buffer[MAX_GROUP * MAX_DIM];
     running_start(&state, group, dim);
-    attend_blocks(&state, 0, group, q, k, v, bf16, table, length, kv_heads, head, dim, block_size, scale, window,
-                  softcap, reduce);
-    running_finish(&state, 0, group, dim, out, lse);
+    attend_blocks(&state, 0, group, queries_f32(q, bf16, group, dim, buffer), k, v, bf16, table, length, kv_heads,
+                  head, dim, block_size, scale, window, softcap, reduce);
+    running_finish(&state, 0, group, dim, out, bf16, lse);
 }
 
 /* All KV heads of one sequence, block by block: each block's keys (and values) of every head
  * are read in turn, one contiguous run of memory, where a (sequence, KV head) item reads every
  * kv_heads-th row of it. No window: the caller keeps that to attend_one. */
 static inline __attribute__((always_inline)) void attend_sequence(
-    const float *restrict q, const void *k, const void *v, const int bf16, const int64_t *restrict table,
+    const void *restrict query, const void *k, const void *v, const int bf16, const int64_t *restrict table,
     int64_t length, int64_t kv_heads, int64_t group, int64_t dim, int64_t block_size, float scale, float softcap,
-    float *restrict out, float *restrict lse, const void *reduce) {
+    void *restrict out, float *restrict lse, const void *reduce) {
     Running state;
+    float buffer[MAX_GROUP * MAX_DIM];
+    const float *restrict q = queries_f32(query, bf16, kv_heads * group, dim, buffer);
     running_start(&state, kv_heads * group, dim);
     const int64_t element = bf16 ? 2 : 4, block_bytes = block_size * kv_heads * dim * element;
     for (int64_t start = 0; start < length; start += block_size) {
@@ -441,7 +459,7 @@ static inline __attribute__((always_inline)) void attend_sequence(
             attend_blocks(&state, head * group, group, q + head * group * dim, k, v, bf16, table + start / block_size,
                           n, kv_heads, head, dim, block_size, scale, 0, softcap, reduce);
     }
-    running_finish(&state, 0, kv_heads * group, dim, out, lse);
+    running_finish(&state, 0, kv_heads * group, dim, out, bf16, lse);
 }
 
 /* `reduce`: the lane permutations dots16_dim64 sums with, built once per call on AVX-512 builds
@@ -469,11 +487,11 @@ static inline __attribute__((always_inline)) void attend_sequence(
     } while (0)
 
 /* Returns 0, or -1 when a size is beyond the fixed scratch buffers (the caller falls back). */
-static inline __attribute__((always_inline)) int attend_all(const float *q, const void *k, const void *v, const int bf16,
+static inline __attribute__((always_inline)) int attend_all(const void *q, const void *k, const void *v, const int bf16,
                       const int64_t *tables, int64_t width, const int64_t *lengths, int64_t num_seqs,
                       int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale,
-                      int64_t window, float softcap, float *out, float *lse, int num_threads) {
-    const int64_t group = num_heads / kv_heads;
+                      int64_t window, float softcap, void *out, float *lse, int num_threads) {
+    const int64_t group = num_heads / kv_heads, element = bf16 ? 2 : 4;
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
         return -1;
     const int64_t items = num_seqs * kv_heads;
@@ -481,9 +499,10 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
     if (window == 0 && num_heads <= MAX_GROUP) {
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
         for (int64_t s = 0; s < num_seqs; ++s) {
-            const float *query = q + s * num_heads * dim;
+            const void *query = (const char *)q + s * num_heads * dim * element;
             const int64_t *table = tables + s * width;
-            float *o = out + s * num_heads * dim, *l = lse + s * num_heads;
+            void *o = (char *)out + s * num_heads * dim * element;
+            float *l = lse ? lse + s * num_heads : NULL;
 #define CALL(DIM, BLOCK)                                                                                      \
     attend_sequence(query, k, v, bf16, table, lengths[s], kv_heads, group, DIM, BLOCK, scale, softcap, o, l, reduce)
             WITH_CONSTANT_SIZES(CALL);
@@ -495,9 +514,10 @@ static inline __attribute__((always_inline)) int attend_all(const float *q, cons
     for (int64_t item = 0; item < items; ++item) {
         const int64_t s = item / kv_heads, head = item % kv_heads;
         const int64_t first_head = head * group;
-        const float *query = q + (s * num_heads + first_head) * dim;
+        const void *query = (const char *)q + (s * num_heads + first_head) * dim * element;
         const int64_t *table = tables + s * width;
-        float *o = out + (s * num_heads + first_head) * dim, *l = lse + s * num_heads + first_head;
+        void *o = (char *)out + (s * num_heads + first_head) * dim * element;
+        float *l = lse ? lse + s * num_heads + first_head : NULL;
 #define CALL(DIM, BLOCK)                                                                                      \
     attend_one(query, k, v, bf16, table, lengths[s], kv_heads, head, group, DIM, BLOCK, scale, window, softcap, o, l, \
                reduce)
@@ -538,18 +558,22 @@ static inline __attribute__((always_inline)) void prefix_tiles(
 /* One (KV head, run of members) item of a shared-prefix group: the run's query rows read each
  * prefix block once, together, then each member continues its own rows over its own blocks. */
 static inline __attribute__((always_inline)) void cascade_item(
-    const float *q, const void *k, const void *v, const int bf16, const int64_t *prefix, int64_t prefix_len,
+    const void *q, const void *k, const void *v, const int bf16, const int64_t *prefix, int64_t prefix_len,
     const void *kept, const int64_t *tables, int64_t width, const int64_t *lengths, int64_t first_member,
     int64_t members, int64_t num_heads, int64_t kv_heads, int64_t head, int64_t dim, int64_t block_size, float scale, float softcap,
-    float *out, float *lse, const void *reduce) {
-    const int64_t group = num_heads / kv_heads, rows = members * group;
+    void *out, float *lse, const void *reduce) {
+    const int64_t group = num_heads / kv_heads, rows = members * group, element = bf16 ? 2 : 4;
     float queries[MAX_GROUP * MAX_DIM];
-    for (int64_t m = 0; m < members; ++m)
-        memcpy(queries + m * group * dim, q + ((first_member + m) * num_heads + head * group) * dim,
-               sizeof(float) * group * dim);
+    for (int64_t m = 0; m < members; ++m) {
+        const char *row = (const char *)q + ((first_member + m) * num_heads + head * group) * dim * element;
+        if (bf16)
+            widen((const uint16_t *)row, group, dim, dim, queries + m * group * dim);
+        else
+            memcpy(queries + m * group * dim, row, sizeof(float) * group * dim);
+    }
     /* The members' own keys and values of this head lie scattered over the cache: ask for them
      * now (into L2), so they arrive while the prefix is scored. */
-    const int64_t element = bf16 ? 2 : 4, row_bytes = dim * element;
+    const int64_t row_bytes = dim * element;
     for (int64_t m = 0; m < members; ++m) {
         const int64_t *table = tables + (first_member + m) * width;
         for (int64_t t = 0; t < lengths[first_member + m]; ++t) {
@@ -574,8 +598,9 @@ static inline __attribute__((always_inline)) void cascade_item(
         const int64_t member = first_member + m;
         attend_blocks(&state, m * group, group, queries + m * group * dim, k, v, bf16, tables + member * width,
                       lengths[member], kv_heads, head, dim, block_size, scale, 0, softcap, reduce);
-        running_finish(&state, m * group, group, dim, out + (member * num_heads + head * group) * dim,
-                       lse + member * num_heads + head * group);
+        running_finish(&state, m * group, group, dim,
+                       (char *)out + (member * num_heads + head * group) * dim * element, bf16,
+                       lse ? lse + member * num_heads + head * group : NULL);
     }
 }
 
@@ -593,10 +618,10 @@ enum { G_ROW, G_MEMBERS, G_PREFIX, G_PREFIX_LEN, G_KEPT, G_TABLES, G_WIDTH, G_LE
  * MAX_GROUP query rows, shorter where all the work items together would leave a thread idle;
  * a work item is a run and a KV head, and each reads its group's prefix once. */
 static inline __attribute__((always_inline)) int cascade_all(
-    const float *q, const void *k, const void *v, const int bf16, const int64_t *groups, int64_t num_groups,
-    int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float softcap, float *out,
+    const void *q, const void *k, const void *v, const int bf16, const int64_t *groups, int64_t num_groups,
+    int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, float softcap, void *out,
     float *lse, int num_threads) {
-    const int64_t group = num_heads / kv_heads;
+    const int64_t group = num_heads / kv_heads, element = bf16 ? 2 : 4;
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK || group * kv_heads != num_heads)
         return -1;
     int64_t total = 0; /* members of all groups: the most runs there can be */
@@ -628,8 +653,9 @@ static inline __attribute__((always_inline)) int cascade_all(
         const int64_t run = item / kv_heads, head = item % kv_heads;
         const int64_t g = run_group[run], first = run_first[run], members = run_size[run];
         const int64_t row = FIELD(g, G_ROW);
-        const float *q_g = q + row * num_heads * dim;
-        float *out_g = out + row * num_heads * dim, *lse_g = lse + row * num_heads;
+        const void *q_g = (const char *)q + row * num_heads * dim * element;
+        void *out_g = (char *)out + row * num_heads * dim * element;
+        float *lse_g = lse ? lse + row * num_heads : NULL;
         const int64_t *prefix = ADDRESS(g, G_PREFIX), *tables = ADDRESS(g, G_TABLES), *lengths = ADDRESS(g, G_LENGTHS);
         const void *kept = ADDRESS(g, G_KEPT);
         const int64_t prefix_len = FIELD(g, G_PREFIX_LEN), width = FIELD(g, G_WIDTH);
@@ -651,10 +677,10 @@ int paged_decode_attention(const float *q, const float *k, const float *v, const
                       window, softcap, out, lse, num_threads);
 }
 
-int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *tables,
+int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *tables,
                                 int64_t width, const int64_t *lengths, int64_t num_seqs, int64_t num_heads,
                                 int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window,
-                                float softcap, float *out, float *lse, int num_threads) {
+                                float softcap, uint16_t *out, float *lse, int num_threads) {
     return attend_all(q, k, v, 1, tables, width, lengths, num_seqs, num_heads, kv_heads, dim, block_size, scale,
                       window, softcap, out, lse, num_threads);
 }
@@ -668,9 +694,9 @@ int cascade_decode_attention(const float *q, const float *k, const float *v, con
                        num_threads);
 }
 
-int cascade_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *groups,
+int cascade_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *groups,
                                   int64_t num_groups, int64_t num_heads, int64_t kv_heads, int64_t dim,
-                                  int64_t block_size, float scale, float softcap, float *out, float *lse,
+                                  int64_t block_size, float scale, float softcap, uint16_t *out, float *lse,
                                   int num_threads) {
     return cascade_all(q, k, v, 1, groups, num_groups, num_heads, kv_heads, dim, block_size, scale, softcap, out, lse,
                        num_threads);
