@@ -36,17 +36,12 @@ static inline uint32_t *tile_values(uint32_t *tile, int64_t dim, int64_t u) { re
 static inline void tile_lay_out(uint32_t *restrict tile, const uint16_t *k, const uint16_t *v, const int64_t *table,
                            int64_t block_size, int64_t kv_heads, int64_t head, int64_t dim, int64_t first,
                            int64_t count) {
-    const uint16_t *key_rows[TILE_KEYS], *value_rows[TILE_KEYS];
-    for (int64_t j = 0; j < count; ++j) {
-        const int64_t t = first + j;
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        key_rows[j] = k + (slot * kv_heads + head) * dim;
-        value_rows[j] = v + (slot * kv_heads + head) * dim;
-    }
+    const void *key_rows[TILE_KEYS], *value_rows[TILE_KEYS];
+    tile_rows(k, v, sizeof(uint16_t), table, block_size, kv_heads, head, dim, first, count, key_rows, value_rows);
     for (int64_t c = 0; c < dim / 32; ++c) { /* pairs [16c, 16c + 16) of every key */
         __m512i rows[TILE_KEYS];
         for (int64_t j = 0; j < TILE_KEYS; ++j)
-            rows[j] = j < count ? _mm512_loadu_si512(key_rows[j] + 32 * c) : _mm512_setzero_si512();
+            rows[j] = j < count ? _mm512_loadu_si512((const uint16_t *)key_rows[j] + 32 * c) : _mm512_setzero_si512();
         transpose16(rows);
         for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(tile_keys(tile, 16 * c + i), rows[i]);
     }
@@ -59,8 +54,8 @@ static inline void tile_lay_out(uint32_t *restrict tile, const uint16_t *k, cons
         const int64_t a = 2 * u, b = 2 * u + 1;
         uint32_t *restrict row = tile_values(tile, dim, u);
         for (int64_t d = 0; d < dim; d += 32) {
-            const __m512i va = a < count ? _mm512_loadu_si512(value_rows[a] + d) : _mm512_setzero_si512();
-            const __m512i vb = b < count ? _mm512_loadu_si512(value_rows[b] + d) : _mm512_setzero_si512();
+            const __m512i va = a < count ? _mm512_loadu_si512((const uint16_t *)value_rows[a] + d) : _mm512_setzero_si512();
+            const __m512i vb = b < count ? _mm512_loadu_si512((const uint16_t *)value_rows[b] + d) : _mm512_setzero_si512();
             _mm512_storeu_si512(row + d, _mm512_permutex2var_epi16(va, low16, vb));
             _mm512_storeu_si512(row + d + 16, _mm512_permutex2var_epi16(va, high16, vb));
         }

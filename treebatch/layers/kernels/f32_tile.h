@@ -27,17 +27,12 @@
 static inline void f32_tile_lay_out(float *restrict tile, const float *k, const float *v, const int64_t *table,
                                     int64_t block_size, int64_t kv_heads, int64_t head, int64_t dim, int64_t first,
                                     int64_t count) {
-    const float *key_rows[TILE_KEYS], *value_rows[TILE_KEYS];
-    for (int64_t j = 0; j < count; ++j) {
-        const int64_t t = first + j;
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        key_rows[j] = k + (slot * kv_heads + head) * dim;
-        value_rows[j] = v + (slot * kv_heads + head) * dim;
-    }
+    const void *key_rows[TILE_KEYS], *value_rows[TILE_KEYS];
+    tile_rows(k, v, sizeof(float), table, block_size, kv_heads, head, dim, first, count, key_rows, value_rows);
     for (int64_t c = 0; c < dim / 16; ++c) { /* dims [16c, 16c + 16) of every key */
         __m512i rows[TILE_KEYS];
         for (int64_t j = 0; j < TILE_KEYS; ++j)
-            rows[j] = j < count ? _mm512_loadu_si512(key_rows[j] + 16 * c) : _mm512_setzero_si512();
+            rows[j] = j < count ? _mm512_loadu_si512((const float *)key_rows[j] + 16 * c) : _mm512_setzero_si512();
         transpose16(rows);
         for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(tile + (16 * c + i) * TILE_KEYS, rows[i]);
     }

@@ -56,6 +56,19 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
     }
 }
 
+/* Where keys [first, first + count) of KV head `head` lie in k and v (slot t of a block table
+ * at table[t / block_size] * block_size + t % block_size; `element`: bytes per value). */
+static inline void tile_rows(const void *k, const void *v, int64_t element, const int64_t *table, int64_t block_size,
+                             int64_t kv_heads, int64_t head, int64_t dim, int64_t first, int64_t count,
+                             const void *key_rows[TILE_KEYS], const void *value_rows[TILE_KEYS]) {
+    for (int64_t j = 0; j < count; ++j) {
+        const int64_t t = first + j;
+        const int64_t at = ((table[t / block_size] * block_size + t % block_size) * kv_heads + head) * dim * element;
+        key_rows[j] = (const char *)k + at;
+        value_rows[j] = (const char *)v + at;
+    }
+}
+
 /* The running softmax of TILE_ROWS rows takes a span's scores s[r][t] (unscaled): row r its
  * first visible[r] keys. Sets keep[r] (the factor the row's output so far is rescaled by) and
  * weights[r][t] (each tile's e^(score - max), 0 past the visible keys), updates max and sum, and
