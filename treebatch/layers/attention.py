@@ -460,9 +460,11 @@ def _native_cascade_decodes(
     layer's tiles), or None (no such rows, no kernel, or a sliding window: the torch cascade
     takes those). The results go to their rows of `out` (the step's output; returned), or,
     without one, come back alone, in the rows of plan.decode_index."""
-    if attn.window is not None or not metadata.native_decode or not any(c.num_decodes for c in metadata.cascades):
+    if attn.window is not None or not metadata.native_decode or not metadata.cascades:
         return None
     plan = _step_plan(metadata)
+    if not plan.grouped:
+        return None
     result = native.cascade_decode_table(q, k_cache, v_cache, plan.groups.with_tiles([tiles[i] for i in plan.grouped]),
                                          metadata.block_size, attn.scale, attn.softcap, out)
     if result is None:

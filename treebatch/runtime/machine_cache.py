@@ -68,14 +68,15 @@ def pace_now() -> float:
     return _pace_now[0]
 
 
-def measured_under_load(stored_pace: float | None, current: Callable[[], float] = pace_now) -> bool:
+def measured_under_load(stored_pace: float | None, current: Callable[[], float]) -> bool:
     """Whether a measurement stored with `stored_pace` (None: stored without one) was taken on a
-    machine busier than this one is now."""
+    machine busier than this one is now (`current`: the pace now)."""
     return stored_pace is None or stored_pace > LOADED_FACTOR * current()
 
 
-def paced(measure: Callable[[], Any], current: Callable[[], float] = pace) -> tuple[Any, float]:
-    """`measure()` and the machine's pace while it ran: the slower of the pace before and after."""
+def paced(measure: Callable[[], Any], current: Callable[[], float]) -> tuple[Any, float]:
+    """`measure()` and the machine's pace while it ran (`current` measures it): the slower of the
+    pace before and after."""
     before = current()
     result = measure()
     return result, max(before, current())

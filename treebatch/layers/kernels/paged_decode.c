@@ -528,28 +528,17 @@ static inline __attribute__((always_inline)) int attend_all(const void *q, const
 }
 
 #if defined(TILES_512)
-/* The `rows` query rows take keys [0, prefix_len) of KV head `head` of the block table into their
- * running softmax, 64 keys at a time (tile_attend.h): bfloat16 keys by bf16 dot products, the
- * queries (float32 values that came from bfloat16, so rounding them back is exact) as pairs;
+/* The `rows` query rows (queries[r]: a row of q as it lies, in the cache's dtype) take keys [0,
+ * prefix_len) of KV head `head` of the block table into their running softmax, 64 keys at a
+ * time (tile_attend.h): bfloat16 keys by bf16 dot products on the queries' pairs in place,
  * float32 keys by FMA. Each tile is laid out once for all the rows, or read from `kept` (the
  * prefix's tiles of every KV head, laid out when the group first ran). */
 static inline __attribute__((always_inline)) void prefix_tiles(
-    const int bf16, Running *restrict state, int64_t rows, const float *restrict q, const void *k, const void *v,
+    const int bf16, Running *restrict state, int64_t rows, const void *const *queries, const void *k, const void *v,
     const int64_t *table, int64_t prefix_len, const void *kept, int64_t kv_heads, int64_t head, int64_t dim,
     int64_t block_size, float scale) {
-    uint32_t pairs[MAX_GROUP][MAX_DIM / 2];
-    const void *queries[MAX_GROUP];
     int64_t seen[MAX_GROUP];
-    for (int64_t r = 0; r < rows; ++r) {
-        if (bf16) {
-            for (int64_t p = 0; p < dim / 2; ++p)
-                pairs[r][p] = (uint32_t)bf16_round(q[r * dim + 2 * p]) | ((uint32_t)bf16_round(q[r * dim + 2 * p + 1]) << 16);
-            queries[r] = pairs[r];
-        } else {
-            queries[r] = q + r * dim;
-        }
-        seen[r] = prefix_len;
-    }
+    for (int64_t r = 0; r < rows; ++r) seen[r] = prefix_len;
     tiles_attend(!bf16, kept, k, v, table, block_size, kv_heads, head, dim, prefix_len, rows, queries, seen, scale,
                  state->maxes, state->sums, state->acc);
 }
@@ -563,13 +552,16 @@ static inline __attribute__((always_inline)) void cascade_item(
     int64_t members, int64_t num_heads, int64_t kv_heads, int64_t head, int64_t dim, int64_t block_size, float scale, float softcap,
     void *out, float *lse, const void *reduce) {
     const int64_t group = num_heads / kv_heads, rows = members * group, element = bf16 ? 2 : 4;
-    float queries[MAX_GROUP * MAX_DIM];
-    for (int64_t m = 0; m < members; ++m) {
-        const char *row = (const char *)q + ((first_member + m) * num_heads + head * group) * dim * element;
+    /* Row m * group + g: query head head * group + g of member first_member + m, as it lies in q. */
+    const void *raw[MAX_GROUP];
+    for (int64_t r = 0; r < rows; ++r)
+        raw[r] = (const char *)q + (((first_member + r / group) * num_heads + head * group + r % group) * dim) * element;
+    float queries[MAX_GROUP * MAX_DIM]; /* the same rows as float32 */
+    for (int64_t r = 0; r < rows; ++r) {
         if (bf16)
-            widen((const uint16_t *)row, group, dim, dim, queries + m * group * dim);
+            widen(raw[r], 1, dim, dim, queries + r * dim);
         else
-            memcpy(queries + m * group * dim, row, sizeof(float) * group * dim);
+            memcpy(queries + r * dim, raw[r], sizeof(float) * dim);
     }
     /* The members' own keys and values of this head lie scattered over the cache: ask for them
      * now (into L2), so they arrive while the prefix is scored. */
@@ -588,8 +580,7 @@ static inline __attribute__((always_inline)) void cascade_item(
     running_start(&state, rows, dim);
 #if defined(TILES_512)
     if (tiles_take(!bf16) && softcap == 0.0f && dim % 32 == 0) /* the prefix in tiles */
-        prefix_tiles(bf16, &state, rows, queries, k, v, prefix, prefix_len, kept, kv_heads, head, dim, block_size,
-                     scale);
+        prefix_tiles(bf16, &state, rows, raw, k, v, prefix, prefix_len, kept, kv_heads, head, dim, block_size, scale);
     else
 #endif
     attend_blocks(&state, 0, rows, queries, k, v, bf16, prefix, prefix_len, kv_heads, head, dim, block_size, scale,
