@@ -24,8 +24,10 @@
  * and summed as in float32. Widening inside the dot products instead would repeat it for every
  * query head of the group and, measured, made the bf16 kernel slower than the float32 one. On
  * AVX512-BF16 the keys are not widened: the bf16 dot-product instruction scores them in place
- * (head size 64, blocks of 16). On AVX-512 a group's prefix goes in tiles, in either dtype
- * (tile_attend.h). Each sequence's
+ * (head size 64, blocks of 16); with up to four query heads per KV head the whole block runs in
+ * registers (bf16_decode.h: 0.69 -> 0.58 ms for a gsp-shaped cascade call, 16 groups x 8
+ * members, 187 -> 130 ns per block and KV head with the keys in L2). On AVX-512 a group's
+ * prefix goes in tiles, in either dtype (tile_attend.h). Each sequence's
  * next block is prefetched while one is scored.
  * A sequence with no key gets out 0 and lse -inf.
  *
@@ -46,6 +48,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "bf16_decode.h"
 #include "tile_attend.h"
 #include "fast_exp.h"
 
@@ -216,6 +219,14 @@ static inline __attribute__((always_inline)) void values_avx2(float *restrict ac
 #define MAX_GROUP 32
 #define MAX_DIM 256
 #define MAX_BLOCK 128
+
+/* Whether a KV head's group of `rows` query rows takes bf16_decode.h's register loop. */
+#if defined(REG_DECODE)
+#define REG_PATH(bf16, rows, dim, block_size, softcap) \
+    ((bf16) && (rows) <= REG_ROWS && (dim) == 64 && (block_size) == 16 && (softcap) == 0.0f)
+#else
+#define REG_PATH(bf16, rows, dim, block_size, softcap) 0
+#endif
 
 /* rows x dim bfloat16 values, `stride` elements from one row to the next -> packed float32. */
 static inline void widen(const uint16_t *restrict from, int64_t rows, int64_t dim, int64_t stride,
@@ -441,7 +452,8 @@ static inline __attribute__((always_inline)) void attend_sequence(
     void *restrict out, float *restrict lse, const void *reduce) {
     Running state;
     float buffer[MAX_GROUP * MAX_DIM];
-    const float *restrict q = queries_f32(query, bf16, kv_heads * group, dim, buffer);
+    const int regs = REG_PATH(bf16, group, dim, block_size, softcap);
+    const float *restrict q = regs ? NULL : queries_f32(query, bf16, kv_heads * group, dim, buffer);
     running_start(&state, kv_heads * group, dim);
     const int64_t element = bf16 ? 2 : 4, block_bytes = block_size * kv_heads * dim * element;
     for (int64_t start = 0; start < length; start += block_size) {
@@ -455,9 +467,19 @@ static inline __attribute__((always_inline)) void attend_sequence(
                 __builtin_prefetch((const char *)v + next + line);
             }
         }
-        for (int64_t head = 0; head < kv_heads; ++head)
+        for (int64_t head = 0; head < kv_heads; ++head) {
+#if defined(REG_DECODE)
+            if (regs) {
+                const uint16_t *rows[REG_ROWS];
+                for (int64_t g = 0; g < group; ++g) rows[g] = (const uint16_t *)query + (head * group + g) * dim;
+                reg_decode(group, rows, k, v, table + start / block_size, n, kv_heads, head, scale,
+                           state.maxes + head * group, state.sums + head * group, state.acc + head * group * dim);
+                continue;
+            }
+#endif
             attend_blocks(&state, head * group, group, q + head * group * dim, k, v, bf16, table + start / block_size,
                           n, kv_heads, head, dim, block_size, scale, 0, softcap, reduce);
+        }
     }
     running_finish(&state, 0, kv_heads * group, dim, out, bf16, lse);
 }
@@ -587,6 +609,13 @@ static inline __attribute__((always_inline)) void cascade_item(
                   0, softcap, reduce);
     for (int64_t m = 0; m < members; ++m) {
         const int64_t member = first_member + m;
+#if defined(REG_DECODE)
+        if (REG_PATH(bf16, group, dim, block_size, softcap))
+            reg_decode(group, (const uint16_t *const *)raw + m * group, k, v, tables + member * width, lengths[member],
+                       kv_heads, head, scale, state.maxes + m * group, state.sums + m * group,
+                       state.acc + m * group * dim);
+        else
+#endif
         attend_blocks(&state, m * group, group, queries + m * group * dim, k, v, bf16, tables + member * width,
                       lengths[member], kv_heads, head, dim, block_size, scale, 0, softcap, reduce);
         running_finish(&state, m * group, group, dim,
