@@ -328,8 +328,9 @@ def test_cascade_kernel_soft_caps_and_reads_bf16(dtype):
 def test_cascade_kernel_in_bf16_equals_the_softmax(members, num_heads, kv_heads, dim, block_size):
     """bfloat16 without soft-capping: on AVX512-BF16 the prefix goes in tiles of sixteen keys by
     bf16 dot products (bf16_tile.h), its softmax weights rounded to bfloat16 before they take the
-    values (as torch's CPU flash attention rounds them): against the float32 softmax of the same
-    bf16 values, to a few bfloat16 ulps of the outputs (~1)."""
+    values (as torch's CPU flash attention rounds them), and with head size 64 in blocks of 16 so
+    do each member's own keys (bf16_decode.h): against the float32 softmax of the same bf16
+    values, to a few bfloat16 ulps of the outputs (~1)."""
     torch.manual_seed(members + dim)
     num_blocks = 3 + 3 * members
     k_cache = torch.randn(num_blocks * block_size, kv_heads, dim).bfloat16()

@@ -5,8 +5,9 @@
  * Per block of 16 keys, each row's 16 scores come from two bf16 dot-product instructions per
  * key (the query's pairs against the key's, read where they lie) and one transposing sum of the
  * 16 partial vectors (sum16x16). The block's softmax step runs on those 16 lanes, and the values
- * are widened (exactly) and summed into the rows' 64 outputs held in 16-lane registers, a key at
- * a time, its weight broadcast from the scores just stored. The rows' running max, sum and
+ * go into the rows' 64 float32 outputs by bf16 dot products on pairs of keys (each dim of two
+ * keys side by side, times the two keys' weights rounded to bf16, as bf16_tile.h and torch's CPU
+ * flash attention round them; the sums stay float32). The rows' running max, sum and
  * outputs stay where the decode kernels' other paths keep them (paged_decode.c's Running), so
  * the paths mix freely: a group's prefix in tiles, then a member's own blocks here.
  */
