@@ -578,8 +578,14 @@ static inline __attribute__((always_inline)) void cascade_item(
     const void *raw[MAX_GROUP];
     for (int64_t r = 0; r < rows; ++r)
         raw[r] = (const char *)q + (((first_member + r / group) * num_heads + head * group + r % group) * dim) * element;
-    float queries[MAX_GROUP * MAX_DIM]; /* the same rows as float32 */
-    for (int64_t r = 0; r < rows; ++r) {
+#if defined(TILES_512)
+    const int tiled = tiles_take(!bf16) && softcap == 0.0f && dim % 32 == 0; /* the prefix in tiles */
+#else
+    const int tiled = 0;
+#endif
+    const int regs = REG_PATH(bf16, group, dim, block_size, softcap); /* the members' own keys in registers */
+    float queries[MAX_GROUP * MAX_DIM]; /* the same rows as float32, where a path below reads them */
+    for (int64_t r = 0; r < (tiled && regs ? 0 : rows); ++r) {
         if (bf16)
             widen(raw[r], 1, dim, dim, queries + r * dim);
         else
@@ -601,7 +607,7 @@ static inline __attribute__((always_inline)) void cascade_item(
     Running state;
     running_start(&state, rows, dim);
 #if defined(TILES_512)
-    if (tiles_take(!bf16) && softcap == 0.0f && dim % 32 == 0) /* the prefix in tiles */
+    if (tiled)
         prefix_tiles(bf16, &state, rows, raw, k, v, prefix, prefix_len, kept, kv_heads, head, dim, block_size, scale);
     else
 #endif
@@ -610,7 +616,7 @@ static inline __attribute__((always_inline)) void cascade_item(
     for (int64_t m = 0; m < members; ++m) {
         const int64_t member = first_member + m;
 #if defined(REG_DECODE)
-        if (REG_PATH(bf16, group, dim, block_size, softcap))
+        if (regs)
             reg_decode(group, (const uint16_t *const *)raw + m * group, k, v, tables + member * width, lengths[member],
                        kv_heads, head, scale, state.maxes + m * group, state.sums + m * group,
                        state.acc + m * group * dim);
