@@ -105,7 +105,12 @@ def scratch_blocks(num_blocks: int, block_size: int) -> int:
     has. It belongs in the key: on a pool too small for the timed steps' own blocks, prompts are
     shorter and decodes share blocks (a 512-token step of a test's tiny pool took twice a full
     pool's time), which must not stand for a full pool's costs."""
-    return min(num_blocks, _DECODE_BATCH * -(-(max(_DECODE_CONTEXTS) + 1) // block_size))
+    return min(num_blocks, _DECODE_BATCH * _blocks_per_sequence(block_size))
+
+
+def _blocks_per_sequence(block_size: int) -> int:
+    """Blocks one timed decoding sequence holds: its longest context and its new token."""
+    return -(-(max(_DECODE_CONTEXTS) + 1) // block_size)
 
 
 def cache_path(key: dict[str, Any], cache_dir: Path) -> Path:
@@ -138,7 +143,7 @@ def measure(runner: Any, key: dict[str, Any] | None = None, timer: Timer = time.
     block_size = runner.block_size
     num_blocks = runner.kv_cache.shape[2] // block_size
     sequence_len = max(1, min(_SEQUENCE_LEN, num_blocks * block_size - 1))
-    blocks_per_sequence = -(-(max(_DECODE_CONTEXTS) + 1) // block_size)
+    blocks_per_sequence = _blocks_per_sequence(block_size)
     # Each decoding sequence reads its own blocks, as in a real batch: sixteen sequences over the
     # same blocks would read one sequence's keys from the cache sixteen times, and price the
     # keys, which in a run come from memory, three times too cheap (measured). Tiny test pools
