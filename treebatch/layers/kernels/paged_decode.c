@@ -25,7 +25,7 @@
  * query head of the group and, measured, made the bf16 kernel slower than the float32 one. On
  * AVX512-BF16 the keys are not widened: the bf16 dot-product instruction scores them in place
  * (head size 64, blocks of 16); with up to four query heads per KV head the whole block runs in
- * registers (bf16_decode.h: 0.69 -> 0.58 ms for a gsp-shaped cascade call, 16 groups x 8
+ * registers, its weights rounded to bfloat16 for the values (bf16_decode.h: 0.69 -> 0.58 ms for a gsp-shaped cascade call, 16 groups x 8
  * members, 187 -> 130 ns per block and KV head with the keys in L2). On AVX-512 a group's
  * prefix goes in tiles, in either dtype (tile_attend.h). Each sequence's
  * next block is prefetched while one is scored.
@@ -454,6 +454,10 @@ static inline __attribute__((always_inline)) void attend_sequence(
     float buffer[MAX_GROUP * MAX_DIM];
     const int regs = REG_PATH(bf16, group, dim, block_size, softcap);
     const float *restrict q = regs ? NULL : queries_f32(query, bf16, kv_heads * group, dim, buffer);
+#if defined(REG_DECODE)
+    const uint16_t *rows[MAX_GROUP]; /* the register path's query rows, as they lie in q */
+    for (int64_t r = 0; r < (regs ? kv_heads * group : 0); ++r) rows[r] = (const uint16_t *)query + r * dim;
+#endif
     running_start(&state, kv_heads * group, dim);
     const int64_t element = bf16 ? 2 : 4, block_bytes = block_size * kv_heads * dim * element;
     for (int64_t start = 0; start < length; start += block_size) {
@@ -470,9 +474,7 @@ static inline __attribute__((always_inline)) void attend_sequence(
         for (int64_t head = 0; head < kv_heads; ++head) {
 #if defined(REG_DECODE)
             if (regs) {
-                const uint16_t *rows[REG_ROWS];
-                for (int64_t g = 0; g < group; ++g) rows[g] = (const uint16_t *)query + (head * group + g) * dim;
-                reg_decode(group, rows, k, v, table + start / block_size, n, kv_heads, head, scale,
+                reg_decode(group, rows + head * group, k, v, table + start / block_size, n, kv_heads, head, scale,
                            state.maxes + head * group, state.sums + head * group, state.acc + head * group * dim);
                 continue;
             }
