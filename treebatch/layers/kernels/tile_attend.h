@@ -10,6 +10,7 @@
 
 #include <stdint.h>
 
+#include "amx_tile.h"
 #include "bf16_tile.h"
 #include "f32_tile.h"
 
@@ -98,6 +99,22 @@ static inline __attribute__((always_inline)) void tiles_attend(const int f32, co
     int64_t last = 0; /* the most keys any row sees */
     for (int64_t r = 0; r < rows; ++r) last = seen[r] > last ? seen[r] : last;
     const int64_t per_head = (length + TILE_KEYS - 1) / TILE_KEYS;
+#if defined(AMX_TILES)
+    /* bfloat16 rows on the matrix unit, however few (so a row's result never depends on the rows
+     * beside it): their queries gathered in blocks of sixteen. */
+    const int amx = !f32 && amx_on();
+    const int64_t blocks = amx ? (rows + AMX_ROWS - 1) / AMX_ROWS : 0;
+    uint16_t gathered[blocks > 0 ? blocks * AMX_ROWS * dim : 1] __attribute__((aligned(64)));
+    if (amx) {
+        for (int64_t r = 0; r < blocks * AMX_ROWS; ++r) {
+            if (r < rows)
+                memcpy(gathered + r * dim, queries[r], sizeof(uint16_t) * dim);
+            else
+                memset(gathered + r * dim, 0, sizeof(uint16_t) * dim);
+        }
+        amx_configure();
+    }
+#endif
     for (int64_t first = 0; first < last; first += SPAN_KEYS) {
         const int64_t keys = last - first < SPAN_KEYS ? last - first : SPAN_KEYS;
         const int tiles = (int)((keys + TILE_KEYS - 1) / TILE_KEYS);
@@ -112,6 +129,19 @@ static inline __attribute__((always_inline)) void tiles_attend(const int f32, co
             }
         for (int64_t r = 0; r < rows; ++r)
             visible[r] = seen[r] <= first ? 0 : (seen[r] - first < SPAN_KEYS ? seen[r] - first : SPAN_KEYS);
+#if defined(AMX_TILES)
+        if (amx) {
+            for (int64_t b = 0; b < blocks; ++b) {
+                const int64_t r0 = b * AMX_ROWS, count = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+                int any = 0;
+                for (int64_t r = r0; r < r0 + count; ++r) any |= visible[r] > 0;
+                if (any)
+                    amx_span_block((const uint32_t *)span, tiles, dim, gathered + r0 * dim, count, visible + r0, scale,
+                                   maxes + r0, sums + r0, acc + r0 * dim);
+            }
+            continue;
+        }
+#endif
         switch (tiles) { /* a constant count, so each span's loops unroll into whole registers */
         case 4: span_attend_rows(f32, span, 4, rows, queries, visible, dim, scale, maxes, sums, acc); break;
         case 3: span_attend_rows(f32, span, 3, rows, queries, visible, dim, scale, maxes, sums, acc); break;
@@ -119,6 +149,9 @@ static inline __attribute__((always_inline)) void tiles_attend(const int f32, co
         default: span_attend_rows(f32, span, 1, rows, queries, visible, dim, scale, maxes, sums, acc); break;
         }
     }
+#if defined(AMX_TILES)
+    if (amx) _tile_release();
+#endif
 }
 
 /* Keys [0, length) of a block table, every KV head, into tiles [kv_heads][ceil(length / 16)]

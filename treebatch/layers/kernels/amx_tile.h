@@ -1,0 +1,172 @@
+/* Attention over tiles of bfloat16 keys with AMX tile instructions (TDPBF16PS): the same spans,
+ * tiles and running softmax as bf16_tile.h, with the two products done by the matrix unit, up to
+ * sixteen rows (query heads) at a time.
+ *
+ * A tile of sixteen keys is already in the layouts the matrix unit takes (bf16_tile.h):
+ *   - its keys, [pair of dims][key], are the right-hand matrix of Q K^T for 32 dims at a time
+ *     (sixteen rows of 64 bytes), so the scores of sixteen rows against sixteen keys are one
+ *     16 x 16 float32 result per 32 dims;
+ *   - its values, [pair of keys][dim], are the right-hand matrix of P V for 16 keys at a time (eight
+ *     rows of 16 dims' pairs), so the weighted values of sixteen rows are one 16 x 16 result per
+ *     16 dims and 16 keys.
+ * Between the two, the scores are written out and each row's running softmax (max, sum, the
+ * factor its output is rescaled by) is updated with AVX-512 as in bf16_tile.h; its weights are
+ * rounded to bfloat16 (as there, and as torch's CPU flash attention rounds them) into the
+ * left-hand matrix of P V. The products are exact in float32 and summed in float32, as with the
+ * dot-product instruction, in another order.
+ *
+ * Rows come as their queries gathered into sixteen-row blocks (zero rows pad the last), so one
+ * tile load serves a block's queries over 32 dims. The matrix unit needs the process's permission
+ * (arch_prctl, asked once) and a tile configuration per thread, set at each call and released at
+ * its end, so no other code (oneDNN's GEMM) meets it.
+ */
+#ifndef TREEBATCH_AMX_TILE_H
+#define TREEBATCH_AMX_TILE_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16_tile.h"
+
+#if defined(BF16_TILES) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define AMX_TILES 1
+#include <sys/syscall.h>
+
+long syscall(long number, ...); /* unistd.h declares it only outside strict C11 */
+
+#define AMX_ROWS 16
+
+/* Tile registers (GCC's tile intrinsics take literal numbers only): 0-3 a span's scores (one per
+ * tile of keys) or 64 dims of weighted values; 4 a block's queries over 32 dims; 5 a tile's keys
+ * over 32 dims; 6 a block's weights over 16 keys; 7 a tile's values over 16 dims. */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} AmxConfig;
+
+/* -1: not asked yet; 0: the kernel does not use the matrix unit; 1: it does. */
+static int amx_state = -1;
+
+/* Whether the matrix unit is in use: asks the kernel for it the first time (the answer is the
+ * same for every thread, so a race only asks twice). */
+static inline int amx_on(void) {
+    int state = __atomic_load_n(&amx_state, __ATOMIC_RELAXED);
+    if (state < 0) {
+        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+        __atomic_store_n(&amx_state, state, __ATOMIC_RELAXED);
+    }
+    return state;
+}
+
+static inline void amx_configure(void) {
+    AmxConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) config.rows[t] = AMX_ROWS, config.bytes_per_row[t] = 64;
+    config.bytes_per_row[6] = 32; /* the weights: 16 keys */
+    config.rows[7] = 8;            /* the values: 8 pairs of keys */
+    _tile_loadconfig(&config);
+}
+
+/* A block of up to sixteen rows (its queries `block`, [16][dim] bfloat16, zero past the real
+ * ones; row r its first visible[r] keys of the span, its running max, sum and output maxes[r],
+ * sums[r], acc[r * dim ...]) takes the first `tiles` tiles of a span. */
+static inline __attribute__((always_inline)) void amx_span_block(const uint32_t *restrict span, const int tiles,
+                                                                 int64_t dim, const uint16_t *block, int64_t rows,
+                                                                 const int64_t *visible, float scale, float *maxes,
+                                                                 float *sums, float *acc) {
+    float scores[AMX_ROWS][SPAN_KEYS] __attribute__((aligned(64)));
+    uint16_t weights[AMX_ROWS][SPAN_KEYS] __attribute__((aligned(64)));
+    float values[AMX_ROWS][64] __attribute__((aligned(64)));
+    float keep[AMX_ROWS];
+    const int64_t words = TILE_WORDS(dim);
+#define AMX_EACH_TILE(DO) \
+    do {                  \
+        DO(0);            \
+        if (tiles > 1) DO(1); \
+        if (tiles > 2) DO(2); \
+        if (tiles > 3) DO(3); \
+    } while (0)
+#define ZERO(t) _tile_zero(t)
+    AMX_EACH_TILE(ZERO);
+    for (int64_t c = 0; c < dim / 32; ++c) {
+        _tile_loadd(4, block + 32 * c, dim * sizeof(uint16_t));
+#define SCORE(t)                                                                          \
+        _tile_loadd(5, span + (t) * words + 16 * TILE_KEYS * c, TILE_KEYS * 4);   \
+        _tile_dpbf16ps(t, 4, 5)
+        AMX_EACH_TILE(SCORE);
+#undef SCORE
+    }
+#define STORE_SCORES(t) _tile_stored(t, scores[0] + (t) * TILE_KEYS, SPAN_KEYS * sizeof(float))
+    AMX_EACH_TILE(STORE_SCORES);
+#undef STORE_SCORES
+    for (int64_t r = 0; r < AMX_ROWS; ++r) {
+        if (r >= rows || visible[r] <= 0) {
+            memset(weights[r], 0, sizeof weights[r]);
+            continue;
+        }
+        __m512 s[SPAN_TILES], top = _mm512_set1_ps(EMPTY_MAX);
+        for (int t = 0; t < tiles; ++t) {
+            s[t] = _mm512_mask_blend_ps(tile_mask(visible[r] - t * TILE_KEYS), _mm512_set1_ps(EMPTY_MAX),
+                                        _mm512_mul_ps(_mm512_load_ps(scores[r] + t * TILE_KEYS), _mm512_set1_ps(scale)));
+            top = _mm512_max_ps(top, s[t]);
+        }
+        const float span_max = _mm512_reduce_max_ps(top);
+        const float new_max = span_max > maxes[r] ? span_max : maxes[r];
+        keep[r] = maxes[r] == EMPTY_MAX ? 0.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(maxes[r] - new_max)));
+        __m512 total = _mm512_setzero_ps();
+        for (int t = 0; t < tiles; ++t) {
+            const __m512 w = _mm512_maskz_mov_ps(tile_mask(visible[r] - t * TILE_KEYS),
+                                                 exp16(_mm512_sub_ps(s[t], _mm512_set1_ps(new_max))));
+            total = _mm512_add_ps(total, w);
+            _mm256_store_si256((__m256i *)(weights[r] + t * TILE_KEYS), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+        sums[r] = sums[r] * keep[r] + _mm512_reduce_add_ps(total);
+        maxes[r] = new_max;
+    }
+    /* The weighted values, 64 dims at a time (dim is a multiple of 32). */
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        const int chunks = dim - d0 >= 64 ? 4 : 2;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (chunks > 2) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int t = 0; t < tiles; ++t) {
+            const uint32_t *pairs = span + t * words + 8 * dim + d0;
+            _tile_loadd(6, weights[0] + t * TILE_KEYS, SPAN_KEYS * sizeof(uint16_t));
+#define WEIGH(j)                                                                    \
+            _tile_loadd(7, pairs + 16 * (j), dim * sizeof(uint32_t));      \
+            _tile_dpbf16ps(j, 6, 7)
+            WEIGH(0);
+            WEIGH(1);
+            if (chunks > 2) {
+                WEIGH(2);
+                WEIGH(3);
+            }
+#undef WEIGH
+        }
+        _tile_stored(0, values[0], sizeof values[0]);
+        _tile_stored(1, values[0] + 16, sizeof values[0]);
+        if (chunks > 2) {
+            _tile_stored(2, values[0] + 32, sizeof values[0]);
+            _tile_stored(3, values[0] + 48, sizeof values[0]);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            if (visible[r] <= 0) continue;
+            const __m512 factor = _mm512_set1_ps(keep[r]);
+            float *out = acc + r * dim + d0;
+            for (int j = 0; j < chunks; ++j)
+                _mm512_storeu_ps(out + 16 * j,
+                                 _mm512_fmadd_ps(_mm512_loadu_ps(out + 16 * j), factor, _mm512_load_ps(values[r] + 16 * j)));
+        }
+    }
+#undef ZERO
+#undef AMX_EACH_TILE
+}
+
+#endif
+#endif
