@@ -46,3 +46,16 @@ def hf_model():
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(params=[False, True], ids=["dot-products", "amx"])
+def matrix_unit(request):
+    """The bfloat16 tile kernels with the AMX matrix unit off, then on (skipped where the CPU has
+    none); set back to on after the test."""
+    from treebatch.layers import native
+
+    if request.param and not native.attention_amx(True):
+        pytest.skip("needs AMX-BF16")
+    native.attention_amx(request.param)
+    yield request.param
+    native.attention_amx(True)

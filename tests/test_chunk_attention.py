@@ -52,7 +52,7 @@ def explicit(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seen: to
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
 @pytest.mark.parametrize("block_size", [16, 8])
 @pytest.mark.parametrize("n,length,causal", [(1, 1, True), (17, 17, True), (70, 93, True), (5, 40, False), (30, 33, False)])
-def test_equals_the_explicit_softmax(dtype, heads, kv_heads, dim, block_size, n, length, causal):
+def test_equals_the_explicit_softmax(dtype, heads, kv_heads, dim, block_size, n, length, causal, matrix_unit):
     torch.manual_seed(n * 7 + length)
     num_blocks = 64
     k = torch.randn(num_blocks * block_size, kv_heads, dim).to(dtype)
@@ -104,11 +104,12 @@ def test_kept_tiles_are_read_as_the_cache_itself(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kept", [False, True])
-def test_chunks_of_a_step_in_one_call_see_their_prefix_first(dtype, kept: bool):
+def test_chunks_of_a_step_in_one_call_see_their_prefix_first(dtype, kept: bool, matrix_unit):
     """chunk_attention_parts: a plain chunk and members' chunks of two groups (prefixes of 80 and
     16 keys, kept as tiles or laid out by the kernel; chunks of 1 to 45 queries, several tiles of
     queries where longer than 21), written at their rows of one output: each row equals the
-    explicit softmax over its prefix and its own keys, and rows no part names stay untouched."""
+    explicit softmax over its prefix and its own keys, and rows no part names stay untouched.
+    In bfloat16 with the AMX matrix unit off and on (float32 never uses it)."""
     torch.manual_seed(8)
     k = torch.randn(64 * BLOCK, KV_HEADS, DIM).to(dtype)
     v = torch.randn(64 * BLOCK, KV_HEADS, DIM).to(dtype)

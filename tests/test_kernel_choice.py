@@ -76,3 +76,28 @@ def test_an_own_kernel_that_disagrees_with_torch_is_not_used(monkeypatch):
     monkeypatch.setattr(native, "gemm", lambda x, panels, n, bias: real(x, panels, n, bias) * 1.01)
     with pytest.warns(UserWarning, match="differs from torch"):
         assert kernel_choice.probe_native(torch.float32, 32, 48, ALL_ROWS, repeats=1) == {}
+
+
+def test_the_matrix_unit_serves_bf16_attention_where_it_is_measured_faster(monkeypatch, tmp_path):
+    """Where the CPU has AMX the faster of the two timed paths is kept (and cached); float32, and a
+    CPU without the unit, never use it."""
+    import pytest
+    import torch
+
+    from treebatch.layers import native
+
+    monkeypatch.setenv("TREEBATCH_CACHE", str(tmp_path))
+    assert kernel_choice.attention_amx(torch.float32, 9, 3, 64) is False
+    if not (native.chunk_attention_available(torch.bfloat16) and native.attention_amx(True)):
+        assert kernel_choice.attention_amx(torch.bfloat16, 9, 3, 64) is False
+        pytest.skip("needs AMX-BF16")
+    seconds = kernel_choice.probe_amx(9, 3, 64, repeats=1)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    calls = []
+    for timings, expected in [((1.0, 2.0), True), ((2.0, 1.0), False)]:
+        monkeypatch.setattr(kernel_choice, "probe_amx", lambda *shape, t=timings: calls.append(shape) or t)
+        assert kernel_choice.attention_amx(torch.bfloat16, 9, 3, 64 * (2 if expected else 4)) is expected
+        assert native.attention_amx() is expected
+        assert kernel_choice.attention_amx(torch.bfloat16, 9, 3, 64 * (2 if expected else 4)) is expected  # cached
+    assert len(calls) == 2
+    native.attention_amx(True)

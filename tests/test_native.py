@@ -325,9 +325,10 @@ def test_cascade_kernel_soft_caps_and_reads_bf16(dtype):
 @pytest.mark.parametrize("members,num_heads,kv_heads,dim,block_size",
                          [(13, 9, 3, 64, 16), (21, 9, 3, 64, 8), (5, 32, 8, 64, 16), (40, 2, 1, 128, 16),
                           (6, 4, 2, 256, 32)])
-def test_cascade_kernel_in_bf16_equals_the_softmax(members, num_heads, kv_heads, dim, block_size):
+def test_cascade_kernel_in_bf16_equals_the_softmax(members, num_heads, kv_heads, dim, block_size, matrix_unit):
     """bfloat16 without soft-capping: on AVX512-BF16 the prefix goes in tiles of sixteen keys by
-    bf16 dot products (bf16_tile.h), its softmax weights rounded to bfloat16 before they take the
+    bf16 dot products (bf16_tile.h), or where the CPU has AMX and it is on, by the matrix unit
+    (amx_tile.h), its softmax weights rounded to bfloat16 before they take the
     values (as torch's CPU flash attention rounds them), and with head size 64 in blocks of 16 so
     do each member's own keys (bf16_decode.h): against the float32 softmax of the same bf16
     values, to a few bfloat16 ulps of the outputs (~1)."""

@@ -100,6 +100,8 @@ class LLMEngine:
         self._calibration_key = calibration_key(loaded.weights, c, self.dtype, config.cache.block_size)
         self._calibration_key["packed_max_rows"] = self.kernels.packed_max_rows  # another choice, other step costs
         self._calibration_key["native_max_rows"] = self.kernels.native_max_rows
+        self._calibration_key["attention_amx"] = kernel_choice.attention_amx(dtype, c.num_heads, c.num_kv_heads,
+                                                                             c.head_dim)
         positions = max(self.max_model_len, MAX_POSITION)  # start-up timing runs past a short context
         model = DecoderForCausalLM(c, loaded.weights, dtype, positions, self.kernels)
         del loaded

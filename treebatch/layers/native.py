@@ -51,7 +51,7 @@ _SIGNATURES = {
     } | {
         name: [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _POINTER, _POINTER, _INT]
         for name in ("cascade_decode_attention", "cascade_decode_attention_bf16")
-    },
+    } | {"attention_amx": [_INT]},
     "layer_ops": {
         "add_rms_norm": [_POINTER, _POINTER, _POINTER, _F32, _I64, _I64, _POINTER, _INT, _INT],
         "silu_mul": [_POINTER, _I64, _I64, _POINTER, _INT, _INT],
@@ -68,6 +68,7 @@ _SIGNATURES = {
         "chunk_attention_f32": [_POINTER, _I64, _I64, _I64, _POINTER, _POINTER, _I64, _POINTER, _I64, _F32, _POINTER,
                                 _POINTER, _INT],
         "lay_out_tiles": [_INT, _POINTER, _POINTER, _POINTER, _I64, _I64, _I64, _I64, _POINTER, _INT],
+        "attention_amx": [_INT],
     },
     "gemm": {
         "gemm_available": [],
@@ -349,6 +350,16 @@ def chunk_attention_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 _CHUNK_BY_DTYPE = {torch.float32: "chunk_attention_f32", torch.bfloat16: "chunk_attention_bf16"}
+_TILE_LIBRARIES = ("chunk_attention", "paged_decode")
+
+
+def attention_amx(wanted: bool | None = None) -> bool:
+    """Whether the bfloat16 tile kernels (prefill chunks, a group's decodes over its prefix) run
+    on the AMX matrix unit (kernels/amx_tile.h); `wanted` sets it first. False where the build,
+    the CPU or the operating system has none."""
+    flag = -1 if wanted is None else int(wanted)
+    answers = [kernel.attention_amx(flag) == 1 for kernel in map(library, _TILE_LIBRARIES) if kernel is not None]
+    return bool(answers) and all(answers)
 
 
 def chunk_attention(

@@ -46,18 +46,20 @@ typedef struct {
     uint8_t rows[16];
 } AmxConfig;
 
-/* -1: not asked yet; 0: the kernel does not use the matrix unit; 1: it does. */
+/* -1: not asked yet; 0: the operating system refused the matrix unit; 1: granted. */
 static int amx_state = -1;
+/* Whether the caller wants it (attention_amx): the engine decides by a measurement. */
+static int amx_wanted = 1;
 
-/* Whether the matrix unit is in use: asks the kernel for it the first time (the answer is the
- * same for every thread, so a race only asks twice). */
+/* Whether the matrix unit is in use: asks the operating system for it the first time (the answer
+ * is the same for every thread, so a race only asks twice). */
 static inline int amx_on(void) {
     int state = __atomic_load_n(&amx_state, __ATOMIC_RELAXED);
     if (state < 0) {
         state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
         __atomic_store_n(&amx_state, state, __ATOMIC_RELAXED);
     }
-    return state;
+    return state && __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED);
 }
 
 static inline void amx_configure(void) {
@@ -169,4 +171,19 @@ static inline __attribute__((always_inline)) void amx_span_block(const uint32_t 
 }
 
 #endif
+
+/* Exported by each library that includes this header (each is built from one source file):
+ * `wanted` 1 or 0 sets whether its bfloat16 tile kernels use the matrix unit (-1 leaves it);
+ * returns whether they do (0 where the build or the CPU has none). */
+int attention_amx(int wanted);
+int attention_amx(int wanted) {
+#if defined(AMX_TILES)
+    if (wanted >= 0) __atomic_store_n(&amx_wanted, wanted != 0, __ATOMIC_RELAXED);
+    return amx_on();
+#else
+    (void)wanted;
+    return 0;
+#endif
+}
+
 #endif
