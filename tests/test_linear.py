@@ -154,6 +154,27 @@ def test_the_pair_kernel_pads_odd_k_and_partial_panels(shape: tuple[int, int], a
         torch.testing.assert_close(native.gemm(x, panels, shape[0], None).float(), expected, rtol=2 ** -7, atol=1e-3)
 
 
+@pytest.mark.skipif(not native.gemm_pairs_available(), reason="the pair path needs AVX512-BF16")
+@pytest.mark.parametrize("shape", [(70, 64), (96, 576), (33, 2048)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_pair_kernel_with_k_a_multiple_of_32(shape: tuple[int, int], with_bias: bool) -> None:
+    """A K of whole 32s goes through the AMX matrix unit where the CPU has it (gemm_pairs_amx):
+    blocks of 32 rows x 32 features, a last block of one to 31 rows (a partial sixteen read from a
+    zero-padded copy) and a partial last panel, summed in float32 and rounded once, + bias; the
+    float32 output keeps the sums."""
+    torch.manual_seed(shape[1])
+    weight = torch.randn(*shape).bfloat16()
+    bias = torch.randn(shape[0]) if with_bias else None
+    panels = native.pack_panels(weight)
+    for rows in (1, 3, 15, 16, 17, 31, 32, 33, 48, 63, 100):
+        x = torch.randn(rows, shape[1]).bfloat16()
+        exact = x.float() @ weight.float().t() + (0 if bias is None else bias)
+        torch.testing.assert_close(native.gemm(x, panels, shape[0], bias).float(), exact.bfloat16().float(),
+                                   rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(native.gemm(x, panels, shape[0], bias, out_dtype=torch.float32), exact,
+                                   rtol=1e-5, atol=1e-4)
+
+
 @needs_gemm
 def test_the_own_kernel_serves_small_batches_and_the_others_the_rest() -> None:
     torch.manual_seed(6)

@@ -12,7 +12,9 @@ follows the answer: the largest probed size up to which packed wins at every pro
 treebatch's own kernel (kernels/gemm.c, where it builds) is then timed against that choice in
 the same way, from 16 rows up, and serves the batches up to where it stops winning (all of them
 on an AMD EPYC with AVX2 only, in both dtypes, and in bfloat16 on an AMD EPYC with AVX512-BF16,
-where its pair panels run bf16 dot products: one copy, in its panel layout). Its result is
+where its pair panels run bf16 dot products: one copy, in its panel layout; and in bfloat16 up to
+64-96 rows on an Intel Xeon with AMX, where the same panels go through the matrix unit, 1.2-2.2x
+oneDNN's speed at 16-64 rows and 0.7-0.9x from 160). Its result is
 checked against torch's on the probe's random inputs first; a kernel that disagrees is not used.
 
 The bfloat16 attention over tiles (kernels/amx_tile.h) is chosen the same way: on a CPU with the
@@ -34,7 +36,7 @@ from treebatch.layers.linear import ALL_ROWS, PACKED_MAX_ROWS, KernelChoice, Lin
 from treebatch.runtime.machine_cache import best_seconds, cached, machine_key
 
 PROBE_ROWS = (48, 160, 512)
-NATIVE_PROBE_ROWS = (16, 48, 160, 512)
+NATIVE_PROBE_ROWS = (16, 48, 96, 160, 512)
 # The own kernel's largest difference from torch's GEMM on the probe's inputs, relative to the
 # largest output, above which it is not used: float32 sums in another order differ by ~1e-6;
 # bfloat16 outputs by their rounding, 2^-8.

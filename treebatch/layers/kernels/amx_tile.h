@@ -26,50 +26,25 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "amx.h"
 #include "bf16_tile.h"
 
-#if defined(BF16_TILES) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(BF16_TILES) && defined(AMX_BUILT)
 #define AMX_TILES 1
-#include <sys/syscall.h>
-
-long syscall(long number, ...); /* unistd.h declares it only outside strict C11 */
-
-#define AMX_ROWS 16
 
 /* Tile registers (GCC's tile intrinsics take literal numbers only): 0-3 a span's scores (one per
  * tile of keys) or 64 dims of weighted values; 4 a block's queries over 32 dims; 5 a tile's keys
  * over 32 dims; 6 a block's weights over 16 keys; 7 a tile's values over 16 dims. */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} AmxConfig;
-
-/* -1: not asked yet; 0: the operating system refused the matrix unit; 1: granted. */
-static int amx_state = -1;
-/* Whether the caller wants it (attention_amx): the engine decides by a measurement. */
+/* Whether the caller wants the matrix unit (attention_amx): the engine decides by a measurement. */
 static int amx_wanted = 1;
 
-/* Whether the matrix unit is in use: asks the operating system for it the first time (the answer
- * is the same for every thread, so a race only asks twice). */
-static inline int amx_on(void) {
-    int state = __atomic_load_n(&amx_state, __ATOMIC_RELAXED);
-    if (state < 0) {
-        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-        __atomic_store_n(&amx_state, state, __ATOMIC_RELAXED);
-    }
-    return state && __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED);
-}
+static inline int amx_on(void) { return amx_permitted() && __atomic_load_n(&amx_wanted, __ATOMIC_RELAXED); }
 
-static inline void amx_configure(void) {
-    AmxConfig config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; ++t) config.rows[t] = AMX_ROWS, config.bytes_per_row[t] = 64;
-    config.bytes_per_row[6] = 32; /* the weights: 16 keys */
-    config.rows[7] = 8;            /* the values: 8 pairs of keys */
-    _tile_loadconfig(&config);
+static inline void amx_configure_attention(void) {
+    static const int rows[] = {7, 8, -1};    /* the values: 8 pairs of keys */
+    static const int bytes[] = {6, 32, -1};  /* the weights: 16 keys */
+    amx_configure(rows, bytes);
 }
 
 /* A block of up to sixteen rows (its queries `block`, [16][dim] bfloat16, zero past the real

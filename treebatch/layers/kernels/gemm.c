@@ -24,12 +24,15 @@
  * 16-lane weight vectors, one 32-bit broadcast of x's pair per row, and two instructions per row
  * that each add 16 features' two products into float32 sums, in an 8 x 32 tile of sixteen
  * registers. The products of bfloat16 values are exact in float32 and summed in float32, as in
- * the widening path (the order differs: pairs first); the output is rounded once.
+ * the widening path (the order differs: pairs first); the output is rounded once. Where the CPU
+ * has the AMX matrix unit too (and K is a multiple of 32), the same panels go through it instead
+ * (gemm_pairs_amx: the panels are already in the layout its tile product takes).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "bf16.h"
 
 int gemm_available(void);
@@ -297,9 +300,86 @@ static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, 
     }
 }
 
+#if defined(AMX_BUILT)
+/* The pair panels on the AMX matrix unit, for K a multiple of 32. A panel's pairs of k are the
+ * right-hand matrix TDPBF16PS takes: 32 k (sixteen pairs) of its features [0, 16) are sixteen rows
+ * of 64 bytes, 128 bytes apart, and features [16, 32) the 64 bytes beside them; x's rows, 32 k at
+ * a time, are the left-hand one as they lie. A block of 32 rows x 32 features sums in four tile
+ * registers (0-3; x in 4 and 5, the panel in 6 and 7: each load serves two products) over all of
+ * K, then goes out through a float32 buffer (+ bias, rounded once to y's dtype). Rows past M in
+ * the last block of sixteen are read from a zero-padded copy. */
+static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const uint16_t *panel, int64_t K,
+                      int64_t rows, int64_t N, int cols, const float *bias, void *y, int y_bf16) {
+    const int64_t lda = ldx * (int64_t)sizeof(uint16_t);
+    _tile_zero(0);
+    _tile_zero(1);
+    if (x1) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t c = 0; c < K / 32; ++c) {
+        const uint16_t *b = panel + c * 16 * 2 * NR2;
+        _tile_loadd(6, b, 2 * NR2 * sizeof(uint16_t));
+        _tile_loadd(7, b + NR2, 2 * NR2 * sizeof(uint16_t));
+        _tile_loadd(4, x0 + 32 * c, lda);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (x1) {
+            _tile_loadd(5, x1 + 32 * c, lda);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    float sums[2 * AMX_ROWS][NR2] __attribute__((aligned(64)));
+    _tile_stored(0, sums[0], sizeof sums[0]);
+    _tile_stored(1, sums[0] + 16, sizeof sums[0]);
+    if (x1) {
+        _tile_stored(2, sums[AMX_ROWS], sizeof sums[0]);
+        _tile_stored(3, sums[AMX_ROWS] + 16, sizeof sums[0]);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+        store_pairs(_mm512_load_ps(sums[r]), _mm512_load_ps(sums[r] + 16), y, r * N, cols, bias, y_bf16);
+}
+
+static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
+                          void *y, int y_bf16, int threads) {
+    const int64_t panels = (N + NR2 - 1) / NR2, panel_size = K / 2 * 2 * NR2, whole = M / AMX_ROWS * AMX_ROWS;
+    const size_t element = y_bf16 ? 2 : 4;
+    uint16_t *tail = NULL; /* rows [whole, M), then zeros to sixteen rows */
+    if (whole < M) {
+        tail = aligned_alloc(64, (AMX_ROWS * K * sizeof(uint16_t) + 63) / 64 * 64);
+        if (!tail) return -1;
+        memcpy(tail, x + whole * K, (M - whole) * K * sizeof(uint16_t));
+        memset(tail + (M - whole) * K, 0, (AMX_ROWS - (M - whole)) * K * sizeof(uint16_t));
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        amx_configure(NULL, NULL);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) {
+            const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
+            const uint16_t *panel = w + p * panel_size;
+            for (int64_t m = 0; m < M; m += 2 * AMX_ROWS) {
+                const uint16_t *x0 = m < whole ? x + m * K : tail;
+                const uint16_t *x1 = m + AMX_ROWS >= M ? NULL : m + AMX_ROWS < whole ? x + (m + AMX_ROWS) * K : tail;
+                const int64_t rows = M - m < 2 * AMX_ROWS ? M - m : 2 * AMX_ROWS;
+                amx_block(x0, x1, K, panel, K, rows, N, cols, bias ? bias + p * NR2 : NULL,
+                          (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
+            }
+        }
+        _tile_release();
+    }
+    free(tail);
+    return 0;
+}
+#endif
+
 /* x [M, K] bfloat16 against pair panels of W [N, K]; y as in gemm. */
 int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int y_bf16, int threads) {
+#if defined(AMX_BUILT)
+    if (K % 32 == 0 && amx_permitted()) return gemm_pairs_amx(x, M, K, w, N, bias, y, y_bf16, threads);
+#endif
     const int64_t panels = (N + NR2 - 1) / NR2, panel_size = (K + 1) / 2 * 2 * NR2;
     const int64_t kc = K > KBLOCK_AFTER ? KBLOCK : K;
     int64_t chunk = CHUNK_BYTES / (kc * (int64_t)sizeof(uint16_t)) / MR2 * MR2;

@@ -112,7 +112,7 @@ static inline __attribute__((always_inline)) void tiles_attend(const int f32, co
             else
                 memset(gathered + r * dim, 0, sizeof(uint16_t) * dim);
         }
-        amx_configure();
+        amx_configure_attention();
     }
 #endif
     for (int64_t first = 0; first < last; first += SPAN_KEYS) {
