@@ -28,6 +28,7 @@
  * has the AMX matrix unit too (and K is a multiple of 32), the same panels go through it instead
  * (gemm_pairs_amx: the panels are already in the layout its tile product takes).
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -341,6 +342,14 @@ static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const
         store_pairs(_mm512_load_ps(sums[r]), _mm512_load_ps(sums[r] + 16), y, r * N, cols, bias, y_bf16);
 }
 
+/* Bytes of panels a thread takes at a time past every block of rows: measured on an Intel Xeon
+ * with AMX (L2 2 MB per core), SmolLM2's gate/up and down projections ran 1.2-1.7x faster at
+ * 64-512 rows with each block of rows passing many panels than with each panel passing every
+ * block, and a 49,152-feature head at 64 rows kept its speed only with the panels in chunks. */
+#ifndef AMX_PANEL_BYTES
+#define AMX_PANEL_BYTES (1 << 20)
+#endif
+
 static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
                           void *y, int y_bf16, int threads) {
     const int64_t panels = (N + NR2 - 1) / NR2, panel_size = K / 2 * 2 * NR2, whole = M / AMX_ROWS * AMX_ROWS;
@@ -355,18 +364,23 @@ static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_
 #pragma omp parallel num_threads(threads)
     {
         amx_configure(NULL, NULL);
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; ++p) {
-            const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
-            const uint16_t *panel = w + p * panel_size;
+        /* Each thread its share of the panels, AMX_PANEL_BYTES of them at a time (kept in L2) while
+         * every block of rows passes (each block's rows stay in L1 across the panels). */
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t first = panels * me / team, last = panels * (me + 1) / team;
+        int64_t step = AMX_PANEL_BYTES / (panel_size * (int64_t)sizeof(uint16_t));
+        if (step < 1) step = 1;
+        for (int64_t p0 = first; p0 < last; p0 += step)
             for (int64_t m = 0; m < M; m += 2 * AMX_ROWS) {
                 const uint16_t *x0 = m < whole ? x + m * K : tail;
                 const uint16_t *x1 = m + AMX_ROWS >= M ? NULL : m + AMX_ROWS < whole ? x + (m + AMX_ROWS) * K : tail;
                 const int64_t rows = M - m < 2 * AMX_ROWS ? M - m : 2 * AMX_ROWS;
-                amx_block(x0, x1, K, panel, K, rows, N, cols, bias ? bias + p * NR2 : NULL,
-                          (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
+                for (int64_t p = p0; p < last && p < p0 + step; ++p) {
+                    const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
+                    amx_block(x0, x1, K, w + p * panel_size, K, rows, N, cols, bias ? bias + p * NR2 : NULL,
+                              (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
+                }
             }
-        }
         _tile_release();
     }
     free(tail);
