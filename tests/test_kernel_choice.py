@@ -49,7 +49,7 @@ def test_the_own_kernel_runs_up_to_where_it_stops_winning(monkeypatch, tmp_path)
     monkeypatch.setattr(kernel_choice, "probe", lambda *a, **k: {48: (1.0, 2.0), 160: (1.0, 2.0), 512: (1.0, 2.0)})
     calls = []
 
-    def probe_native(dtype, in_features, out_features, packed, repeats=5):
+    def probe_native(dtype, layer, packed, repeats=5):
         calls.append(packed)
         return {16: (1.0, 2.0), 48: (1.0, 2.0), 160: (3.0, 2.0), 512: (1.0, 2.0)}
 
@@ -70,12 +70,12 @@ def test_an_own_kernel_that_disagrees_with_torch_is_not_used(monkeypatch):
 
     if not native.gemm_available():
         pytest.skip("kernels/gemm.c needs AVX2 and FMA here")
-    timings = kernel_choice.probe_native(torch.float32, 32, 48, ALL_ROWS, repeats=1)
+    timings = kernel_choice.probe_native(torch.float32, [(32, 48), (48, 32)], ALL_ROWS, repeats=1)
     assert set(timings) == set(kernel_choice.NATIVE_PROBE_ROWS) and all(p > 0 and q > 0 for p, q in timings.values())
     real = native.gemm
     monkeypatch.setattr(native, "gemm", lambda x, panels, n, bias: real(x, panels, n, bias) * 1.01)
     with pytest.warns(UserWarning, match="differs from torch"):
-        assert kernel_choice.probe_native(torch.float32, 32, 48, ALL_ROWS, repeats=1) == {}
+        assert kernel_choice.probe_native(torch.float32, [(32, 48)], ALL_ROWS, repeats=1) == {}
 
 
 def test_the_matrix_unit_serves_bf16_attention_where_it_is_measured_faster(monkeypatch, tmp_path):

@@ -91,7 +91,10 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)  # "auto" decided for this machine
         dtype = _DTYPES[self.dtype]
         c = loaded.config
-        self.kernels = kernel_choice.choose(dtype, c.hidden_size, 2 * c.intermediate_size)  # measured here
+        qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        layer = [(c.hidden_size, qkv), (c.num_heads * c.head_dim, c.hidden_size),
+                 (c.hidden_size, 2 * c.intermediate_size), (c.intermediate_size, c.hidden_size)]
+        self.kernels = kernel_choice.choose(dtype, c.hidden_size, 2 * c.intermediate_size, layer)  # measured here
         # The weights are still memory-mapped here: refuse a model that cannot fit before
         # converting any of them.
         self.memory_need = memory_need(c, dtype.itemsize, self.kernels.copies, self.max_model_len,
