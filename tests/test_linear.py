@@ -175,6 +175,31 @@ def test_the_pair_kernel_with_k_a_multiple_of_32(shape: tuple[int, int], with_bi
                                    rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("intermediate,hidden", [(64, 64), (96, 576), (40, 96)])
+def test_the_gated_activation_in_the_epilogue_equals_it_apart(dtype, intermediate: int, hidden: int) -> None:
+    """silu(gate) * up of a [gate; up] projection: where the own kernel takes it into the GEMM's
+    epilogue (AMX, I and K multiples of 32) from the float32 sums, rounded once, it is at least as
+    close to the float32 product as the projection and activation apart (each rounded to
+    bfloat16); elsewhere (float32, an I of 40, no AMX, a batch another kernel serves) it is the
+    two apart."""
+    torch.manual_seed(intermediate + hidden)
+    weight = (torch.randn(2 * intermediate, hidden) * 0.1).to(dtype)
+    for linear in (Linear(weight, native_max_rows=ALL_ROWS), Linear(weight, native_max_rows=16)):
+        for rows in (1, 16, 17, 40):
+            x = torch.randn(rows, hidden).to(dtype)
+            gate_up = x.float() @ weight.float().t()
+            exact = torch.nn.functional.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+            got, apart = linear.silu_gated(x), native.silu_mul(linear(x))
+            assert got.dtype == dtype and got.shape == (rows, intermediate)
+            if dtype == torch.float32 or linear.panels is None or rows > linear.native_max_rows:
+                assert torch.equal(got, apart)
+                continue
+            error, error_apart = (got.float() - exact).abs().max(), (apart.float() - exact).abs().max()
+            assert error <= error_apart * 1.01 + 1e-6
+            torch.testing.assert_close(got.float(), exact, rtol=2 ** -7, atol=2e-3)
+
+
 @needs_gemm
 def test_the_own_kernel_serves_small_batches_and_the_others_the_rest() -> None:
     torch.manual_seed(6)

@@ -141,6 +141,16 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         return self.transposed(x)
 
+    def silu_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for this [gate; up] weight: in the projection's epilogue where the own
+        kernel serves the batch and runs it (AMX), else the projection, then native.silu_mul."""
+        rows = x.shape[0]
+        if self.panels is not None and self.panel_bias is None and 0 < rows <= self.native_max_rows:
+            fused = native.gemm_gated(x, self.panels, self.out_features)
+            if fused is not None:
+                return fused
+        return native.silu_mul(self(x))
+
     def float32_out(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T as float32 whatever x's dtype: treebatch's own kernel writes its float32 sums
         as they are (a bfloat16 model's logits then skip a rounding and a conversion pass over

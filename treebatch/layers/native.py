@@ -75,6 +75,7 @@ _SIGNATURES = {
         "gemm": [_POINTER, _INT, _I64, _I64, _POINTER, _INT, _I64, _POINTER, _POINTER, _INT, _INT],
         "gemm_pairs_available": [],
         "gemm_pairs": [_POINTER, _I64, _I64, _POINTER, _I64, _POINTER, _POINTER, _INT, _INT],
+        "gemm_pairs_gated": [_POINTER, _I64, _I64, _POINTER, _I64, _POINTER, _INT],
     },
 }
 
@@ -531,6 +532,21 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.T
     if status != 0:
         raise MemoryError(f"gemm: no scratch memory for a {rows} x {in_features} bfloat16 batch")
     return y
+
+
+def gemm_gated(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """silu(x @ gate^T) * (x @ up^T) -> [M, out_features / 2] bfloat16, for a bfloat16 x and the
+    pair panels of a gated MLP's [gate; up] weight, the activation taken from the float32 sums
+    (kernels/gemm.c's gemm_pairs_gated); None where it does not run here (no AMX, or a size it
+    does not take): the caller then projects and activates apart."""
+    kernel = library("gemm")
+    if kernel is None or panels.dim() != 4 or x.dtype != torch.bfloat16 or out_features % 2:
+        return None
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], out_features // 2, dtype=torch.bfloat16)
+    status = kernel.gemm_pairs_gated(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features,
+                                     y.data_ptr(), torch.get_num_threads())
+    return y if status == 0 else None
 
 
 _PANEL = 16  # output features per panel in kernels/gemm.c

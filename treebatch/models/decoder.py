@@ -179,8 +179,8 @@ class DecoderForCausalLM:
                 out = rms_norm(out, layer.post_attention_norm, eps)
 
             x = native.add_rms_norm(hidden, out, layer.pre_mlp_norm, eps)
-            gate_up = layer.gate_up(x)
-            out = layer.down(native.silu_mul(gate_up) if cfg.hidden_act == "silu" else self._gelu_mul(gate_up))
+            activated = layer.gate_up.silu_gated(x) if cfg.hidden_act == "silu" else self._gelu_mul(layer.gate_up(x))
+            out = layer.down(activated)
             if layer.post_mlp_norm is not None:
                 out = rms_norm(out, layer.post_mlp_norm, eps)
             pending = out

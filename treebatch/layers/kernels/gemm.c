@@ -35,9 +35,12 @@
 
 #include "amx.h"
 #include "bf16.h"
+#include "fast_exp.h"
 
 int gemm_available(void);
 int gemm_pairs_available(void);
+int gemm_pairs_gated(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                     int threads);
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -309,8 +312,8 @@ static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, 
  * registers (0-3; x in 4 and 5, the panel in 6 and 7: each load serves two products) over all of
  * K, then goes out through a float32 buffer (+ bias, rounded once to y's dtype). Rows past M in
  * the last block of sixteen are read from a zero-padded copy. */
-static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const uint16_t *panel, int64_t K,
-                      int64_t rows, int64_t N, int cols, const float *bias, void *y, int y_bf16) {
+static inline __attribute__((always_inline)) void amx_products(const uint16_t *x0, const uint16_t *x1, int64_t ldx,
+                                                                const uint16_t *b0, const uint16_t *b1, int64_t K) {
     const int64_t lda = ldx * (int64_t)sizeof(uint16_t);
     _tile_zero(0);
     _tile_zero(1);
@@ -319,9 +322,8 @@ static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const
         _tile_zero(3);
     }
     for (int64_t c = 0; c < K / 32; ++c) {
-        const uint16_t *b = panel + c * 16 * 2 * NR2;
-        _tile_loadd(6, b, 2 * NR2 * sizeof(uint16_t));
-        _tile_loadd(7, b + NR2, 2 * NR2 * sizeof(uint16_t));
+        _tile_loadd(6, b0 + c * 16 * 2 * NR2, 2 * NR2 * sizeof(uint16_t));
+        _tile_loadd(7, b1 + c * 16 * 2 * NR2, 2 * NR2 * sizeof(uint16_t));
         _tile_loadd(4, x0 + 32 * c, lda);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
@@ -331,15 +333,43 @@ static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const
             _tile_dpbf16ps(3, 5, 7);
         }
     }
-    float sums[2 * AMX_ROWS][NR2] __attribute__((aligned(64)));
-    _tile_stored(0, sums[0], sizeof sums[0]);
-    _tile_stored(1, sums[0] + 16, sizeof sums[0]);
-    if (x1) {
-        _tile_stored(2, sums[AMX_ROWS], sizeof sums[0]);
-        _tile_stored(3, sums[AMX_ROWS] + 16, sizeof sums[0]);
+}
+
+/* The four sums out: tile 0 and 1 side by side in rows 0-15 of `sums`, 2 and 3 in rows 16-31. */
+static inline __attribute__((always_inline)) void amx_store(float sums[2 * AMX_ROWS][NR2], const int both) {
+    _tile_stored(0, sums[0], NR2 * sizeof(float));
+    _tile_stored(1, sums[0] + 16, NR2 * sizeof(float));
+    if (both) {
+        _tile_stored(2, sums[AMX_ROWS], NR2 * sizeof(float));
+        _tile_stored(3, sums[AMX_ROWS] + 16, NR2 * sizeof(float));
     }
+}
+
+static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const uint16_t *panel, int64_t K,
+                      int64_t rows, int64_t N, int cols, const float *bias, void *y, int y_bf16) {
+    float sums[2 * AMX_ROWS][NR2] __attribute__((aligned(64)));
+    amx_products(x0, x1, ldx, panel, panel + NR2, K);
+    amx_store(sums, x1 != NULL);
     for (int64_t r = 0; r < rows; ++r)
         store_pairs(_mm512_load_ps(sums[r]), _mm512_load_ps(sums[r] + 16), y, r * N, cols, bias, y_bf16);
+}
+
+/* The gated MLP's block: 32 rows x 32 features of its gate panel and the same features of its up
+ * panel, sixteen features at a time, each gate beside its up in the tiles; out goes
+ * silu(gate) * up from the float32 sums, rounded once to bfloat16 (y: [rows][I]). */
+static void amx_block_gated(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const uint16_t *gate,
+                            const uint16_t *up, int64_t K, int64_t rows, int64_t I, uint16_t *y) {
+    float sums[2 * AMX_ROWS][NR2] __attribute__((aligned(64)));
+    for (int half = 0; half < 2; ++half) {
+        amx_products(x0, x1, ldx, gate + half * NR2, up + half * NR2, K);
+        amx_store(sums, x1 != NULL);
+        for (int64_t r = 0; r < rows; ++r) {
+            const __m512 g = _mm512_load_ps(sums[r]), u = _mm512_load_ps(sums[r] + 16);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m512 out = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+            _mm256_storeu_si256((__m256i *)(y + r * I + 16 * half), (__m256i)_mm512_cvtneps_pbh(out));
+        }
+    }
 }
 
 /* Bytes of panels a thread takes at a time past every block of rows: measured on an Intel Xeon
@@ -350,9 +380,12 @@ static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const
 #define AMX_PANEL_BYTES (1 << 20)
 #endif
 
+/* `gated`: W is [gate; up] (N = 2I, I a multiple of 32) and y [M, I] bfloat16 takes silu(gate) *
+ * up; else y = x W^T (+ bias) as in gemm. */
 static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias,
-                          void *y, int y_bf16, int threads) {
-    const int64_t panels = (N + NR2 - 1) / NR2, panel_size = K / 2 * 2 * NR2, whole = M / AMX_ROWS * AMX_ROWS;
+                          void *y, int y_bf16, int threads, const int gated) {
+    const int64_t panel_size = K / 2 * 2 * NR2, whole = M / AMX_ROWS * AMX_ROWS;
+    const int64_t panels = gated ? N / 2 / NR2 : (N + NR2 - 1) / NR2; /* gated: the gate's */
     const size_t element = y_bf16 ? 2 : 4;
     uint16_t *tail = NULL; /* rows [whole, M), then zeros to sixteen rows */
     if (whole < M) {
@@ -368,7 +401,7 @@ static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_
          * every block of rows passes (each block's rows stay in L1 across the panels). */
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t first = panels * me / team, last = panels * (me + 1) / team;
-        int64_t step = AMX_PANEL_BYTES / (panel_size * (int64_t)sizeof(uint16_t));
+        int64_t step = AMX_PANEL_BYTES / ((gated ? 2 : 1) * panel_size * (int64_t)sizeof(uint16_t));
         if (step < 1) step = 1;
         for (int64_t p0 = first; p0 < last; p0 += step)
             for (int64_t m = 0; m < M; m += 2 * AMX_ROWS) {
@@ -376,6 +409,11 @@ static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_
                 const uint16_t *x1 = m + AMX_ROWS >= M ? NULL : m + AMX_ROWS < whole ? x + (m + AMX_ROWS) * K : tail;
                 const int64_t rows = M - m < 2 * AMX_ROWS ? M - m : 2 * AMX_ROWS;
                 for (int64_t p = p0; p < last && p < p0 + step; ++p) {
+                    if (gated) {
+                        amx_block_gated(x0, x1, K, w + p * panel_size, w + (p + panels) * panel_size, K, rows, N / 2,
+                                        (uint16_t *)y + m * (N / 2) + p * NR2);
+                        continue;
+                    }
                     const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
                     amx_block(x0, x1, K, w + p * panel_size, K, rows, N, cols, bias ? bias + p * NR2 : NULL,
                               (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
@@ -392,7 +430,7 @@ static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_
 int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int y_bf16, int threads) {
 #if defined(AMX_BUILT)
-    if (K % 32 == 0 && amx_permitted()) return gemm_pairs_amx(x, M, K, w, N, bias, y, y_bf16, threads);
+    if (K % 32 == 0 && amx_permitted()) return gemm_pairs_amx(x, M, K, w, N, bias, y, y_bf16, threads, 0);
 #endif
     const int64_t panels = (N + NR2 - 1) / NR2, panel_size = (K + 1) / 2 * 2 * NR2;
     const int64_t kc = K > KBLOCK_AFTER ? KBLOCK : K;
@@ -412,12 +450,31 @@ int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64
     }
     return 0;
 }
+
+/* x [M, K] bfloat16 against the pair panels of a gated MLP's [gate; up] weight ([N, K], N = 2I):
+ * y [M, I] bfloat16 = silu(x gate^T) * (x up^T), each product's float32 sums taken into the
+ * activation and rounded once. -1 (nothing written) where it does not run here: no AMX, or K or I
+ * not a multiple of 32; the caller then runs gemm_pairs and the activation apart. */
+int gemm_pairs_gated(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                     int threads) {
+#if defined(AMX_BUILT)
+    if (K % 32 == 0 && N % 64 == 0 && amx_permitted()) return gemm_pairs_amx(x, M, K, w, N, NULL, y, 1, threads, 1);
+#endif
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)y, (void)threads;
+    return -1;
+}
 #else
 int gemm_pairs_available(void) { return 0; }
 
 int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int y_bf16, int threads) {
     (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16, (void)threads;
+    return -1;
+}
+
+int gemm_pairs_gated(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                     int threads) {
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)y, (void)threads;
     return -1;
 }
 #endif
@@ -430,6 +487,12 @@ int gemm_pairs_available(void) { return 0; }
 int gemm_pairs(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, void *y,
                int y_bf16, int threads) {
     (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)y_bf16, (void)threads;
+    return -1;
+}
+
+int gemm_pairs_gated(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y,
+                     int threads) {
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)y, (void)threads;
     return -1;
 }
 
