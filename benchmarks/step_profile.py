@@ -70,6 +70,10 @@ def instrument() -> None:
 
     linear.Linear.__call__ = timed(projection_kernel, linear.Linear.__call__)
     linear.Linear.float32_out = timed(projection_kernel, linear.Linear.float32_out)
+    # The gated MLP's projection with its activation (in the own kernel's epilogue where it runs
+    # there; else the projection and silu_mul, each timed as itself inside it).
+    linear.Linear.silu_gated = timed(lambda self, x: projection_kernel(self, x) + ", SiLU x up in it",
+                                     linear.Linear.silu_gated)
     def rows_band(name):
         return lambda first, *args, **kwargs: f"C {name}, {'<=64' if first.shape[0] <= 64 else '>64'} rows"
 
