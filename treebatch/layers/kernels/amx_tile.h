@@ -16,9 +16,7 @@
  * dot-product instruction, in another order.
  *
  * Rows come as their queries gathered into sixteen-row blocks (zero rows pad the last), so one
- * tile load serves a block's queries over 32 dims. The matrix unit needs the process's permission
- * (arch_prctl, asked once) and a tile configuration per thread, set at each call and released at
- * its end, so no other code (oneDNN's GEMM) meets it.
+ * tile load serves a block's queries over 32 dims. Permission and tile configuration: amx.h.
  */
 #ifndef TREEBATCH_AMX_TILE_H
 #define TREEBATCH_AMX_TILE_H
