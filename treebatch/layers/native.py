@@ -522,8 +522,11 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.T
     if panels.dim() == 4:
         if x.dtype != torch.bfloat16:
             raise ValueError(f"gemm: pair panels take a bfloat16 x, not {x.dtype}")
-        library("gemm").gemm_pairs(x.data_ptr(), rows, in_features, panels.data_ptr(), out_features, bias_pointer,
-                                   y.data_ptr(), int(y.dtype == torch.bfloat16), torch.get_num_threads())
+        status = library("gemm").gemm_pairs(x.data_ptr(), rows, in_features, panels.data_ptr(), out_features,
+                                            bias_pointer, y.data_ptr(), int(y.dtype == torch.bfloat16),
+                                            torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"gemm: no scratch memory for a {rows} x {in_features} bfloat16 batch")
         return y
     status = library("gemm").gemm(
         x.data_ptr(), x.dtype == torch.bfloat16, rows, in_features, panels.data_ptr(), panels.dtype == torch.bfloat16,
