@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from treebatch.layers.linear import ALL_ROWS, PACKED_MAX_ROWS
-from treebatch.runtime import kernel_choice
+from treebatch.runtime import kernel_choice, machine_cache
 from treebatch.runtime.kernel_choice import crossover
+
+
+@pytest.fixture(autouse=True)
+def steady_machine(monkeypatch):
+    """A fixed pace: a stored measurement is taken again where the machine's pace has slowed
+    since, and these tests' own probes and compilations must not make one look so."""
+    monkeypatch.setattr(machine_cache, "pace", lambda repeats=5: 1e-3)
 
 
 def test_crossover_is_the_last_size_packed_wins_from_the_start():
@@ -58,12 +67,16 @@ def test_the_own_kernel_runs_up_to_where_it_stops_winning(monkeypatch, tmp_path)
     assert (choice.native_max_rows, choice.packed_max_rows) == (48, ALL_ROWS) and calls == [ALL_ROWS]
     assert kernel_choice.choose(torch.float32, 64, 128) == choice and len(calls) == 1  # cached
     assert crossover({16: (2.0, 1.0), 48: (1.0, 2.0)}, lost_at_once=0) == 0  # loses at once: never used
+    # A third copy of the weights only for a clear win: a tie at 16 rows and a loss beyond is not one.
+    assert kernel_choice.own_rows({16: (1.05, 1.0), 48: (3.0, 1.0)}) == 0
+    assert kernel_choice.own_rows({16: (0.5, 1.0), 48: (0.95, 1.0), 160: (3.0, 1.0)}) == 16
+    assert kernel_choice.own_rows({16: (1.05, 1.0), 48: (0.5, 1.0)}) == ALL_ROWS  # a tie that serves every size
+    assert kernel_choice.own_rows({}) == 0
     monkeypatch.setattr(kernel_choice, "probe_native", lambda *a, **k: {})  # disagreed with torch
     assert kernel_choice.choose(torch.bfloat16, 64, 128).native_max_rows == 0
 
 
 def test_an_own_kernel_that_disagrees_with_torch_is_not_used(monkeypatch):
-    import pytest
     import torch
 
     from treebatch.layers import native
@@ -81,7 +94,6 @@ def test_an_own_kernel_that_disagrees_with_torch_is_not_used(monkeypatch):
 def test_the_matrix_unit_serves_bf16_attention_where_it_is_measured_faster(monkeypatch, tmp_path):
     """Where the CPU has AMX the faster of the two timed paths is kept (and cached); float32, and a
     CPU without the unit, never use it."""
-    import pytest
     import torch
 
     from treebatch.layers import native
