@@ -14,6 +14,7 @@ def steady_machine(monkeypatch):
     """A fixed pace: a stored measurement is taken again where the machine's pace has slowed
     since, and these tests' own probes and compilations must not make one look so."""
     monkeypatch.setattr(machine_cache, "pace", lambda repeats=5: 1e-3)
+    monkeypatch.setattr(machine_cache, "_pace_now", [])
 
 
 def test_crossover_is_the_last_size_packed_wins_from_the_start():
@@ -67,11 +68,14 @@ def test_the_own_kernel_runs_up_to_where_it_stops_winning(monkeypatch, tmp_path)
     assert (choice.native_max_rows, choice.packed_max_rows) == (48, ALL_ROWS) and calls == [ALL_ROWS]
     assert kernel_choice.choose(torch.float32, 64, 128) == choice and len(calls) == 1  # cached
     assert crossover({16: (2.0, 1.0), 48: (1.0, 2.0)}, lost_at_once=0) == 0  # loses at once: never used
-    # A third copy of the weights only for a clear win: a tie at 16 rows and a loss beyond is not one.
-    assert kernel_choice.own_rows({16: (1.05, 1.0), 48: (3.0, 1.0)}) == 0
-    assert kernel_choice.own_rows({16: (0.5, 1.0), 48: (0.95, 1.0), 160: (3.0, 1.0)}) == 16
-    assert kernel_choice.own_rows({16: (1.05, 1.0), 48: (0.5, 1.0)}) == ALL_ROWS  # a tie that serves every size
-    assert kernel_choice.own_rows({}) == 0
+    # Ties count where they keep fewer copies of the weights: a tie at 16 rows beside a packed
+    # kernel to 40 would keep three copies (own, packed, plain), none of it two.
+    assert kernel_choice.own_rows({16: (1.05, 1.0), 48: (3.0, 1.0)}, 40) == 0
+    won_then_tied = {16: (0.5, 1.0), 48: (0.95, 1.0), 160: (3.0, 1.0)}
+    assert kernel_choice.own_rows(won_then_tied, 40) == 48  # past the packed kernel's 40: two copies, not three
+    assert kernel_choice.own_rows(won_then_tied, ALL_ROWS) == 48  # two copies either way: the tie counts
+    assert kernel_choice.own_rows({16: (1.05, 1.0), 48: (0.5, 1.0)}, 40) == ALL_ROWS  # one copy
+    assert kernel_choice.own_rows({}, 40) == 0
     monkeypatch.setattr(kernel_choice, "probe_native", lambda *a, **k: {})  # disagreed with torch
     assert kernel_choice.choose(torch.bfloat16, 64, 128).native_max_rows == 0
 

@@ -33,7 +33,13 @@ def test_auto_follows_flags_and_the_measurement(monkeypatch, flags, speedup, exp
 
 
 def test_the_measurement_is_cached(monkeypatch, tmp_path):
+    from treebatch.runtime import machine_cache
+
     monkeypatch.setenv("TREEBATCH_CACHE", str(tmp_path))
+    # A steady pace: a stored measurement is taken again where the machine has slowed since (here,
+    # another process on the cores would make it look so).
+    monkeypatch.setattr(machine_cache, "pace", lambda repeats=5: 1e-3)
+    monkeypatch.setattr(machine_cache, "_pace_now", [])
     calls = []
 
     def probe(dtype, repeats=3):

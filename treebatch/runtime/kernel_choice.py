@@ -80,20 +80,22 @@ def native_max_rows(dtype: torch.dtype, layer: Sequence[tuple[int, int]], packed
 
     def measure() -> dict[str, Any]:
         timings = probe_native(dtype, layer, packed)
-        return {"seconds": timings, "native_max_rows": own_rows(timings)}
+        return {"seconds": timings, "native_max_rows": own_rows(timings, packed)}
 
     seconds = cached("kernels", key, measure)["seconds"]  # the timings kept, read under today's rule
-    return own_rows({int(rows): (float(own), float(other)) for rows, (own, other) in seconds.items()})
+    return own_rows({int(rows): (float(own), float(other)) for rows, (own, other) in seconds.items()}, packed)
 
 
-def own_rows(timings: dict[int, tuple[float, float]]) -> int:
-    """Up to how many rows the own kernel serves: every batch where it ties or wins at every size
-    (its copy then replaces the others); else only while it wins by TOLERANCE, since it then adds
-    a copy of the weights (on an Intel Xeon with AMX a float32 tie at 16 rows had kept three)."""
+def own_rows(timings: dict[int, tuple[float, float]], packed: int) -> int:
+    """Up to how many rows the own kernel serves beside `packed`: as far as it ties or wins
+    (crossover), or only as far as it wins by TOLERANCE, whichever keeps fewer copies of the
+    weights (the first where they keep as many). On an Intel Xeon with AMX a float32 tie at 16
+    rows had kept three copies; Llama-1B's bf16 layer, won by 20% at 16 rows and tied at 48, keeps
+    two with the tie (the packed copy is then not needed) and would keep three without it."""
     if not timings:
         return 0
-    everywhere = crossover(timings, lost_at_once=0)
-    return everywhere if everywhere == ALL_ROWS else crossover(timings, lost_at_once=0, tolerance=1 / TOLERANCE)
+    candidates = (crossover(timings, lost_at_once=0), crossover(timings, lost_at_once=0, tolerance=1 / TOLERANCE))
+    return min(candidates, key=lambda rows: KernelChoice(packed, rows).copies)
 
 
 def crossover(timings: dict[int, tuple[float, float]], lost_at_once: int = PACKED_MAX_ROWS,
