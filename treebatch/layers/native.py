@@ -542,14 +542,21 @@ def gemm_gated(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torc
     pair panels of a gated MLP's [gate; up] weight, the activation taken from the float32 sums
     (kernels/gemm.c's gemm_pairs_gated); None where it does not run here (no AMX, or a size it
     does not take): the caller then projects and activates apart."""
-    kernel = library("gemm")
-    if kernel is None or panels.dim() != 4 or x.dtype != torch.bfloat16 or out_features % 2:
+    if panels.dim() != 4 or x.dtype != torch.bfloat16 or not _gated_runs(x.shape[1], out_features):
         return None
     x = x.contiguous()
     y = torch.empty(x.shape[0], out_features // 2, dtype=torch.bfloat16)
-    status = kernel.gemm_pairs_gated(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features,
-                                     y.data_ptr(), torch.get_num_threads())
+    status = library("gemm").gemm_pairs_gated(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features,
+                                              y.data_ptr(), torch.get_num_threads())
     return y if status == 0 else None
+
+
+@cache
+def _gated_runs(in_features: int, out_features: int) -> bool:
+    """Whether gemm_pairs_gated takes this shape on this CPU, asked once with an empty batch (so a
+    CPU without AMX does not allocate and call for nothing at every layer of every step)."""
+    kernel = library("gemm")
+    return kernel is not None and kernel.gemm_pairs_gated(None, 0, in_features, None, out_features, None, 1) == 0
 
 
 _PANEL = 16  # output features per panel in kernels/gemm.c

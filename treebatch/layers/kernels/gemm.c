@@ -313,9 +313,10 @@ static void panel_pairs(const uint16_t *x, int64_t rows, int64_t K, int64_t kc, 
  * registers (0-3; x in 4 and 5, the panel in 6 and 7: each load serves two products) over all of
  * K, then goes out through a float32 buffer (+ bias, rounded once to y's dtype). Rows past M in
  * the last block of sixteen are read from a zero-padded copy. */
-static inline __attribute__((always_inline)) void amx_products(const uint16_t *x0, const uint16_t *x1, int64_t ldx,
+/* Rows of x (and of the zero-padded tail copy) are K apart. */
+static inline __attribute__((always_inline)) void amx_products(const uint16_t *x0, const uint16_t *x1,
                                                                 const uint16_t *b0, const uint16_t *b1, int64_t K) {
-    const int64_t lda = ldx * (int64_t)sizeof(uint16_t);
+    const int64_t lda = K * (int64_t)sizeof(uint16_t);
     _tile_zero(0);
     _tile_zero(1);
     if (x1) {
@@ -346,10 +347,10 @@ static inline __attribute__((always_inline)) void amx_store(float sums[2 * AMX_R
     }
 }
 
-static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const uint16_t *panel, int64_t K,
+static void amx_block(const uint16_t *x0, const uint16_t *x1, const uint16_t *panel, int64_t K,
                       int64_t rows, int64_t N, int cols, const float *bias, void *y, int y_bf16) {
     float sums[2 * AMX_ROWS][NR2] __attribute__((aligned(64)));
-    amx_products(x0, x1, ldx, panel, panel + NR2, K);
+    amx_products(x0, x1, panel, panel + NR2, K);
     amx_store(sums, x1 != NULL);
     for (int64_t r = 0; r < rows; ++r)
         store_pairs(_mm512_load_ps(sums[r]), _mm512_load_ps(sums[r] + 16), y, r * N, cols, bias, y_bf16);
@@ -358,11 +359,11 @@ static void amx_block(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const
 /* The gated MLP's block: 32 rows x 32 features of its gate panel and the same features of its up
  * panel, sixteen features at a time, each gate beside its up in the tiles; out goes
  * silu(gate) * up from the float32 sums, rounded once to bfloat16 (y: [rows][I]). */
-static void amx_block_gated(const uint16_t *x0, const uint16_t *x1, int64_t ldx, const uint16_t *gate,
+static void amx_block_gated(const uint16_t *x0, const uint16_t *x1, const uint16_t *gate,
                             const uint16_t *up, int64_t K, int64_t rows, int64_t I, uint16_t *y) {
     float sums[2 * AMX_ROWS][NR2] __attribute__((aligned(64)));
     for (int half = 0; half < 2; ++half) {
-        amx_products(x0, x1, ldx, gate + half * NR2, up + half * NR2, K);
+        amx_products(x0, x1, gate + half * NR2, up + half * NR2, K);
         amx_store(sums, x1 != NULL);
         for (int64_t r = 0; r < rows; ++r) {
             const __m512 g = _mm512_load_ps(sums[r]), u = _mm512_load_ps(sums[r] + 16);
@@ -411,12 +412,12 @@ static int gemm_pairs_amx(const uint16_t *x, int64_t M, int64_t K, const uint16_
                 const int64_t rows = M - m < 2 * AMX_ROWS ? M - m : 2 * AMX_ROWS;
                 for (int64_t p = p0; p < last && p < p0 + step; ++p) {
                     if (gated) {
-                        amx_block_gated(x0, x1, K, w + p * panel_size, w + (p + panels) * panel_size, K, rows, N / 2,
+                        amx_block_gated(x0, x1, w + p * panel_size, w + (p + panels) * panel_size, K, rows, N / 2,
                                         (uint16_t *)y + m * (N / 2) + p * NR2);
                         continue;
                     }
                     const int cols = (int)(N - p * NR2 < NR2 ? N - p * NR2 : NR2);
-                    amx_block(x0, x1, K, w + p * panel_size, K, rows, N, cols, bias ? bias + p * NR2 : NULL,
+                    amx_block(x0, x1, w + p * panel_size, K, rows, N, cols, bias ? bias + p * NR2 : NULL,
                               (char *)y + (size_t)(m * N + p * NR2) * element, y_bf16);
                 }
             }
