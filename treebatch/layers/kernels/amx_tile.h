@@ -77,29 +77,27 @@ static inline __attribute__((always_inline)) void amx_span_block(const uint32_t 
 #define STORE_SCORES(t) _tile_stored(t, scores[0] + (t) * TILE_KEYS, SPAN_KEYS * sizeof(float))
     AMX_EACH_TILE(STORE_SCORES);
 #undef STORE_SCORES
-    for (int64_t r = 0; r < AMX_ROWS; ++r) {
-        if (r >= rows || visible[r] <= 0) {
-            memset(weights[r], 0, sizeof weights[r]);
-            continue;
+    /* Each row's running softmax, four rows at a time as bf16_tile.h's span takes them (rows past
+     * `rows` as place-holders that see no key: their weights come out 0). */
+    float spare_max[TILE_ROWS], spare_sum[TILE_ROWS];
+    for (int64_t r0 = 0; r0 < AMX_ROWS; r0 += TILE_ROWS) {
+        __m512 s[TILE_ROWS][SPAN_TILES], factor[TILE_ROWS], w[TILE_ROWS][SPAN_TILES];
+        int64_t seen[TILE_ROWS], used[SPAN_TILES];
+        float *max[TILE_ROWS], *sum[TILE_ROWS];
+        for (int j = 0; j < TILE_ROWS; ++j) {
+            const int64_t r = r0 + j;
+            spare_max[j] = EMPTY_MAX, spare_sum[j] = 0.0f;
+            seen[j] = r < rows ? visible[r] : 0;
+            max[j] = r < rows ? maxes + r : spare_max + j;
+            sum[j] = r < rows ? sums + r : spare_sum + j;
+            for (int t = 0; t < tiles; ++t) s[j][t] = _mm512_load_ps(scores[r] + t * TILE_KEYS);
         }
-        __m512 s[SPAN_TILES], top = _mm512_set1_ps(EMPTY_MAX);
-        for (int t = 0; t < tiles; ++t) {
-            s[t] = _mm512_mask_blend_ps(tile_mask(visible[r] - t * TILE_KEYS), _mm512_set1_ps(EMPTY_MAX),
-                                        _mm512_mul_ps(_mm512_load_ps(scores[r] + t * TILE_KEYS), _mm512_set1_ps(scale)));
-            top = _mm512_max_ps(top, s[t]);
+        span_softmax(s, tiles, seen, scale, max, sum, factor, w, used);
+        for (int j = 0; j < TILE_ROWS; ++j) {
+            keep[r0 + j] = _mm512_cvtss_f32(factor[j]);
+            for (int t = 0; t < tiles; ++t)
+                _mm256_store_si256((__m256i *)(weights[r0 + j] + t * TILE_KEYS), (__m256i)_mm512_cvtneps_pbh(w[j][t]));
         }
-        const float span_max = _mm512_reduce_max_ps(top);
-        const float new_max = span_max > maxes[r] ? span_max : maxes[r];
-        keep[r] = maxes[r] == EMPTY_MAX ? 0.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(maxes[r] - new_max)));
-        __m512 total = _mm512_setzero_ps();
-        for (int t = 0; t < tiles; ++t) {
-            const __m512 w = _mm512_maskz_mov_ps(tile_mask(visible[r] - t * TILE_KEYS),
-                                                 exp16(_mm512_sub_ps(s[t], _mm512_set1_ps(new_max))));
-            total = _mm512_add_ps(total, w);
-            _mm256_store_si256((__m256i *)(weights[r] + t * TILE_KEYS), (__m256i)_mm512_cvtneps_pbh(w));
-        }
-        sums[r] = sums[r] * keep[r] + _mm512_reduce_add_ps(total);
-        maxes[r] = new_max;
     }
     /* The weighted values, 64 dims at a time (dim is a multiple of 32). */
     for (int64_t d0 = 0; d0 < dim; d0 += 64) {
